@@ -1,0 +1,1224 @@
+"""Keyed broadcast channels for Server-Sent Events, as raw ASGI apps.
+
+Theory of operation
+===================
+
+A :class:`Broadcaster` is a registry of independent *channels*, one per *key*
+(a chat room, a user id, a dashboard). ``subscribe(key)`` returns a
+:class:`BroadcastStream`: an async iterator of every item later sent to that key,
+in send order. ``send(key, item)`` hands the item to every current subscriber of
+the key and returns at once; it never waits for a reader.
+
+Bound and lag
+    Each stream buffers at most ``buffer`` undelivered items. When an item
+    arrives at a full stream the *oldest* buffered item is dropped, the sender is
+    never slowed, and the stream's ``lagged`` total grows by one. What the reader
+    sees of the loss is its :class:`LagPolicy`: ``ERROR`` (default) raises
+    :class:`Lagged` once, ``SKIP`` carries on silently, ``END`` stops the stream.
+
+Life of a channel
+    A channel is born at the first ``subscribe`` of its key and dies the moment
+    its last stream leaves: closed, ended by the policy, or garbage-collected
+    without being closed (a ``weakref.finalize`` on the stream; the registry never
+    holds a stream, only its private delivery state). ``remove(key)`` ends every
+    stream of the key once it has drained what was already delivered to it and
+    forgets the channel; ``close()`` does that for every key, for good.
+
+Threads and loops
+    Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
+    loop that subscribed it and is read on that loop only. ``send`` called on
+    that loop delivers synchronously; called from any other thread it delivers
+    through ``loop.call_soon_threadsafe``, so one thread's sends to one key keep
+    their order.
+
+Server-Sent Events
+    :class:`Event` validates and encodes one frame at construction, so an event
+    sent to 10,000 subscribers is encoded once. ``response()`` and ``channel()``
+    return ASGI 3 apps that write the ``text/event-stream`` body: headers and a
+    first chunk at once, one body message per event, keep-alive comments on
+    silence, disconnect detection by a concurrent ``receive()`` watcher, a bound
+    on every ``send()``, and on every way out the event source is closed and no
+    task is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import logging
+import re
+import threading
+import weakref
+from collections import deque
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+)
+from types import TracebackType
+from typing import Any, Final, Generic, TypeVar
+from urllib.parse import parse_qsl
+
+__all__ = [
+    "Broadcaster",
+    "BroadcastStream",
+    "Event",
+    "LagPolicy",
+    "Lagged",
+    "Sender",
+    "SseConfig",
+    "ClientDisconnected",
+    "last_event_id",
+    "replay",
+]
+
+logger: Final = logging.getLogger("broadcaster")
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+_S = TypeVar("_S", bound="BroadcastStream[Any]")
+
+# ASGI types, loose on purpose: they are the conventional ones (the same as
+# ``starlette.types``), so an app returned here is assignable to any framework's
+# app type under ``mypy --strict``.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+# ---------------------------------------------------------------------------
+# Encoding: one SSE frame per Event (WHATWG HTML, "Server-sent events")
+# ---------------------------------------------------------------------------
+
+# The line breaks of the event-stream format: CRLF, lone CR, lone LF. Nothing
+# else (str.splitlines would also split on U+2028, VT, FF, ..., which a browser
+# keeps inside the data).
+_LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
+# Characters that would end or truncate a one-line field on the client: CR and
+# LF end the line, and a browser ignores an ``id`` containing NUL.
+_FIELD_FORBIDDEN: Final = re.compile(r"[\r\n\x00]")
+
+
+def _check_str(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def _check_field(name: str, value: object) -> str:
+    """A one-line field: a str with no CR, LF or NUL."""
+    text = _check_str(name, value)
+    if _FIELD_FORBIDDEN.search(text):
+        raise ValueError(f"{name} must not contain CR, LF or NUL: {text!r}")
+    return text
+
+
+def _check_retry(name: str, value: object) -> int:
+    """A reconnection time: a non-negative int (bool is rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _utf8(what: str, text: str) -> bytes:
+    """UTF-8 bytes of ``text``; a lone surrogate is a ValueError, never replaced."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} contains a lone surrogate: {exc.object[exc.start:exc.end]!r}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One Server-Sent Event, validated and encoded once at construction.
+
+    The frame has LF line endings and its fields in this order: one ``: text``
+    line per line of ``comment``, ``event:``, ``id:``, ``retry:``, one
+    ``data:`` line per line of ``data`` (split on CRLF, CR and LF), then a blank
+    line. ``data=""`` writes ``data: `` (the event fires with empty data);
+    ``event=""`` writes no ``event:`` line (the client sees ``message``);
+    ``id=""`` writes ``id: `` (it resets the client's last event id). An event
+    with only a comment dispatches nothing on the client.
+
+    Raises:
+        TypeError: a field of the wrong type (``retry`` must be an int, not a
+            bool or a float).
+        ValueError: ``event`` or ``id`` containing CR, LF or NUL; a negative
+            ``retry``; a lone surrogate anywhere; an event that would write no
+            field at all.
+    """
+
+    data: str | None = None
+    _: dataclasses.KW_ONLY
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    comment: str | None = None
+    _frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lines: list[str] = []
+        if self.comment is not None:
+            lines.extend(": " + line for line in _LINE_BREAK.split(_check_str("comment", self.comment)))
+        if self.event is not None and _check_field("event", self.event):
+            lines.append("event: " + self.event)
+        if self.id is not None:
+            lines.append("id: " + _check_field("id", self.id))
+        if self.retry is not None:
+            lines.append(f"retry: {_check_retry('retry', self.retry)}")
+        if self.data is not None:
+            lines.extend("data: " + line for line in _LINE_BREAK.split(_check_str("data", self.data)))
+        if not lines:
+            raise ValueError("an Event needs at least one of data, event (non-empty), id, retry or comment")
+        lines.append("\n")
+        object.__setattr__(self, "_frame", _utf8("Event", "\n".join(lines)))
+
+    @classmethod
+    def json(
+        cls,
+        value: object,
+        *,
+        event: str | None = None,
+        id: str | None = None,
+        retry: int | None = None,
+    ) -> Event:
+        """An event whose data is ``value`` as compact JSON (UTF-8, no NaN).
+
+        Raises what ``json.dumps`` raises (TypeError for an unserialisable value,
+        ValueError for NaN or infinity) and what ``Event`` raises.
+        """
+        data = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return cls(data, event=event, id=id, retry=retry)
+
+    def encode(self) -> bytes:
+        """The wire frame, computed once at construction."""
+        return self._frame
+
+
+# ---------------------------------------------------------------------------
+# Configuration of the SSE responses
+# ---------------------------------------------------------------------------
+
+# Header names on the wire: lowercase RFC 9110 tokens.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Headers that describe the framing of the body; the server owns them, and a
+# user value would corrupt the stream (a content-length on an endless body).
+_FRAMING_HEADERS: Final = frozenset({"connection", "content-length", "transfer-encoding"})
+_BASE_HEADERS: Final = (
+    ("content-type", "text/event-stream; charset=utf-8"),
+    # Proxies and browsers must not cache or coalesce a live stream.
+    ("cache-control", "no-cache"),
+    # nginx buffers proxied responses unless told not to.
+    ("x-accel-buffering", "no"),
+)
+
+
+def _check_seconds(name: str, value: object) -> float | None:
+    """An optional positive, finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be > 0 and finite (use None to disable), got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SseConfig:
+    """How the SSE responses of a :class:`Broadcaster` behave on the wire.
+
+    Attributes:
+        keep_alive: seconds of silence after which a comment frame is written,
+            so proxies and clients keep an idle stream open; ``None`` disables it.
+        keep_alive_comment: the text of that comment (``":\\n\\n"`` when empty,
+            ``": text\\n\\n"`` otherwise).
+        retry: reconnection time in ms, written as the first frame of every
+            response (``retry: N``) when set.
+        send_timeout: the most one ASGI ``send()`` may take; past it the client
+            is treated as dead and the response ends. The default, 30 s, is far
+            above any healthy write (a server's send returns once the bytes are
+            in the socket buffer) and well under the minutes a dead peer can hold
+            a TCP connection open. ``None`` waits forever.
+        headers: extra response headers as ``(name, value)`` pairs. A name equal
+            to a built-in header's replaces it.
+
+    Raises:
+        TypeError: a field of the wrong type.
+        ValueError: a non-positive or non-finite time; CR or LF in the comment;
+            a header name that is not a lowercase token, a framing header
+            (``connection``, ``content-length``, ``transfer-encoding``) or a
+            value that is not latin-1 or holds CR, LF or NUL.
+    """
+
+    keep_alive: float | None = 15.0
+    keep_alive_comment: str = ""
+    retry: int | None = None
+    send_timeout: float | None = 30.0
+    headers: tuple[tuple[str, str], ...] = ()
+    # Derived once, so a response does no work to build them.
+    _start: list[tuple[bytes, bytes]] = dataclasses.field(init=False, repr=False, compare=False)
+    _first_chunk: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    _keep_alive_frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_seconds("keep_alive", self.keep_alive)
+        _check_seconds("send_timeout", self.send_timeout)
+        comment = _check_str("keep_alive_comment", self.keep_alive_comment)
+        if "\r" in comment or "\n" in comment:
+            raise ValueError(f"keep_alive_comment must not contain CR or LF: {comment!r}")
+        keep_alive = _utf8("keep_alive_comment", f": {comment}\n\n" if comment else ":\n\n")
+        first = b":\n\n" if self.retry is None else f"retry: {_check_retry('retry', self.retry)}\n\n".encode()
+        if not isinstance(self.headers, tuple):
+            raise TypeError(f"headers must be a tuple of (name, value) pairs, not {type(self.headers).__name__}")
+        extra: list[tuple[bytes, bytes]] = []
+        for pair in self.headers:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise TypeError(f"each header must be a (name, value) tuple, got {pair!r}")
+            name, value = _check_str("header name", pair[0]), _check_str("header value", pair[1])
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name must be a lowercase token: {name!r}")
+            if name in _FRAMING_HEADERS:
+                raise ValueError(f"header {name!r} is owned by the server and would corrupt the stream")
+            if _FIELD_FORBIDDEN.search(value):
+                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL: {value!r}")
+            try:
+                extra.append((name.encode("ascii"), value.encode("latin-1")))
+            except UnicodeEncodeError:
+                raise ValueError(f"header {name!r} value must be latin-1: {value!r}") from None
+        names = {name for name, _ in extra}
+        start = [(n.encode(), v.encode()) for n, v in _BASE_HEADERS if n.encode() not in names] + extra
+        object.__setattr__(self, "_start", start)
+        object.__setattr__(self, "_first_chunk", first)
+        object.__setattr__(self, "_keep_alive_frame", keep_alive)
+
+
+# ---------------------------------------------------------------------------
+# Streams and the registry
+# ---------------------------------------------------------------------------
+
+
+class LagPolicy(enum.Enum):
+    """What a stream does at its next read after items were dropped for it."""
+
+    ERROR = "error"
+    """Raise :class:`Lagged` once, then continue from the oldest retained item."""
+    SKIP = "skip"
+    """Continue silently from the oldest retained item."""
+    END = "end"
+    """Stop iteration at once, discarding what is still buffered."""
+
+
+class Lagged(Exception):
+    """A stream fell ``buffer`` items behind and ``missed`` items were dropped."""
+
+    def __init__(self, missed: int) -> None:
+        super().__init__(missed)
+        self.missed: Final = missed
+
+    def __str__(self) -> str:
+        return f"subscriber lagged behind and missed {self.missed} item(s)"
+
+
+class ClientDisconnected(Exception):
+    """The client of a ``channel()`` response is gone; nothing more can be sent."""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Subscriber:
+    """The delivery state of one stream: what the registry holds instead of it.
+
+    Mutated only on ``loop``'s thread (deliveries from other threads are
+    scheduled there), so it needs no lock.
+    """
+
+    key: Hashable
+    loop: asyncio.AbstractEventLoop
+    # Undelivered items; maxlen is the broadcaster's buffer, so an append to a
+    # full queue drops the oldest item. Made at the first delivery: an empty
+    # deque costs 760 bytes, more than the rest of an idle subscription.
+    queue: deque[Any] | None = None
+    # Items dropped so far, and how many of them the reader has been told of.
+    lagged: int = 0
+    reported: int = 0
+    # No item will be added any more: the reader drains the queue, then stops.
+    ended: bool = False
+    # The future a reader blocked in __anext__ sleeps on; None when no one waits.
+    waiter: asyncio.Future[None] | None = None
+
+
+def _wake(sub: _Subscriber) -> None:
+    waiter = sub.waiter
+    if waiter is not None:
+        sub.waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
+    """Append ``item`` to every open subscriber's queue (on their loop's thread)."""
+    for sub in subs:
+        if sub.ended:
+            continue
+        queue = sub.queue
+        if queue is None:
+            queue = sub.queue = deque(maxlen=buffer)
+        elif len(queue) == buffer:
+            sub.lagged += 1  # the append below drops the oldest item
+        queue.append(item)
+        waiter = sub.waiter
+        if waiter is not None:
+            sub.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _by_loop(subs: Iterable[_Subscriber]) -> dict[asyncio.AbstractEventLoop, list[_Subscriber]]:
+    groups: dict[asyncio.AbstractEventLoop, list[_Subscriber]] = {}
+    for sub in subs:
+        groups.setdefault(sub.loop, []).append(sub)
+    return groups
+
+
+def _end(subs: Iterable[_Subscriber]) -> None:
+    """Let every subscriber drain its queue and then stop (on their loop's thread)."""
+    for sub in subs:
+        sub.ended = True
+        _wake(sub)
+
+
+class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
+    """The items sent to one key, in send order; made by ``Broadcaster.subscribe``.
+
+    An async iterator and an async context manager (leaving it closes it).
+    Iteration stops after ``remove(key)`` or ``Broadcaster.close()`` once the
+    buffered items are read, at once after ``close()``/``aclose()``, and at the
+    next read after a loss under ``LagPolicy.END``.
+
+    Cancellation: ``__anext__`` either returns an item or raises; cancelling a
+    task blocked in it removes nothing from the buffer and leaves the stream
+    usable.
+
+    A stream belongs to the event loop that created it; read it there only.
+    """
+
+    __slots__ = ("_sub", "_policy", "_leave", "__weakref__")
+
+    def __init__(self, sub: _Subscriber, leave: Callable[[_Subscriber], None]) -> None:
+        self._sub = sub
+        self._policy = LagPolicy.ERROR
+        # Leaving the channel happens exactly once: at close(), or when the
+        # stream is garbage-collected. The finalizer holds ``sub``, never self.
+        self._leave = weakref.finalize(self, leave, sub)
+        self._leave.atexit = False
+
+    def on_lag(self: _S, policy: LagPolicy) -> _S:
+        """Set what the next read does after items were dropped; returns self."""
+        if not isinstance(policy, LagPolicy):
+            raise TypeError(f"policy must be a LagPolicy, not {type(policy).__name__}")
+        self._policy = policy
+        return self
+
+    @property
+    def key(self) -> Hashable:
+        """The key this stream was subscribed to."""
+        return self._sub.key
+
+    @property
+    def lagged(self) -> int:
+        """Running total of items dropped because this stream was full."""
+        return self._sub.lagged
+
+    @property
+    def queued(self) -> int:
+        """Items delivered to this stream and not read yet."""
+        queue = self._sub.queue
+        return len(queue) if queue else 0
+
+    @property
+    def closed(self) -> bool:
+        """True once no item will be added: closed, removed or broadcaster closed."""
+        return self._sub.ended
+
+    def __aiter__(self: _S) -> _S:
+        return self
+
+    async def __anext__(self) -> T_co:
+        sub = self._sub
+        while True:
+            if sub.lagged != sub.reported:
+                missed = sub.lagged - sub.reported
+                sub.reported = sub.lagged
+                if self._policy is LagPolicy.ERROR:
+                    raise Lagged(missed)
+                if self._policy is LagPolicy.END:
+                    self.close()
+            queue = sub.queue
+            if queue:
+                item: T_co = queue.popleft()
+                return item
+            if sub.ended:
+                raise StopAsyncIteration
+            waiter = sub.loop.create_future()
+            sub.waiter = waiter
+            try:
+                await waiter
+            finally:
+                if sub.waiter is waiter:
+                    sub.waiter = None
+
+    def close(self) -> None:
+        """Leave the channel now and discard what is buffered. Idempotent."""
+        sub = self._sub
+        sub.ended = True
+        sub.queue = None
+        _wake(sub)
+        self._leave()
+
+    async def aclose(self) -> None:
+        """The same as :meth:`close`, for ``contextlib.aclosing`` and friends."""
+        self.close()
+
+    async def __aenter__(self: _S) -> _S:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        sub = self._sub
+        state = "ended" if sub.ended else "open"
+        return f"<BroadcastStream key={sub.key!r} {state} queued={self.queued} lagged={sub.lagged}>"
+
+
+class _Channel:
+    """The subscribers of one key."""
+
+    __slots__ = ("members", "groups")
+
+    def __init__(self) -> None:
+        # Insertion-ordered set of the key's subscribers.
+        self.members: dict[_Subscriber, None] = {}
+        # ``members`` grouped by event loop, as immutable tuples for send() to
+        # iterate without a lock; None after any change (rebuilt lazily).
+        self.groups: tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...] | None = None
+
+
+class Broadcaster(Generic[K, T]):
+    """A registry of broadcast channels, one per key; see the module docstring.
+
+    Args:
+        buffer: how many unread items each stream holds before the oldest is
+            dropped (>= 1). It also bounds the queue of a ``channel()`` response.
+        config: how the SSE responses behave (default ``SseConfig()``).
+
+    Raises:
+        TypeError: ``buffer`` not an int or ``config`` not an SseConfig.
+        ValueError: ``buffer < 1``.
+    """
+
+    def __init__(self, buffer: int = 64, config: SseConfig | None = None) -> None:
+        if isinstance(buffer, bool) or not isinstance(buffer, int):
+            raise TypeError(f"buffer must be an int, not {type(buffer).__name__}")
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer}")
+        if config is None:
+            config = SseConfig()
+        elif not isinstance(config, SseConfig):
+            raise TypeError(f"config must be an SseConfig, not {type(config).__name__}")
+        self._buffer: Final = buffer
+        self._config: Final = config
+        # Keyed by K; typed Hashable so a subscriber's key indexes it too.
+        self._channels: dict[Hashable, _Channel] = {}
+        self._closed = False
+        # Guards _channels and every _Channel.members. Leaving never blocks on
+        # it: a leave (which may run inside the garbage collector, on any thread,
+        # even while this thread holds the lock) is queued in _leaving and done
+        # by whoever holds the lock when it releases it; see _unlock().
+        self._lock = threading.Lock()
+        self._leaving: deque[_Subscriber] = deque()
+
+    # -- locking ------------------------------------------------------------
+
+    def _unlock(self) -> None:
+        """Release the lock after doing every queued leave.
+
+        Invariant: a subscriber appended to ``_leaving`` is removed by a thread
+        that holds the lock after the append. A leaver that fails to take the
+        lock relies on the holder; the holder re-checks after releasing.
+        """
+        while True:
+            while self._leaving:
+                self._drop(self._leaving.popleft())
+            self._lock.release()
+            if not self._leaving or not self._lock.acquire(blocking=False):
+                return
+
+    def _leave(self, sub: _Subscriber) -> None:
+        """Take ``sub`` out of its channel now, or as soon as the lock is free."""
+        self._leaving.append(sub)
+        if self._lock.acquire(blocking=False):
+            self._unlock()
+
+    def _drop(self, sub: _Subscriber) -> None:
+        # Lock held. A subscriber whose channel was removed (or replaced by a
+        # newer channel of the same key) is in no channel: nothing to do.
+        channel = self._channels.get(sub.key)
+        if channel is None or sub not in channel.members:
+            return
+        del channel.members[sub]
+        channel.groups = None
+        if not channel.members:
+            del self._channels[sub.key]
+
+    # -- the registry ---------------------------------------------------------
+
+    def subscribe(self, key: K) -> BroadcastStream[T]:
+        """A new stream of every item sent to ``key`` from now on.
+
+        Creates the key's channel if it has none. After ``close()`` the stream is
+        returned already ended (it yields nothing), so a request that arrives
+        during shutdown ends cleanly instead of failing.
+
+        Raises:
+            RuntimeError: no event loop is running in this thread.
+            TypeError: ``key`` is not hashable.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "Broadcaster.subscribe() needs a running event loop: call it from async code"
+            ) from None
+        hash(key)
+        sub = _Subscriber(key, loop)
+        self._lock.acquire()
+        try:
+            if self._closed:
+                sub.ended = True
+            else:
+                channel = self._channels.get(key)
+                if channel is None:
+                    channel = self._channels[key] = _Channel()
+                channel.members[sub] = None
+                channel.groups = None
+        finally:
+            self._unlock()
+        return BroadcastStream(sub, self._leave)
+
+    def send(self, key: K, item: T) -> int:
+        """Deliver ``item`` to every current subscriber of ``key``; never waits.
+
+        Returns how many subscribers it addressed (0, creating nothing, for a key
+        without subscribers). Safe from any thread: subscribers on another loop
+        than the caller's get the item through ``call_soon_threadsafe`` (those
+        of a closed loop are skipped and not counted).
+        """
+        channel = self._channels.get(key)
+        if channel is None:
+            return 0
+        groups = channel.groups
+        if groups is None:
+            groups = self._group(channel)
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        count = 0
+        for loop, subs in groups:
+            if loop is running:
+                _deliver(subs, item, self._buffer)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_deliver, subs, item, self._buffer)
+                except RuntimeError:  # that loop is closed: nobody can read
+                    continue
+            count += len(subs)
+        return count
+
+    def _group(self, channel: _Channel) -> tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...]:
+        self._lock.acquire()
+        try:
+            groups = tuple((loop, tuple(subs)) for loop, subs in _by_loop(channel.members).items())
+            channel.groups = groups
+            return groups
+        finally:
+            self._unlock()
+
+    def subscriber_count(self, key: K) -> int:
+        """How many streams are subscribed to ``key`` (0 if it has no channel)."""
+        channel = self._channels.get(key)
+        return 0 if channel is None else len(channel.members)
+
+    def remove(self, key: K) -> None:
+        """End every stream of ``key`` once it drains what it was sent, and forget
+        the channel. A later ``subscribe(key)`` makes a fresh one. No-op for a
+        key without a channel."""
+        self._lock.acquire()
+        try:
+            channel = self._channels.pop(key, None)
+        finally:
+            self._unlock()
+        if channel is not None:
+            self._end_all(channel)
+
+    def close(self) -> None:
+        """End every stream of every key (each drains first) and refuse new ones:
+        later ``subscribe`` calls return ended streams and ``send`` returns 0.
+        Idempotent."""
+        self._lock.acquire()
+        try:
+            self._closed = True
+            channels = list(self._channels.values())
+            self._channels.clear()
+        finally:
+            self._unlock()
+        for channel in channels:
+            self._end_all(channel)
+
+    def _end_all(self, channel: _Channel) -> None:
+        # The channel is out of the registry: its members no longer change.
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, subs in _by_loop(channel.members).items():
+            if loop is running:
+                _end(subs)
+            else:
+                try:
+                    loop.call_soon_threadsafe(_end, subs)
+                except RuntimeError:  # that loop is closed: nobody can read
+                    pass
+
+    @property
+    def buffer(self) -> int:
+        """The per-stream bound given at construction."""
+        return self._buffer
+
+    @property
+    def config(self) -> SseConfig:
+        """The SSE configuration given at construction."""
+        return self._config
+
+    def __len__(self) -> int:
+        """The number of live channels (keys with at least one stream)."""
+        return len(self._channels)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._channels
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Broadcaster {state} channels={len(self._channels)} buffer={self._buffer}>"
+
+    # -- SSE responses --------------------------------------------------------
+
+    def response(self, events: AsyncIterable[Event]) -> ASGIApp:
+        """An ASGI app that streams ``events`` as ``text/event-stream``.
+
+        Call it once per request. ``events`` is closed (``aclose()``, when it has
+        one) on every way out; see :class:`_SseApp` for the wire behaviour.
+        """
+        return _SseApp(events, self._config)
+
+    def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
+        """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
+
+        ``fn`` starts when the response starts (never for ``HEAD``); its queue
+        holds ``buffer`` events, so a fast ``fn`` waits for a slow client. Every
+        event it sent is written before the end. The response ends cleanly when
+        ``fn`` returns, ends cleanly with an ERROR log when it raises, and
+        cancels it when the client goes away.
+        """
+        return _SseApp(_ChannelSource(fn, self._buffer), self._config)
+
+
+# ---------------------------------------------------------------------------
+# Helpers for resuming: Last-Event-ID and replay
+# ---------------------------------------------------------------------------
+
+
+def last_event_id(scope: Scope) -> str | None:
+    """The client's last event id from an ASGI HTTP scope, or None.
+
+    The ``Last-Event-ID`` header (decoded as UTF-8) wins; when it is absent,
+    empty or not UTF-8, the ``last_event_id`` query parameter is used, because a
+    browser's ``EventSource`` cannot set headers on its first request.
+    """
+    for name, value in scope.get("headers", ()):
+        if name == b"last-event-id":
+            try:
+                text = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                break
+            if text:
+                return text
+            break
+    query = scope.get("query_string", b"")
+    try:
+        pairs = parse_qsl(bytes(query).decode("ascii"), encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    for name, text in pairs:
+        if name == "last_event_id":
+            return text or None
+    return None
+
+
+class _Replay(AsyncIterator[T], Generic[T]):
+    """What :func:`replay` returns: ``items``, then ``live``.
+
+    ``aclose()`` closes both, even when iteration never started (which a bare
+    async generator cannot promise: its ``finally`` would not run).
+    """
+
+    __slots__ = ("_sync_items", "_async_items", "_live", "_closed")
+
+    def __init__(self, items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None) -> None:
+        # At most one of the two is set until the items are exhausted.
+        self._sync_items: Iterator[T] | None = None
+        self._async_items: AsyncIterator[T] | None = None
+        if isinstance(items, AsyncIterable):
+            self._async_items = aiter(items)
+        else:
+            self._sync_items = iter(items)
+        self._live = None if live is None else aiter(live)
+        self._closed = False
+
+    def __aiter__(self) -> _Replay[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._sync_items is not None:
+            try:
+                return next(self._sync_items)
+            except StopIteration:
+                self._sync_items = None
+        if self._async_items is not None:
+            try:
+                return await anext(self._async_items)
+            except StopAsyncIteration:
+                self._async_items = None
+        if self._live is None:
+            raise StopAsyncIteration
+        return await anext(self._live)
+
+    async def aclose(self) -> None:
+        """Close the replayed items' iterator and ``live``. Idempotent."""
+        self._closed = True
+        items = self._sync_items or self._async_items
+        self._sync_items = self._async_items = None
+        live, self._live = self._live, None
+        try:
+            if items is not None:
+                await _close(items)
+        finally:
+            if live is not None:
+                await _close(live)
+
+    async def __aenter__(self) -> _Replay[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+async def _close(iterator: object) -> None:
+    """``aclose()`` an async iterator, or ``close()`` a generator, if it can."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+        return
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def replay(items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None = None) -> _Replay[T]:
+    """Yield ``items`` (plain or async iterable), then everything from ``live``.
+
+    The race-free order to resume a client is: subscribe first, then load what
+    it missed, then ``replay(missed, stream)``. Loading first would lose what is
+    sent between the load and the subscribe; subscribing first can at worst
+    deliver an item both in ``missed`` and live, which the app can drop by id.
+    """
+    return _Replay(items, live)
+
+
+# ---------------------------------------------------------------------------
+# The ASGI layer
+# ---------------------------------------------------------------------------
+
+
+class Sender:
+    """How a ``channel()`` closure sends events to its one client.
+
+    Its queue holds at most ``limit`` events; ``send`` waits for room, so a fast
+    closure is paced by a slow client.
+    """
+
+    __slots__ = ("_items", "_limit", "_closed", "_finished", "_error", "_reader", "_putters")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[Event] = deque()
+        self._limit = limit
+        # The response is over (client gone, or ended): send() raises.
+        self._closed = False
+        # The closure returned or raised (with _error): the reader stops after the queue.
+        self._finished = False
+        self._error: BaseException | None = None
+        # The response's reader, when it waits for an event or the end.
+        self._reader: asyncio.Future[None] | None = None
+        # Closures waiting for room; all are woken when room frees and re-check.
+        self._putters: list[asyncio.Future[None]] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once the response is over; ``send`` then raises ClientDisconnected."""
+        return self._closed
+
+    async def send(self, event: Event) -> None:
+        """Queue ``event`` for the client, waiting while the queue is full.
+
+        Raises:
+            TypeError: ``event`` is not an :class:`Event`.
+            ClientDisconnected: the client is gone or the response is over.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"Sender.send() takes an Event, not {type(event).__name__}")
+        while True:
+            if self._closed or self._finished:
+                raise ClientDisconnected("the client is gone or the response is over")
+            if len(self._items) < self._limit:
+                break
+            room = asyncio.get_running_loop().create_future()
+            self._putters.append(room)
+            await room
+        self._items.append(event)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            if not reader.done():
+                reader.set_result(None)
+
+    def _wake_putters(self) -> None:
+        putters, self._putters = self._putters, []
+        for room in putters:
+            if not room.done():
+                room.set_result(None)
+
+    async def _get(self) -> Event:
+        while True:
+            if self._items:
+                event = self._items.popleft()
+                self._wake_putters()
+                return event
+            if self._finished:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            reader = asyncio.get_running_loop().create_future()
+            self._reader = reader
+            try:
+                await reader
+            finally:
+                if self._reader is reader:
+                    self._reader = None
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._finished = True
+        self._error = error
+        self._wake_reader()
+        self._wake_putters()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._wake_putters()
+
+
+class _ChannelSource:
+    """The event source of a ``channel()`` response: ``fn`` run in a task it owns.
+
+    The task starts at the first read and is cancelled and awaited by ``aclose``.
+    """
+
+    __slots__ = ("_fn", "_sender", "_task")
+
+    def __init__(self, fn: Callable[[Sender], Awaitable[None]], limit: int) -> None:
+        self._fn = fn
+        self._sender = Sender(limit)
+        self._task: asyncio.Task[None] | None = None
+
+    def __aiter__(self) -> _ChannelSource:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return await self._sender._get()
+
+    async def _run(self) -> None:
+        try:
+            await self._fn(self._sender)
+        except Exception as exc:
+            self._sender._finish(exc)
+        else:
+            self._sender._finish(None)
+
+    async def aclose(self) -> None:
+        sender = self._sender
+        sender._close()
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait((task,))
+        # An error the closure raised that the response never read (it ended
+        # first, e.g. on disconnect) is still reported, once. Sending after the
+        # client left is how a closure learns it left: not an error.
+        error, sender._error = sender._error, None
+        if error is not None and not isinstance(error, ClientDisconnected):
+            logger.error("SSE channel closure raised after the response ended", exc_info=error)
+
+
+_FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+class _Writes:
+    """What the event pump tells the supervisor of a response (one loop, no lock)."""
+
+    __slots__ = ("lock", "sending_since", "last_write")
+
+    def __init__(self, now: float) -> None:
+        # Serialises the pump's event writes with the supervisor's keep-alives.
+        self.lock = asyncio.Lock()
+        # Loop time at which the send() in progress started; None between sends.
+        self.sending_since: float | None = None
+        # Loop time at which the last write ended: keep-alive silence starts there.
+        self.last_write = now
+
+
+class _SseApp:
+    """The ASGI app of one SSE response (see ``Broadcaster.response``).
+
+    Wire behaviour: ``http.response.start`` with status 200 and the configured
+    headers; at once a first body chunk (the ``retry:`` frame, or ``:\\n\\n``),
+    because some servers and middleware hold the headers back until the first
+    body message; one ``more_body`` message per event; a keep-alive comment
+    after ``keep_alive`` seconds of silence. ``HEAD`` gets the headers and an
+    empty body, and the source is never read.
+
+    Ends: source exhausted, :class:`Lagged` (WARNING), a source exception (ERROR,
+    with traceback) or a failing ``receive()`` (ERROR) end cleanly with a final
+    ``more_body=False`` message. A disconnect (``http.disconnect``, or
+    ``OSError`` from ``send``), a send timeout and a failing ``send()`` (ERROR)
+    end it with nothing more sent. Cancellation propagates. On every way out the
+    source is closed and both helper tasks are cancelled and awaited.
+
+    Raises:
+        RuntimeError: a non-``http`` scope (the source is closed first), or a
+            second call.
+    """
+
+    __slots__ = ("_source", "_config", "_called")
+
+    def __init__(self, source: AsyncIterable[Event], config: SseConfig) -> None:
+        self._source = source
+        self._config = config
+        self._called = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._called:
+            raise RuntimeError("an SSE response app can be called only once: make one per request")
+        self._called = True
+        try:
+            if scope.get("type") != "http":
+                raise RuntimeError(f"SSE responses serve 'http' scopes only, got {scope.get('type')!r}")
+            await self._respond(scope, receive, send)
+        finally:
+            await self._close_source()
+
+    async def _close_source(self) -> None:
+        try:
+            await _close(self._source)
+        except Exception:
+            logger.exception("closing the SSE event source raised")
+
+    async def _send(self, send: Send, message: Message) -> bool:
+        """Send a message outside the pump, within the send timeout; False if the
+        client is gone or the send failed."""
+        timeout = self._config.send_timeout
+        try:
+            if timeout is None:
+                await send(message)
+            else:
+                await asyncio.wait_for(send(message), timeout)
+        except asyncio.TimeoutError:
+            logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
+            return False
+        except OSError as exc:
+            logger.debug("SSE client disconnected: %r", exc)
+            return False
+        except Exception:
+            logger.exception("ASGI send() failed; ending the SSE response")
+            return False
+        return True
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        config = self._config
+        start = {"type": "http.response.start", "status": 200, "headers": config._start}
+        if not await self._send(send, start):
+            return
+        if scope.get("method") == "HEAD":
+            await self._send(send, dict(_FINAL))
+            return
+        if not await self._send(send, {"type": "http.response.body", "body": config._first_chunk, "more_body": True}):
+            return
+        loop = asyncio.get_running_loop()
+        writes = _Writes(loop.time())
+        pump = loop.create_task(self._pump(send, writes))
+        watch = loop.create_task(_watch(receive))
+        finish = False
+        try:
+            finish = await self._supervise(send, writes, pump, watch)
+        finally:
+            pump.cancel()
+            watch.cancel()
+            await asyncio.wait((pump, watch))
+            finish = _report(pump, watch) and finish
+        if finish:
+            await self._send(send, dict(_FINAL))
+
+    async def _supervise(self, send: Send, writes: _Writes, pump: asyncio.Task[bool], watch: asyncio.Task[None]) -> bool:
+        """Wait for the pump or the watcher to end, writing keep-alives on
+        silence and timing out a stuck send; False if a send timed out.
+
+        While no send is in progress, a send that starts later cannot time out
+        before ``send_timeout`` from now, so waking at most that often is exact.
+        """
+        loop = asyncio.get_running_loop()
+        keep_alive = self._config.keep_alive
+        timeout = self._config.send_timeout
+        frame = {"type": "http.response.body", "body": self._config._keep_alive_frame, "more_body": True}
+        while True:
+            now = loop.time()
+            since = writes.sending_since
+            wait: float | None
+            if since is not None:
+                if timeout is not None and now - since >= timeout:
+                    logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
+                    return False
+                wait = keep_alive if timeout is None else since + timeout - now
+            else:
+                if keep_alive is not None and now - writes.last_write >= keep_alive:
+                    async with writes.lock:
+                        if not await self._send(send, dict(frame)):
+                            return False
+                    writes.last_write = loop.time()
+                    continue
+                wait = timeout
+                if keep_alive is not None:
+                    due = writes.last_write + keep_alive - now
+                    wait = due if wait is None else min(wait, due)
+            done, _ = await asyncio.wait((pump, watch), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return True
+
+    async def _pump(self, send: Send, writes: _Writes) -> bool:
+        """Write every event of the source; True if the source is exhausted,
+        False if the client went away or send() failed. Source errors propagate."""
+        loop = asyncio.get_running_loop()
+        source = aiter(self._source)
+        while True:
+            try:
+                event = await anext(source)
+            except StopAsyncIteration:
+                return True
+            if not isinstance(event, Event):
+                raise TypeError(f"SSE event sources must yield Event objects, got {type(event).__name__}")
+            async with writes.lock:
+                writes.sending_since = loop.time()
+                try:
+                    await send({"type": "http.response.body", "body": event._frame, "more_body": True})
+                except OSError as exc:
+                    logger.debug("SSE client disconnected: %r", exc)
+                    return False
+                except Exception:
+                    logger.exception("ASGI send() failed; ending the SSE response")
+                    return False
+                writes.sending_since = None
+                writes.last_write = loop.time()
+
+
+async def _watch(receive: Receive) -> None:
+    """Return when the client disconnects (``http.disconnect``, or an OSError
+    from ``receive``). Request body messages are read and dropped; anything
+    else is a protocol error."""
+    more_body = True
+    while True:
+        try:
+            message = await receive()
+        except OSError:
+            return
+        kind = message["type"]
+        if kind == "http.disconnect":
+            return
+        if kind == "http.request" and more_body:
+            more_body = bool(message.get("more_body", False))
+            continue
+        raise RuntimeError(f"unexpected ASGI message while streaming: {kind!r}")
+
+
+def _report(pump: asyncio.Task[bool], watch: asyncio.Task[None]) -> bool:
+    """Log how a response ended; True if it may end with a final chunk.
+
+    A client that left (watcher returned, or the pump saw it) gets nothing more;
+    an end on the server's side (source exhausted or failed, receive failed)
+    gets a clean end.
+    """
+    finish = True
+    if watch.done() and not watch.cancelled():
+        error = watch.exception()
+        if error is None:
+            logger.debug("SSE client disconnected")
+            finish = False
+        else:
+            logger.error("ASGI receive() failed; ending the SSE response", exc_info=error)
+    if pump.done() and not pump.cancelled():
+        error = pump.exception()
+        if error is None:
+            finish = finish and pump.result()
+        elif isinstance(error, Lagged):
+            logger.warning("SSE stream ended: %s", error)
+        else:
+            logger.error("SSE event source raised; ending the response", exc_info=error)
+    return finish
