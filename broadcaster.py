@@ -64,7 +64,7 @@ from collections.abc import (
 )
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 __all__ = [
     "Broadcaster",
@@ -213,6 +213,9 @@ class Event:
 
 # Header names on the wire: lowercase RFC 9110 tokens.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Control characters other than HTAB, which RFC 9110 forbids in a field value
+# (servers such as h11 would refuse them at send time, mid-response).
+_HEADER_VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Headers that describe the framing of the body; the server owns them, and a
 # user value would corrupt the stream (a content-length on an endless body).
 _FRAMING_HEADERS: Final = frozenset({"connection", "content-length", "transfer-encoding"})
@@ -269,7 +272,7 @@ class SseConfig:
     send_timeout: float | None = 30.0
     headers: tuple[tuple[str, str], ...] = ()
     # Derived once, so a response does no work to build them.
-    _start: list[tuple[bytes, bytes]] = dataclasses.field(init=False, repr=False, compare=False)
+    _start: tuple[tuple[bytes, bytes], ...] = dataclasses.field(init=False, repr=False, compare=False)
     _first_chunk: bytes = dataclasses.field(init=False, repr=False, compare=False)
     _keep_alive_frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -294,13 +297,17 @@ class SseConfig:
                 raise ValueError(f"header {name!r} is owned by the server and would corrupt the stream")
             if _FIELD_FORBIDDEN.search(value):
                 raise ValueError(f"header {name!r} value must not contain CR, LF or NUL: {value!r}")
+            if _HEADER_VALUE_CONTROL.search(value):
+                raise ValueError(f"header {name!r} value must not contain control characters: {value!r}")
+            if value != value.strip(" \t"):
+                raise ValueError(f"header {name!r} value must not start or end with whitespace: {value!r}")
             try:
                 extra.append((name.encode("ascii"), value.encode("latin-1")))
             except UnicodeEncodeError:
                 raise ValueError(f"header {name!r} value must be latin-1: {value!r}") from None
         names = {name for name, _ in extra}
         start = [(n.encode(), v.encode()) for n, v in _BASE_HEADERS if n.encode() not in names] + extra
-        object.__setattr__(self, "_start", start)
+        object.__setattr__(self, "_start", tuple(start))
         object.__setattr__(self, "_first_chunk", first)
         object.__setattr__(self, "_keep_alive_frame", keep_alive)
 
@@ -772,13 +779,14 @@ def last_event_id(scope: Scope) -> str | None:
             if text:
                 return text
             break
-    query = scope.get("query_string", b"")
-    try:
-        pairs = parse_qsl(bytes(query).decode("ascii"), encoding="utf-8", errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        return None
-    for name, text in pairs:
-        if name == "last_event_id":
+    # Parsed by hand, so another parameter that is not UTF-8 cannot hide it.
+    for part in bytes(scope.get("query_string", b"")).split(b"&"):
+        name, _, value = part.partition(b"=")
+        if unquote_to_bytes(name.replace(b"+", b" ")) == b"last_event_id":
+            try:
+                text = unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+            except UnicodeDecodeError:
+                return None
             return text or None
     return None
 
@@ -826,7 +834,7 @@ class _Replay(AsyncIterator[T], Generic[T]):
     async def aclose(self) -> None:
         """Close the replayed items' iterator and ``live``. Idempotent."""
         self._closed = True
-        items = self._sync_items or self._async_items
+        items = self._sync_items if self._sync_items is not None else self._async_items
         self._sync_items = self._async_items = None
         live, self._live = self._live, None
         try:
@@ -1095,7 +1103,8 @@ class _SseApp:
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         config = self._config
-        start = {"type": "http.response.start", "status": 200, "headers": config._start}
+        # A fresh list: middleware may edit the headers of a message in place.
+        start = {"type": "http.response.start", "status": 200, "headers": list(config._start)}
         if not await self._send(send, start):
             return
         if scope.get("method") == "HEAD":

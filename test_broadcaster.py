@@ -1,0 +1,2002 @@
+"""Unit tests of broadcaster.py: every promise of its docstrings, with exact bytes.
+
+Conventions: flat ``test_<unit>_<behaviour>`` functions, one property each, a
+one-line docstring stating it. Async tests run under ``@async_test``, which puts
+a timeout on them and fails them if they leave a task running. ASGI apps are
+driven by ``AsgiPeer``, an in-memory server side of one request; tests wait for
+what it records with ``peer.wait_until(...)``, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, MutableMapping
+from typing import Any, NamedTuple
+
+import pytest
+
+import broadcaster
+from broadcaster import (
+    Broadcaster,
+    BroadcastStream,
+    ClientDisconnected,
+    Event,
+    LagPolicy,
+    Lagged,
+    Sender,
+    SseConfig,
+    last_event_id,
+    replay,
+)
+
+Message = dict[str, Any]
+AsyncTest = Callable[[], Coroutine[Any, Any, None]]
+
+
+# ---------------------------------------------------------------------------
+# Harness
+# ---------------------------------------------------------------------------
+
+
+def async_test(timeout: float = 5.0) -> Callable[[AsyncTest], Callable[[], None]]:
+    """Run an async test in a fresh loop, within ``timeout`` seconds, and fail
+    it if any task it started is still running when it returns."""
+
+    def decorate(fn: AsyncTest) -> Callable[[], None]:
+        @functools.wraps(fn)
+        def run() -> None:
+            async def main() -> None:
+                task = asyncio.ensure_future(fn())
+                done, _ = await asyncio.wait((task,), timeout=timeout)
+                if not done:
+                    task.cancel()
+                    await asyncio.wait((task,))
+                    raise AssertionError(f"test did not finish within {timeout} s")
+                task.result()
+                leftover = asyncio.all_tasks() - {asyncio.current_task()}
+                assert not leftover, f"test left tasks running: {leftover}"
+
+            asyncio.run(main())
+
+        return run
+
+    return decorate
+
+
+class AsgiPeer:
+    """The server side of one in-memory ASGI request: records what the app
+    sends, feeds what it receives, and lets a test await a condition."""
+
+    def __init__(
+        self,
+        method: str = "GET",
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        query_string: bytes = b"",
+    ) -> None:
+        self.scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": "/events",
+            "raw_path": b"/events",
+            "query_string": query_string,
+            "headers": list(headers),
+        }
+        self.sent: list[Message] = []
+        self._incoming: asyncio.Queue[Message] = asyncio.Queue()
+        self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        # Set to make send() raise (fault injection) or hang.
+        self.send_error: BaseException | None = None
+        self.send_hangs = False
+
+    async def receive(self) -> Message:
+        return await self._incoming.get()
+
+    async def send(self, message: Message) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        if self.send_hangs:
+            await asyncio.Event().wait()
+        self.sent.append(dict(message))
+        self._notify()
+
+    def push(self, message: Message) -> None:
+        """Queue a message for the app's receive()."""
+        self._incoming.put_nowait(message)
+
+    def disconnect(self) -> None:
+        self.push({"type": "http.disconnect"})
+
+    def _notify(self) -> None:
+        for predicate, future in list(self._waiters):
+            if not future.done() and predicate():
+                future.set_result(None)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds after some send()."""
+        if predicate():
+            return
+        future = asyncio.get_running_loop().create_future()
+        entry = (predicate, future)
+        self._waiters.append(entry)
+        try:
+            await future
+        finally:
+            self._waiters.remove(entry)
+
+    async def wait_for_bodies(self, n: int) -> None:
+        """Return once ``n`` body messages have been sent."""
+        await self.wait_until(lambda: len(self.bodies) >= n)
+
+    @property
+    def start(self) -> Message:
+        assert self.sent and self.sent[0]["type"] == "http.response.start", f"no start message in {self.sent}"
+        return self.sent[0]
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body"]
+
+    @property
+    def ended(self) -> bool:
+        """True if the last message closed the body (more_body False)."""
+        return bool(self.sent) and self.sent[-1]["type"] == "http.response.body" and not self.sent[-1].get("more_body", False)
+
+
+# ---------------------------------------------------------------------------
+# The module itself
+# ---------------------------------------------------------------------------
+
+
+def test_module_imports_only_the_standard_library() -> None:
+    """broadcaster.py imports nothing outside sys.stdlib_module_names, anywhere in the file."""
+    import ast
+
+    tree = ast.parse(open(broadcaster.__file__, encoding="utf-8").read())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported, "the import scan found nothing: it is broken"
+    outside = sorted(name for name in imported if name not in sys.stdlib_module_names and name != "__future__")
+    assert outside == [], f"broadcaster.py imports non-stdlib modules: {outside}"
+
+
+def test_module_all_is_the_public_api() -> None:
+    """__all__ lists exactly the fixed public names, each defined."""
+    assert broadcaster.__all__ == [
+        "Broadcaster",
+        "BroadcastStream",
+        "Event",
+        "LagPolicy",
+        "Lagged",
+        "Sender",
+        "SseConfig",
+        "ClientDisconnected",
+        "last_event_id",
+        "replay",
+    ]
+    for name in broadcaster.__all__:
+        assert hasattr(broadcaster, name), name
+
+
+# ---------------------------------------------------------------------------
+# Broadcaster: construction and the registry
+# ---------------------------------------------------------------------------
+
+
+def test_broadcaster_defaults() -> None:
+    """A default Broadcaster has buffer 64, the default SseConfig and no channels."""
+    b: Broadcaster[str, int] = Broadcaster()
+    assert b.buffer == 64
+    assert b.config == SseConfig()
+    assert len(b) == 0
+    assert repr(b) == "<Broadcaster open channels=0 buffer=64>"
+
+
+@pytest.mark.parametrize("buffer", [0, -1])
+def test_broadcaster_buffer_below_one_is_rejected_at_construction(buffer: int) -> None:
+    """buffer < 1 raises ValueError in the constructor, not at the first subscribe."""
+    with pytest.raises(ValueError, match=rf"^buffer must be >= 1, got {buffer}$"):
+        Broadcaster(buffer)
+
+
+@pytest.mark.parametrize("buffer", [True, 2.0, "3", None])
+def test_broadcaster_buffer_of_wrong_type_is_rejected(buffer: Any) -> None:
+    """buffer must be an int (bool, float, str and None raise TypeError)."""
+    with pytest.raises(TypeError, match=r"^buffer must be an int, not \w+$"):
+        Broadcaster(buffer)
+
+
+def test_broadcaster_config_of_wrong_type_is_rejected() -> None:
+    """config must be an SseConfig or None."""
+    with pytest.raises(TypeError, match=r"^config must be an SseConfig, not dict$"):
+        Broadcaster(config={"keep_alive": 1})  # type: ignore[arg-type]  # the error under test
+
+
+def test_broadcaster_keeps_the_config_it_was_given() -> None:
+    """The config property returns the SseConfig given at construction."""
+    config = SseConfig(keep_alive=None, retry=100)
+    assert Broadcaster(8, config).config is config
+
+
+def test_subscribe_without_a_running_loop_raises() -> None:
+    """subscribe() outside async code raises RuntimeError with a clear message."""
+    b: Broadcaster[str, int] = Broadcaster()
+    with pytest.raises(RuntimeError, match=r"^Broadcaster\.subscribe\(\) needs a running event loop"):
+        b.subscribe("k")
+    assert len(b) == 0
+
+
+@async_test()
+async def test_subscribe_with_an_unhashable_key_raises() -> None:
+    """An unhashable key raises TypeError and registers nothing."""
+    b: Broadcaster[Any, int] = Broadcaster()
+    with pytest.raises(TypeError):
+        b.subscribe([1, 2])
+    assert len(b) == 0
+
+
+@async_test()
+async def test_subscribe_creates_the_channel_lazily() -> None:
+    """A key has no channel until its first subscribe; then it is in the registry."""
+    b: Broadcaster[str, int] = Broadcaster()
+    assert "room" not in b and len(b) == 0
+    stream = b.subscribe("room")
+    assert "room" in b and len(b) == 1 and b.subscriber_count("room") == 1
+    stream.close()
+
+
+@async_test()
+async def test_send_without_subscribers_returns_zero_and_creates_nothing() -> None:
+    """send() to a key with no channel returns 0 and leaves the registry empty."""
+    b: Broadcaster[str, int] = Broadcaster()
+    assert b.send("nobody", 1) == 0
+    assert "nobody" not in b and len(b) == 0
+
+
+@async_test()
+async def test_send_fans_out_to_every_subscriber_in_order() -> None:
+    """Every subscriber of a key gets every item, in send order; send() counts them."""
+    b: Broadcaster[str, int] = Broadcaster()
+    streams = [b.subscribe("k") for _ in range(3)]
+    assert [b.send("k", i) for i in range(5)] == [3] * 5
+    for stream in streams:
+        assert [await anext(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+        stream.close()
+
+
+@async_test()
+async def test_keys_are_independent_channels() -> None:
+    """An item sent to one key never reaches a subscriber of another."""
+    b: Broadcaster[str, str] = Broadcaster()
+    a, z = b.subscribe("a"), b.subscribe("z")
+    b.send("a", "for a")
+    b.send("z", "for z")
+    assert (await anext(a), await anext(z)) == ("for a", "for z")
+    assert (a.queued, z.queued) == (0, 0)
+    a.close()
+    z.close()
+
+
+@async_test()
+async def test_subscriber_only_gets_items_sent_after_it_subscribed() -> None:
+    """A stream starts empty: nothing sent before its subscribe is replayed."""
+    b: Broadcaster[str, int] = Broadcaster()
+    early = b.subscribe("k")
+    b.send("k", 1)
+    late = b.subscribe("k")
+    b.send("k", 2)
+    assert (early.queued, late.queued) == (2, 1)
+    assert await anext(late) == 2
+    early.close()
+    late.close()
+
+
+@async_test()
+async def test_subscriber_count_and_len_follow_subscriptions() -> None:
+    """subscriber_count(key) and len() track subscribes and closes exactly."""
+    b: Broadcaster[str, int] = Broadcaster()
+    s1, s2, s3 = b.subscribe("a"), b.subscribe("a"), b.subscribe("b")
+    assert (b.subscriber_count("a"), b.subscriber_count("b"), len(b)) == (2, 1, 2)
+    s1.close()
+    assert (b.subscriber_count("a"), len(b)) == (1, 2)
+    s2.close()
+    assert (b.subscriber_count("a"), len(b), "a" in b) == (0, 1, False)
+    s3.close()
+    assert len(b) == 0 and b.subscriber_count("zzz") == 0
+
+
+@async_test()
+async def test_send_returns_immediately_to_a_reader_that_never_reads() -> None:
+    """A subscriber that never reads holds at most `buffer` items; send() never waits."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=8)
+    stream = b.subscribe("k")
+    for i in range(10_000):
+        assert b.send("k", i) == 1
+    assert stream.queued == 8 and stream.lagged == 10_000 - 8
+    stream.close()
+
+
+# ---------------------------------------------------------------------------
+# BroadcastStream: lag policies
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_lag_error_raises_lagged_once_then_continues_from_oldest_retained() -> None:
+    """Under LagPolicy.ERROR (the default) a full stream drops the oldest items, the
+    next read raises Lagged(missed), and reading continues with what was retained."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("k")
+    for i in range(5):
+        b.send("k", i)
+    with pytest.raises(Lagged) as info:
+        await anext(stream)
+    assert info.value.missed == 3
+    assert str(info.value) == "subscriber lagged behind and missed 3 item(s)"
+    assert [await anext(stream), await anext(stream)] == [3, 4]
+    assert stream.lagged == 3
+    stream.close()
+
+
+@async_test()
+async def test_lag_error_reports_each_new_loss_separately() -> None:
+    """Lagged carries only the items lost since the last report; lagged is the total."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=1)
+    stream = b.subscribe("k")
+    b.send("k", 1)
+    b.send("k", 2)
+    with pytest.raises(Lagged, match=r"missed 1 item"):
+        await anext(stream)
+    assert await anext(stream) == 2
+    for i in range(3, 8):
+        b.send("k", i)
+    with pytest.raises(Lagged) as info:
+        await anext(stream)
+    assert (info.value.missed, stream.lagged) == (4, 5)
+    assert await anext(stream) == 7
+    stream.close()
+
+
+@async_test()
+async def test_lag_skip_continues_silently_from_oldest_retained() -> None:
+    """LagPolicy.SKIP yields the retained items with no exception; lagged still counts."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("k").on_lag(LagPolicy.SKIP)
+    for i in range(5):
+        b.send("k", i)
+    assert [await anext(stream), await anext(stream)] == [3, 4]
+    assert stream.lagged == 3
+    stream.close()
+
+
+@async_test()
+async def test_lag_end_stops_at_the_next_read_and_leaves_the_channel() -> None:
+    """LagPolicy.END ends iteration at the next read after a loss, discarding what
+    was buffered, and the stream leaves its channel."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("k").on_lag(LagPolicy.END)
+    other = b.subscribe("k")
+    for i in range(3):
+        b.send("k", i)
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    assert stream.closed and stream.queued == 0 and stream.lagged == 1
+    assert b.subscriber_count("k") == 1
+    b.send("k", 9)
+    assert stream.queued == 0, "an ended stream must not receive items"
+    other.close()
+
+
+@async_test()
+async def test_lag_end_without_loss_reads_normally() -> None:
+    """LagPolicy.END changes nothing while no item was dropped."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("k").on_lag(LagPolicy.END)
+    b.send("k", 1)
+    b.send("k", 2)
+    assert [await anext(stream), await anext(stream)] == [1, 2]
+    stream.close()
+
+
+@async_test()
+async def test_on_lag_returns_the_stream_and_rejects_non_policies() -> None:
+    """on_lag() returns the same stream (for chaining) and needs a LagPolicy."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    assert stream.on_lag(LagPolicy.SKIP) is stream
+    with pytest.raises(TypeError, match=r"^policy must be a LagPolicy, not str$"):
+        stream.on_lag("skip")  # type: ignore[arg-type]  # the error under test
+    stream.close()
+
+
+@async_test()
+async def test_lagged_is_exact_under_every_policy() -> None:
+    """lagged grows by exactly one per dropped item, whatever the policy."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=3)
+    streams = {policy: b.subscribe("k").on_lag(policy) for policy in LagPolicy}
+    for i in range(10):
+        b.send("k", i)
+    assert {policy: s.lagged for policy, s in streams.items()} == {policy: 7 for policy in LagPolicy}
+    for s in streams.values():
+        s.close()
+
+
+# ---------------------------------------------------------------------------
+# BroadcastStream: ends and cleanup
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_stream_close_ends_iteration_and_leaves_the_registry() -> None:
+    """close() discards what is buffered, ends iteration and removes the channel
+    when it was the last stream."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    b.send("k", 1)
+    stream.close()
+    assert stream.closed and stream.queued == 0
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    assert "k" not in b and len(b) == 0
+    assert b.send("k", 2) == 0
+
+
+@async_test()
+async def test_stream_close_is_idempotent() -> None:
+    """Closing twice changes nothing and does not touch a newer channel of the key."""
+    b: Broadcaster[str, int] = Broadcaster()
+    old = b.subscribe("k")
+    old.close()
+    new = b.subscribe("k")
+    old.close()
+    assert b.subscriber_count("k") == 1
+    new.close()
+
+
+@async_test()
+async def test_stream_aclose_and_async_with_close_it() -> None:
+    """aclose() and leaving `async with` both close the stream."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("a")
+    await stream.aclose()
+    assert stream.closed and "a" not in b
+    async with b.subscribe("b") as inner:
+        assert isinstance(inner, BroadcastStream) and b.subscriber_count("b") == 1
+    assert inner.closed and "b" not in b
+
+
+@async_test()
+async def test_stream_close_wakes_a_blocked_reader() -> None:
+    """A task blocked in __anext__ ends with StopAsyncIteration when another task
+    closes the stream."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # let the reader block (it must not finish by itself)
+    assert not reader.done()
+    stream.close()
+    with pytest.raises(StopAsyncIteration):
+        await reader
+
+
+@async_test()
+async def test_stream_iterates_with_async_for_until_removed() -> None:
+    """`async for` yields the buffered items and stops after remove(key)."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    for i in range(3):
+        b.send("k", i)
+    b.remove("k")
+    assert [item async for item in stream] == [0, 1, 2]
+
+
+@async_test()
+async def test_garbage_collected_stream_leaves_the_registry_at_once() -> None:
+    """A stream dropped without close() is finalized by refcounting alone: the
+    channel entry is really gone, with no gc.collect() needed."""
+    b: Broadcaster[str, int] = Broadcaster()
+    gc.disable()
+    try:
+        stream = b.subscribe("k")
+        keep = b.subscribe("other")
+        del stream
+        assert "k" not in b and len(b) == 1 and b._channels.keys() == {"other"}
+    finally:
+        gc.enable()
+    keep.close()
+
+
+@async_test()
+async def test_garbage_collected_stream_in_a_cycle_leaves_after_collection() -> None:
+    """A stream kept only by a reference cycle of the user's leaves when the cycle
+    is collected."""
+    b: Broadcaster[str, int] = Broadcaster()
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.self = holder  # type: ignore[attr-defined]  # a deliberate cycle
+    holder.stream = b.subscribe("k")  # type: ignore[attr-defined]
+    del holder
+    assert "k" in b, "the cycle keeps the stream alive until collected"
+    gc.collect()
+    assert "k" not in b and len(b) == 0
+
+
+@async_test()
+async def test_stream_has_no_reference_cycle_and_registry_holds_no_stream() -> None:
+    """Dropping the last user reference frees the stream at once, even after it
+    was read from and lagged: nothing (registry, waiter, finalizer) keeps it."""
+    import weakref
+
+    b: Broadcaster[str, int] = Broadcaster(buffer=1)
+    stream = b.subscribe("k")
+    b.send("k", 1)
+    b.send("k", 2)
+    with pytest.raises(Lagged):
+        await anext(stream)
+    assert await anext(stream) == 2
+    ref = weakref.ref(stream)
+    gc.disable()
+    try:
+        del stream
+        assert ref() is None, f"the stream is still referenced by {gc.get_referrers(ref())}"
+        assert "k" not in b
+    finally:
+        gc.enable()
+
+
+@async_test()
+async def test_remove_drains_buffered_items_then_ends_and_forgets_the_key() -> None:
+    """remove(key) drops the channel at once; its streams yield what was already
+    delivered to them and then stop; a later subscribe gets a fresh channel."""
+    b: Broadcaster[str, int] = Broadcaster()
+    s1, s2 = b.subscribe("k"), b.subscribe("k")
+    b.send("k", 1)
+    b.send("k", 2)
+    b.remove("k")
+    assert "k" not in b and len(b) == 0 and b.subscriber_count("k") == 0
+    assert b.send("k", 3) == 0
+    fresh = b.subscribe("k")
+    assert b.subscriber_count("k") == 1
+    assert [x async for x in s1] == [1, 2]
+    assert [x async for x in s2] == [1, 2]
+    s1.close()
+    assert b.subscriber_count("k") == 1, "closing a removed stream must not touch the new channel"
+    b.send("k", 4)
+    assert await anext(fresh) == 4
+    fresh.close()
+
+
+@async_test()
+async def test_remove_wakes_a_blocked_reader() -> None:
+    """A reader blocked on an empty stream stops when its key is removed."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    b.remove("k")
+    with pytest.raises(StopAsyncIteration):
+        await reader
+
+
+@async_test()
+async def test_remove_of_an_unknown_key_does_nothing() -> None:
+    """remove() of a key without a channel is a no-op."""
+    b: Broadcaster[str, int] = Broadcaster()
+    keep = b.subscribe("a")
+    b.remove("b")
+    assert len(b) == 1 and not keep.closed
+    keep.close()
+
+
+@async_test()
+async def test_close_ends_every_stream_after_draining_and_is_final() -> None:
+    """close() empties the registry; every stream drains and stops; later
+    subscribes get ended streams and sends reach nobody."""
+    b: Broadcaster[str, int] = Broadcaster()
+    a, z = b.subscribe("a"), b.subscribe("z")
+    b.send("a", 1)
+    b.close()
+    b.close()
+    assert len(b) == 0 and repr(b) == "<Broadcaster closed channels=0 buffer=64>"
+    assert [x async for x in a] == [1]
+    assert [x async for x in z] == []
+    late = b.subscribe("a")
+    assert late.closed and "a" not in b and b.send("a", 2) == 0
+    assert [x async for x in late] == []
+
+
+@async_test()
+async def test_stream_properties_and_repr() -> None:
+    """key, queued, lagged, closed and repr describe the stream's state."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("room")
+    assert (stream.key, stream.queued, stream.lagged, stream.closed) == ("room", 0, 0, False)
+    assert repr(stream) == "<BroadcastStream key='room' open queued=0 lagged=0>"
+    for i in range(3):
+        b.send("room", i)
+    assert repr(stream) == "<BroadcastStream key='room' open queued=2 lagged=1>"
+    stream.close()
+    assert repr(stream) == "<BroadcastStream key='room' ended queued=0 lagged=1>"
+
+
+# ---------------------------------------------------------------------------
+# BroadcastStream: cancellation
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_cancelled_read_loses_nothing_and_leaves_the_stream_usable() -> None:
+    """Cancelling a task blocked in __anext__ removes nothing; the next read gets
+    the next item sent."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    b.send("k", 1)
+    assert await anext(stream) == 1
+    assert b.subscriber_count("k") == 1
+    stream.close()
+
+
+@async_test()
+async def test_item_delivered_to_a_reader_cancelled_before_it_ran_stays_queued() -> None:
+    """An item sent while the blocked reader is being cancelled stays in the
+    buffer: the waiter is only a wake-up, never a hand-over."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    b.send("k", 1)  # wakes the reader's waiter...
+    reader.cancel()  # ...but the reader is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert stream.queued == 1 and await anext(stream) == 1
+    stream.close()
+
+
+@async_test()
+async def test_wait_for_timeout_around_a_read_loses_nothing() -> None:
+    """asyncio.wait_for around __anext__ is safe: a timeout loses no item."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(anext(stream), 0.01)
+    b.send("k", 7)
+    assert await asyncio.wait_for(anext(stream), 1) == 7
+    stream.close()
+
+
+# ---------------------------------------------------------------------------
+# Threads and loops
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_send_from_another_thread_arrives_in_order() -> None:
+    """Items sent from a plain thread reach the loop's subscriber in that thread's order."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=1000)
+    stream = b.subscribe("k")
+    counts: list[int] = []
+    thread = threading.Thread(target=lambda: counts.extend(b.send("k", i) for i in range(500)))
+    thread.start()
+    got = [await anext(stream) for _ in range(500)]
+    thread.join()
+    assert got == list(range(500)) and counts == [1] * 500
+    stream.close()
+
+
+@async_test()
+async def test_send_from_another_thread_wakes_a_blocked_reader() -> None:
+    """A reader blocked on its loop wakes up for an item sent from another thread."""
+    b: Broadcaster[str, str] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    thread = threading.Thread(target=b.send, args=("k", "hello"))
+    thread.start()
+    assert await reader == "hello"
+    thread.join()
+    stream.close()
+
+
+def test_send_reaches_subscribers_on_two_loops_in_two_threads() -> None:
+    """One send() from a third thread reaches subscribers bound to two different
+    loops running in two threads."""
+    b: Broadcaster[str, int] = Broadcaster()
+    ready = threading.Barrier(3, timeout=5)
+    results: dict[str, list[int]] = {}
+
+    def consumer(name: str) -> None:
+        async def main() -> None:
+            stream = b.subscribe("k")
+            ready.wait()
+            results[name] = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
+            stream.close()
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=consumer, args=(n,)) for n in ("one", "two")]
+    for t in threads:
+        t.start()
+    ready.wait()
+    assert [b.send("k", i) for i in range(3)] == [2, 2, 2]
+    for t in threads:
+        t.join(5)
+    assert results == {"one": [0, 1, 2], "two": [0, 1, 2]}
+    assert len(b) == 0
+
+
+def test_send_skips_subscribers_of_a_closed_loop() -> None:
+    """A subscriber whose loop has closed cannot read: send() skips it and does not count it."""
+    b: Broadcaster[str, int] = Broadcaster()
+    holder: list[BroadcastStream[int]] = []
+
+    async def subscribe() -> None:
+        holder.append(b.subscribe("k"))
+
+    asyncio.run(subscribe())  # the loop is closed when run() returns
+    assert b.subscriber_count("k") == 1
+    assert b.send("k", 1) == 0
+    b.remove("k")  # ending streams of a closed loop is skipped too, without error
+    assert len(b) == 0
+    holder.clear()
+
+
+@async_test()
+async def test_remove_from_another_thread_ends_streams_after_draining() -> None:
+    """remove() called from a plain thread ends the loop's streams through the
+    loop, after the items that thread sent first."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+
+    def work() -> None:
+        b.send("k", 1)
+        b.send("k", 2)
+        b.remove("k")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert [x async for x in stream] == [1, 2]
+    thread.join()
+    assert len(b) == 0
+
+
+def test_concurrent_subscribe_close_and_send_from_many_threads_leave_no_channel() -> None:
+    """Four threads, each with its own loop, subscribe/read/close the same keys
+    while a fifth sends: afterwards the registry is empty and counts never lie."""
+    b: Broadcaster[int, int] = Broadcaster(buffer=4)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        async def main() -> None:
+            for i in range(300):
+                stream = b.subscribe(i % 3)
+                if i % 2:
+                    await asyncio.sleep(0)  # let deliveries from the sender arrive
+                    stream.close()
+                else:
+                    del stream  # leave by garbage collection
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    def send() -> None:
+        while not stop.is_set():
+            for key in range(3):
+                b.send(key, 1)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    workers = [threading.Thread(target=churn) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(20)
+    stop.set()
+    sender.join(5)
+    assert errors == []
+    assert len(b) == 0 and b._channels == {}, f"channels left behind: {b._channels}"
+
+
+@async_test()
+async def test_leave_while_the_lock_is_held_is_done_when_it_is_released() -> None:
+    """A stream finalized while this thread holds the registry lock (as the GC can
+    do at any allocation) does not deadlock: its leave is queued and done by the
+    holder on release."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    b._lock.acquire()
+    try:
+        del stream  # the finalizer runs here, inside the locked section
+        assert len(b._leaving) == 1 and b.subscriber_count("k") == 1
+    finally:
+        b._unlock()
+    assert "k" not in b and not b._leaving
+
+
+def test_leave_while_another_thread_holds_the_lock_is_done_by_that_thread() -> None:
+    """A leave on one thread while another thread holds the lock never blocks; the
+    holder does it before it releases."""
+    b: Broadcaster[str, int] = Broadcaster()
+    streams: list[BroadcastStream[int]] = []
+
+    async def subscribe() -> None:
+        streams.append(b.subscribe("k"))
+
+    asyncio.run(subscribe())
+    locked, leave_done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        b._lock.acquire()
+        locked.set()
+        leave_done.wait(5)
+        b._unlock()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    locked.wait(5)
+    streams.pop().close()  # must return at once although the lock is held
+    assert b.subscriber_count("k") == 1 and len(b._leaving) == 1, "the leave must wait for the holder"
+    leave_done.set()
+    thread.join(5)
+    assert "k" not in b and not b._leaving
+
+
+def test_leave_queued_between_drain_and_release_is_done_by_the_releaser() -> None:
+    """The race the unlock loop exists for: a leave that another thread queues after
+    the holder's last drain, but before its release, is still done by the holder."""
+    b: Broadcaster[str, int] = Broadcaster()
+    streams: list[BroadcastStream[int]] = []
+
+    async def subscribe() -> None:
+        streams.extend([b.subscribe("k"), b.subscribe("k")])
+
+    asyncio.run(subscribe())
+    late = streams.pop()._sub
+
+    class RacingLock:
+        """A lock whose first release lets a leave slip in just before it."""
+
+        def __init__(self) -> None:
+            self.inner = threading.Lock()
+            self.raced = False
+
+        def acquire(self, blocking: bool = True) -> bool:
+            return self.inner.acquire(blocking)
+
+        def release(self) -> None:
+            if not self.raced:
+                self.raced = True
+                b._leaving.append(late)  # as another thread's failed leave would
+            self.inner.release()
+
+    b._lock = RacingLock()  # type: ignore[assignment]  # a test double with the same protocol
+    streams.pop().close()
+    assert b._lock.raced and not b._leaving  # type: ignore[attr-defined]
+    assert "k" not in b, "the leave queued during the release was not done"
+
+
+@async_test()
+async def test_send_to_a_reader_cancelled_in_the_same_tick_keeps_the_item() -> None:
+    """send() to a stream whose blocked reader was just cancelled (its waiter is
+    cancelled but not yet cleared) queues the item without touching the waiter."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    reader.cancel()  # cancels the waiter future now; the reader runs its finally later
+    b.send("k", 1)
+    next_read = asyncio.ensure_future(anext(stream))
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert await next_read == 1
+    stream.close()
+
+
+@async_test()
+async def test_close_of_a_stream_whose_reader_was_just_cancelled() -> None:
+    """close() right after a blocked reader was cancelled ends the stream cleanly."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    reader.cancel()
+    stream.close()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert stream.closed and "k" not in b
+
+
+
+# ===========================================================================
+# Encoding and configuration: Event, SseConfig, last_event_id, replay
+# ===========================================================================
+#
+# Every frame is checked twice: by exact bytes (the encoder is a pure
+# function), and by what a conformant client makes of it, through the WHATWG
+# event-stream parser below (itself checked against the HTML Standard's
+# examples and the web-platform-tests ``eventsource/format-*`` streams).
+
+
+
+
+
+# ---------------------------------------------------------------------------
+# A WHATWG event-stream parser, the reference client of these tests
+# ---------------------------------------------------------------------------
+
+
+class SseMessage(NamedTuple):
+    """One dispatched ``MessageEvent``, as a browser's ``EventSource`` sees it."""
+
+    type: str
+    data: str
+    last_event_id: str
+
+
+@dataclasses.dataclass
+class SseParse:
+    """What a client made of a whole stream."""
+
+    events: list[SseMessage]
+    # The EventSource's "last event ID string" at the end (sent on reconnect).
+    last_event_id: str
+    # The reconnection time the stream set, or None if it set none.
+    retry: int | None
+
+
+_SSE_EOL = re.compile(r"\r\n|\r|\n")
+_SSE_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_event_stream(stream: bytes) -> SseParse:
+    """Interpret ``stream`` as the HTML Standard, §9.2.6 "Interpreting an event
+    stream" (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation),
+    prescribes for a web browser.
+
+    UTF-8 decode with replacement, one leading BOM removed (the "UTF-8 decode"
+    algorithm); lines end at CRLF, lone CR or lone LF, and a final line without
+    a line end is discarded with any pending event ("any pending data must be
+    discarded"); a line starting with ``:`` is a comment; otherwise the field
+    name is what precedes the first ``:`` (the whole line if none) and the value
+    what follows it, less one leading space. Fields: ``data`` appends value + LF
+    to the data buffer; ``event`` sets the event type buffer; ``id`` sets the
+    last event ID buffer unless the value contains NUL; ``retry`` sets the
+    reconnection time if the value is ASCII digits (an empty value is ignored,
+    as browsers do); others are ignored. A blank line dispatches: the last event
+    ID string becomes the buffer (which persists), an empty data buffer
+    dispatches nothing, else one trailing LF is removed and an event of the
+    buffered type (``message`` when empty) is fired; data and type buffers reset.
+    """
+    text = stream.decode("utf-8", errors="replace")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = _SSE_EOL.split(text)[:-1]  # the last piece has no line end
+    events: list[SseMessage] = []
+    data, event_type, id_buffer, last_id = "", "", "", ""
+    retry: int | None = None
+    for line in lines:
+        if line == "":
+            last_id = id_buffer
+            if data == "":
+                event_type = ""
+                continue
+            if data.endswith("\n"):
+                data = data[:-1]
+            events.append(SseMessage(event_type or "message", data, last_id))
+            data, event_type = "", ""
+            continue
+        if line.startswith(":"):
+            continue
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            data += value + "\n"
+        elif name == "event":
+            event_type = value
+        elif name == "id":
+            if "\x00" not in value:
+                id_buffer = value
+        elif name == "retry":
+            if _SSE_DIGITS.fullmatch(value):
+                retry = int(value)
+    return SseParse(events, last_id, retry)
+
+
+def _datas(stream: bytes) -> list[str]:
+    return [event.data for event in parse_event_stream(stream).events]
+
+
+def test_sse_parser_spec_example_joins_data_lines_with_lf() -> None:
+    """HTML Standard example: three data lines make one event "YHOO\\n+2\\n10"."""
+    parsed = parse_event_stream(b"data: YHOO\ndata: +2\ndata: 10\n\n")
+    assert parsed.events == [SseMessage("message", "YHOO\n+2\n10", "")], f"got {parsed.events}"
+
+
+def test_sse_parser_spec_example_ids_and_unterminated_event() -> None:
+    """HTML Standard example: id sets lastEventId, a bare ``id`` resets it, an event without a blank line is dropped."""
+    stream = b": test stream\n\ndata: first event\nid: 1\n\ndata:second event\nid\n\ndata:  third event\n"
+    parsed = parse_event_stream(stream)
+    assert parsed.events == [
+        SseMessage("message", "first event", "1"),
+        SseMessage("message", "second event", ""),
+    ], f"got {parsed.events}"
+
+
+def test_sse_parser_spec_example_bare_data_lines() -> None:
+    """HTML Standard example: ``data`` alone is an empty value; two make "\\n"; an unterminated one is dropped."""
+    assert _datas(b"data\n\ndata\ndata\n\ndata:") == ["", "\n"]
+
+
+def test_sse_parser_spec_example_removes_one_leading_space() -> None:
+    """HTML Standard example: ``data:test`` and ``data: test`` are the same event."""
+    assert _datas(b"data:test\n\ndata: test\n\n") == ["test", "test"]
+
+
+def test_sse_parser_wpt_field_parsing() -> None:
+    """WPT format-field-parsing: field names are exact and case-sensitive; only ``data`` lines count."""
+    stream = b"data:\x00\ndata:  2\rData:1\ndata\x00:2\ndata:1\r\x00data:4\nda-ta:3\rdata_5\ndata:3\rdata:\r\n data:32\ndata:4\n\n"
+    assert _datas(stream) == ["\x00\n 2\n1\n3\n\n4"]
+
+
+def test_sse_parser_wpt_comments() -> None:
+    """WPT format-comments: comment lines (holding NUL, CR-ended, long) never reach the data."""
+    long = b"x" * 2048
+    stream = b"data:1\r:\x00\n:\r\ndata:2\n:" + long + b"\rdata:3\n:data:fail\r:" + long + b"\ndata:4\n\n"
+    assert _datas(stream) == ["1\n2\n3\n4"]
+
+
+def test_sse_parser_wpt_leading_space_only_one_space_removed() -> None:
+    """WPT format-leading-space: one space is removed, a tab is kept."""
+    assert _datas(b"data:\ttest\rdata: \ndata:test\n\n") == ["\ttest\n\ntest"]
+
+
+def test_sse_parser_wpt_newlines_crlf_lf_cr_mixed() -> None:
+    """WPT format-newlines: CRLF, LF and CR end lines alike, even mixed in one stream."""
+    assert _datas(b"data:test\r\ndata\ndata:test\r\n\r") == ["test\n\ntest"]
+
+
+def test_sse_parser_wpt_bom_only_at_stream_start() -> None:
+    """WPT format-bom: a BOM is stripped at the start only; a later one spoils its line's field name."""
+    assert _datas(b"\xef\xbb\xbfdata:1\n\n\xef\xbb\xbfdata:2\n\ndata:3\n\n") == ["1", "3"]
+
+
+def test_sse_parser_wpt_only_one_bom_stripped() -> None:
+    """WPT format-bom-2: of two leading BOMs, the second spoils the first line."""
+    assert _datas(b"\xef\xbb\xbf\xef\xbb\xbfdata:1\n\ndata:2\n\ndata:3\n\n") == ["2", "3"]
+
+
+def test_sse_parser_wpt_null_character_in_data() -> None:
+    """WPT format-null-character: NUL is kept in data, and extra blank lines dispatch nothing."""
+    assert _datas(b"data:\x00\n\n\n\n") == ["\x00"]
+
+
+def test_sse_parser_wpt_unknown_fields_ignored() -> None:
+    """WPT format-field-unknown: unknown fields, leading-space names and comments are ignored."""
+    stream = b"data:test\n data\ndata\nfoobar:xxx\njustsometext\n:thisisacommentyay\ndata:test\n\n"
+    assert _datas(stream) == ["test\n\ntest"]
+
+
+def test_sse_parser_event_type_and_its_reset() -> None:
+    """WPT format-field-event(-empty): ``event`` sets the type for one event; an empty one means "message"."""
+    parsed = parse_event_stream(b"event:test\ndata:x\n\ndata:y\n\nevent: \ndata:z\n\n")
+    assert [event.type for event in parsed.events] == ["test", "message", "message"], f"got {parsed.events}"
+
+
+def test_sse_parser_last_event_id_persists_until_reset() -> None:
+    """WPT format-field-id(-2): the last event id carries over to later events until an empty id resets it."""
+    parsed = parse_event_stream(b"id:1\ndata:a\n\ndata:b\n\nid\ndata:c\n\n")
+    assert [event.last_event_id for event in parsed.events] == ["1", "1", ""], f"got {parsed.events}"
+
+
+def test_sse_parser_id_with_nul_ignored() -> None:
+    """WPT format-field-id-null: an id containing NUL is ignored, the previous one stays."""
+    parsed = parse_event_stream(b"id:1\ndata:a\n\nid:2\x003\ndata:b\n\n")
+    assert [event.last_event_id for event in parsed.events] == ["1", "1"], f"got {parsed.events}"
+
+
+def test_sse_parser_id_without_data_sets_last_event_id_only() -> None:
+    """A block with an id and no data fires nothing but sets the last event id string."""
+    parsed = parse_event_stream(b"id:7\n\n")
+    assert (parsed.events, parsed.last_event_id) == ([], "7"), f"got {parsed}"
+
+
+def test_sse_parser_unterminated_block_is_discarded() -> None:
+    """At end of stream a block without its blank line is dropped, id included."""
+    parsed = parse_event_stream(b"data:1\n\nid:5\ndata:2\n")
+    assert parsed == SseParse([SseMessage("message", "1", "")], "", None), f"got {parsed}"
+
+
+def test_sse_parser_wpt_retry_digits() -> None:
+    """WPT format-field-retry: ASCII digits set the reconnection time, leading zeros allowed."""
+    assert parse_event_stream(b"retry:03000\ndata:x\n\n").retry == 3000
+
+
+@pytest.mark.parametrize("bogus", [b"1000x", b"", b"  1", b"-1", b"1.5", b"1e3", "\u0663".encode()])
+def test_sse_parser_wpt_retry_bogus_ignored(bogus: bytes) -> None:
+    """WPT format-field-retry-bogus/-empty: a retry that is not only ASCII digits is ignored, and the event still fires."""
+    parsed = parse_event_stream(b"retry:3000\nretry:" + bogus + b"\ndata:x\n\n")
+    assert parsed == SseParse([SseMessage("message", "x", "")], "", 3000), f"got {parsed}"
+
+
+def test_sse_parser_wpt_utf8_and_replacement() -> None:
+    """WPT format-utf-8: UTF-8 is decoded; invalid bytes become U+FFFD."""
+    assert _datas("data:ok€\n\n".encode() + b"data:\xff\xfeok\n\n") == ["ok€", "\ufffd\ufffdok"]
+
+
+# ---------------------------------------------------------------------------
+# Event: exact frames
+# ---------------------------------------------------------------------------
+
+
+def test_event_data_only_frame() -> None:
+    """Data alone is one ``data:`` line and a blank line."""
+    assert Event("hello").encode() == b"data: hello\n\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "frame"),
+    [
+        ("a\r\nb", b"data: a\ndata: b\n\n"),
+        ("a\rb", b"data: a\ndata: b\n\n"),
+        ("a\nb", b"data: a\ndata: b\n\n"),
+        ("a\r\nb\rc\nd", b"data: a\ndata: b\ndata: c\ndata: d\n\n"),
+        ("a\n\rb", b"data: a\ndata: \ndata: b\n\n"),
+        ("a\r\r\nb", b"data: a\ndata: \ndata: b\n\n"),
+    ],
+)
+def test_event_data_split_on_crlf_cr_and_lf(data: str, frame: bytes) -> None:
+    """Data is split on CRLF (one break), lone CR and lone LF, one ``data:`` line each."""
+    assert Event(data).encode() == frame
+
+
+@pytest.mark.parametrize(
+    ("data", "frame"),
+    [
+        ("a\n", b"data: a\ndata: \n\n"),
+        ("a\r\n\r\n", b"data: a\ndata: \ndata: \n\n"),
+        ("\r", b"data: \ndata: \n\n"),
+    ],
+)
+def test_event_data_trailing_line_breaks_write_empty_data_lines(data: str, frame: bytes) -> None:
+    """Each trailing line break writes one more, empty, ``data:`` line."""
+    assert Event(data).encode() == frame
+
+
+def test_event_empty_data_writes_empty_data_line() -> None:
+    """``data=""`` writes ``data: `` so the event still fires."""
+    assert Event("").encode() == b"data: \n\n"
+
+
+def test_event_data_keeps_leading_spaces() -> None:
+    """Leading spaces survive: the separator space comes first."""
+    assert Event("  x").encode() == b"data:   x\n\n"
+
+
+def test_event_data_keeps_nul() -> None:
+    """NUL in data is written as is (browsers keep it)."""
+    assert Event("a\x00b").encode() == b"data: a\x00b\n\n"
+
+
+def test_event_data_unicode_and_other_separators_do_not_split() -> None:
+    """Non-ASCII is UTF-8, and U+2028, U+2029, NEL, VT, FF, FS (str.splitlines breaks) stay in one line."""
+    data = "é😀\u2028\u2029\x85\x0b\x0c\x1cend"
+    assert Event(data).encode() == ("data: " + data + "\n\n").encode("utf-8")
+
+
+def test_event_name_writes_event_line() -> None:
+    """``event`` writes an ``event:`` line before the data."""
+    assert Event("x", event="update").encode() == b"event: update\ndata: x\n\n"
+
+
+def test_event_empty_name_writes_no_event_line() -> None:
+    """``event=""`` writes no ``event:`` line."""
+    assert Event("x", event="").encode() == b"data: x\n\n"
+
+
+def test_event_id_writes_id_line() -> None:
+    """``id`` writes an ``id:`` line before the data."""
+    assert Event("x", id="42").encode() == b"id: 42\ndata: x\n\n"
+
+
+def test_event_empty_id_writes_empty_id_line() -> None:
+    """``id=""`` is legal and writes ``id: `` (it resets the client's last id)."""
+    assert Event(id="").encode() == b"id: \n\n"
+
+
+@pytest.mark.parametrize(("retry", "frame"), [(0, b"retry: 0\n\n"), (2500, b"retry: 2500\n\n")])
+def test_event_retry_writes_retry_line(retry: int, frame: bytes) -> None:
+    """``retry`` writes ``retry: N`` in decimal, 0 included."""
+    assert Event(retry=retry).encode() == frame
+
+
+def test_event_comment_single_line() -> None:
+    """A comment is written as ``: `` + text; alone it is a valid frame."""
+    assert Event(comment="hi").encode() == b": hi\n\n"
+
+
+def test_event_comment_multi_line() -> None:
+    """A multi-line comment writes one ``: `` line per line (CRLF, CR, LF)."""
+    assert Event(comment="a\nb\r\nc\rd").encode() == b": a\n: b\n: c\n: d\n\n"
+
+
+def test_event_empty_comment_writes_colon_space() -> None:
+    """``comment=""`` writes ``: ``."""
+    assert Event(comment="").encode() == b": \n\n"
+
+
+def test_event_comment_only_dispatches_nothing() -> None:
+    """A comment-only frame fires no event on the client and changes no state."""
+    assert parse_event_stream(Event(comment="keep\nalive").encode()) == SseParse([], "", None)
+
+
+def test_event_all_fields_in_documented_order() -> None:
+    """The order is comment, event, id, retry, data."""
+    event = Event("d1\nd2", event="e", id="7", retry=10, comment="c1\nc2")
+    assert event.encode() == b": c1\n: c2\nevent: e\nid: 7\nretry: 10\ndata: d1\ndata: d2\n\n"
+
+
+def test_event_encode_returns_the_same_bytes_object() -> None:
+    """encode() returns the frame computed at construction, not a new one per call."""
+    event = Event("x", id="1")
+    first = event.encode()
+    assert type(first) is bytes, f"encode() returned {type(first).__name__}"
+    assert event.encode() is first, "encode() built a new bytes object on the second call"
+
+
+# ---------------------------------------------------------------------------
+# Event: round trip through the WHATWG parser
+# ---------------------------------------------------------------------------
+
+_ROUND_TRIP_EVENTS = [
+    Event("hello"),
+    Event(""),
+    Event("a\r\nb\rc\nd"),
+    Event("a\n\rb"),
+    Event("trailing\n"),
+    Event("\n\n"),
+    Event("\r"),
+    Event("  leading spaces"),
+    Event(" "),
+    Event("a\x00b"),
+    Event("é 😀 \u2028 \u2029 \x85 \x0b \x0c"),
+    Event("\ufeffbom inside"),
+    Event(": not a comment"),
+    Event("data: nested\nid: 9"),
+    Event("x", event="update"),
+    Event("x", event=""),
+    Event("x", event=" spaced "),
+    Event("x", event="a:b"),
+    Event("x", event="é😀"),
+    Event("x", id="42"),
+    Event("x", id=""),
+    Event("x", id=" a: b é"),
+    Event("x", retry=0),
+    Event("x", retry=2500),
+    Event("x", comment="c\nd"),
+    Event("d1\r\nd2", event="e", id="7", retry=10, comment="c"),
+    Event.json({"k": ["é", 1.5, None], "s": "a\nb"}),
+]
+
+
+@pytest.mark.parametrize("event", _ROUND_TRIP_EVENTS, ids=repr)
+def test_event_round_trips_through_whatwg_parser(event: Event) -> None:
+    """A conformant client recovers the data (breaks as LF), type (or "message"), last id and retry."""
+    assert event.data is not None
+    parsed = parse_event_stream(event.encode())
+    expected = SseMessage(event.event or "message", re.sub(r"\r\n?", "\n", event.data), event.id or "")
+    assert parsed.events == [expected], f"{event!r} parsed as {parsed.events}"
+    assert parsed.retry == event.retry, f"{event!r} set retry {parsed.retry}"
+
+
+@pytest.mark.parametrize(
+    ("event", "parsed"),
+    [
+        (Event(id="9"), SseParse([], "9", None)),
+        (Event(id=" x"), SseParse([], " x", None)),
+        (Event(retry=5), SseParse([], "", 5)),
+        (Event(event="ignored"), SseParse([], "", None)),
+        (Event(comment="c"), SseParse([], "", None)),
+    ],
+    ids=repr,
+)
+def test_event_without_data_dispatches_nothing_but_sets_state(event: Event, parsed: SseParse) -> None:
+    """A data-less event fires nothing; its id and retry still reach the client."""
+    assert parse_event_stream(event.encode()) == parsed
+
+
+def test_event_stream_of_frames_parses_to_the_events() -> None:
+    """A whole body (first chunk, events, keep-alive, an id reset) parses to the events with their last ids."""
+    config = SseConfig(retry=2500, keep_alive_comment="ping")
+    body = b"".join(
+        [
+            config._first_chunk,
+            Event("a", id="1").encode(),
+            config._keep_alive_frame,
+            Event("b", event="tick").encode(),
+            Event(id="").encode(),
+            Event("c\r\nd").encode(),
+        ]
+    )
+    assert parse_event_stream(body) == SseParse(
+        [SseMessage("message", "a", "1"), SseMessage("tick", "b", "1"), SseMessage("message", "c\nd", "")],
+        "",
+        2500,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Event: bad input, identity and value semantics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["event", "id"])
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\r\nb", "a\x00b", "end\n"])
+def test_event_one_line_field_rejects_cr_lf_nul(field: str, value: Any) -> None:
+    """``event`` and ``id`` with CR, LF or NUL raise ValueError naming the field and value."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"{field} must not contain CR, LF or NUL: {value!r}") + "$"):
+        Event("x", **{field: value})
+
+
+@pytest.mark.parametrize(("retry", "kind"), [(True, "bool"), (False, "bool"), (1.0, "float"), ("1", "str")])
+def test_event_retry_wrong_type_is_type_error(retry: Any, kind: str) -> None:
+    """``retry`` must be an int: bool, float and str raise TypeError."""
+    with pytest.raises(TypeError, match=rf"^retry must be an int, not {kind}$"):
+        Event("x", retry=retry)
+
+
+def test_event_negative_retry_is_value_error() -> None:
+    """A negative ``retry`` raises ValueError."""
+    with pytest.raises(ValueError, match=r"^retry must be >= 0, got -1$"):
+        Event("x", retry=-1)
+
+
+@pytest.mark.parametrize("field", ["data", "comment", "event", "id"])
+@pytest.mark.parametrize(("value", "kind"), [(b"x", "bytes"), (1, "int"), (["x"], "list")])
+def test_event_text_field_wrong_type_is_type_error(field: str, value: Any, kind: str) -> None:
+    """``data``, ``comment``, ``event`` and ``id`` must be str: anything else raises TypeError."""
+    with pytest.raises(TypeError, match=rf"^{field} must be a str, not {kind}$"):
+        Event(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["data", "comment", "event", "id"])
+def test_event_lone_surrogate_is_value_error(field: str) -> None:
+    """A lone surrogate in any text field raises ValueError (never a replaced or corrupt frame)."""
+    with pytest.raises(ValueError, match=r"^Event contains a lone surrogate: '\\ud800'$"):
+        kwargs: dict[str, Any] = {field: "a\ud800b"}
+        Event(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"event": ""}, {"data": None, "event": "", "comment": None}], ids=repr)
+def test_event_without_any_field_is_value_error(kwargs: dict[str, Any]) -> None:
+    """An event that would write no field at all raises ValueError."""
+    message = r"^an Event needs at least one of data, event \(non-empty\), id, retry or comment$"
+    with pytest.raises(ValueError, match=message):
+        Event(**kwargs)
+
+
+def test_event_fields_after_data_are_keyword_only() -> None:
+    """Only ``data`` is positional: ``Event("x", "e")`` is a TypeError."""
+    args: Any = ("x", "e")
+    with pytest.raises(TypeError, match=r"__init__\(\) takes from 1 to 2 positional arguments but 3 were given$"):
+        Event(*args)
+
+
+@pytest.mark.parametrize("field", ["data", "event", "id", "retry", "comment"])
+def test_event_is_immutable(field: str) -> None:
+    """Assigning any field raises FrozenInstanceError and leaves the frame as it was."""
+    event = Event("x", event="e", id="1", retry=2, comment="c")
+    with pytest.raises(dataclasses.FrozenInstanceError, match=rf"^cannot assign to field '{field}'$"):
+        setattr(event, field, "y")
+    assert event.encode() == b": c\nevent: e\nid: 1\nretry: 2\ndata: x\n\n", "the frame changed after a refused assignment"
+
+
+def test_event_equal_by_fields() -> None:
+    """Events with the same fields are equal; any differing field makes them unequal."""
+    assert Event("x", event="e", id="1") == Event("x", event="e", id="1")
+    assert Event("x") != Event("x", id="1"), "an id did not count in equality"
+    assert Event("x") != Event("y"), "data did not count in equality"
+
+
+def test_event_equal_events_hash_equal() -> None:
+    """Equal events hash equal, so they dedupe in a set."""
+    a, b = Event("x", event="e", retry=3), Event("x", event="e", retry=3)
+    assert hash(a) == hash(b), "equal events hash differently"
+    assert len({a, b, Event("x")}) == 2
+
+
+def test_event_repr_shows_fields_not_frame() -> None:
+    """repr() lists the fields and leaves out the encoded frame."""
+    event = Event("x", id="1", comment="c")
+    assert repr(event) == "Event(data='x', event=None, id='1', retry=None, comment='c')"
+
+
+# ---------------------------------------------------------------------------
+# Event.json
+# ---------------------------------------------------------------------------
+
+
+def test_event_json_is_compact() -> None:
+    """Event.json writes compact JSON: no space after ``,`` or ``:``."""
+    event = Event.json({"a": 1, "b": [1, 2]})
+    assert (event.data, event.encode()) == ('{"a":1,"b":[1,2]}', b'data: {"a":1,"b":[1,2]}\n\n')
+
+
+def test_event_json_writes_non_ascii_raw() -> None:
+    """Event.json does not \\u-escape non-ASCII (ensure_ascii=False)."""
+    assert Event.json(["é", "😀"]).encode() == 'data: ["é","😀"]\n\n'.encode()
+
+
+def test_event_json_is_one_data_line() -> None:
+    """Line breaks inside strings are JSON escapes, so the frame has one data line."""
+    assert Event.json("a\nb\r").encode() == b'data: "a\\nb\\r"\n\n'
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), [1.0, float("nan")]], ids=repr)
+def test_event_json_rejects_nan_and_infinity(value: object) -> None:
+    """NaN and infinities are not JSON: ValueError (allow_nan=False)."""
+    with pytest.raises(ValueError, match=r"^Out of range float values are not JSON compliant"):
+        Event.json(value)
+
+
+def test_event_json_unserialisable_is_type_error() -> None:
+    """A value json cannot serialise raises TypeError."""
+    with pytest.raises(TypeError, match=r"^Object of type set is not JSON serializable$"):
+        Event.json({1, 2})
+
+
+def test_event_json_lone_surrogate_is_value_error() -> None:
+    """A lone surrogate in a JSON string is refused like any other lone surrogate."""
+    with pytest.raises(ValueError, match=r"^Event contains a lone surrogate: '\\udc80'$"):
+        Event.json("\udc80")
+
+
+def test_event_json_passes_event_id_retry() -> None:
+    """event, id and retry are passed through to the Event."""
+    assert Event.json([1], event="e", id="i", retry=3) == Event("[1]", event="e", id="i", retry=3)
+
+
+def test_event_json_validates_passed_fields() -> None:
+    """A bad id given to Event.json raises like Event's own validation."""
+    with pytest.raises(ValueError, match=r"^id must not contain CR, LF or NUL: 'a\\nb'$"):
+        Event.json(1, id="a\nb")
+
+
+def test_event_json_round_trips_through_parser_and_json_loads() -> None:
+    """json.loads of the data a client parses gives back the value."""
+    value = {"s": "line1\nline2\r\u2028 é 😀", "n": [1, 2.5, None, True, False], "o": {}}
+    (message,) = parse_event_stream(Event.json(value, event="state").encode()).events
+    assert (message.type, json.loads(message.data)) == ("state", value)
+
+
+# ---------------------------------------------------------------------------
+# SseConfig
+# ---------------------------------------------------------------------------
+
+_BASE_START = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def test_sse_config_defaults() -> None:
+    """Defaults: keep-alive every 15 s with an empty comment, no retry, 30 s send timeout, no headers."""
+    config = SseConfig()
+    fields = (config.keep_alive, config.keep_alive_comment, config.retry, config.send_timeout, config.headers)
+    assert fields == (15.0, "", None, 30.0, ()), f"defaults are {fields}"
+
+
+def test_sse_config_accepts_none_times() -> None:
+    """keep_alive=None and send_timeout=None disable them."""
+    config = SseConfig(keep_alive=None, send_timeout=None)
+    assert (config.keep_alive, config.send_timeout) == (None, None)
+
+
+@pytest.mark.parametrize("field", ["keep_alive", "send_timeout"])
+@pytest.mark.parametrize("value", [0, 0.0, -1, -0.5, float("nan"), float("inf")], ids=repr)
+def test_sse_config_time_not_positive_finite_is_value_error(field: str, value: Any) -> None:
+    """keep_alive and send_timeout must be > 0 and finite (never a busy loop)."""
+    message = f"{field} must be > 0 and finite (use None to disable), got {value!r}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        SseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["keep_alive", "send_timeout"])
+@pytest.mark.parametrize(("value", "kind"), [(True, "bool"), ("1", "str"), (b"1", "bytes")])
+def test_sse_config_time_wrong_type_is_type_error(field: str, value: Any, kind: str) -> None:
+    """keep_alive and send_timeout must be numbers: bool and str raise TypeError."""
+    with pytest.raises(TypeError, match=rf"^{field} must be a number of seconds or None, not {kind}$"):
+        SseConfig(**{field: value})
+
+
+@pytest.mark.parametrize("comment", ["a\rb", "a\nb", "\r\n"])
+def test_sse_config_keep_alive_comment_line_break_is_value_error(comment: str) -> None:
+    """keep_alive_comment with CR or LF raises ValueError."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"keep_alive_comment must not contain CR or LF: {comment!r}") + "$"):
+        SseConfig(keep_alive_comment=comment)
+
+
+@pytest.mark.parametrize(("comment", "kind"), [(None, "NoneType"), (b"ping", "bytes"), (1, "int")])
+def test_sse_config_keep_alive_comment_wrong_type_is_type_error(comment: Any, kind: str) -> None:
+    """keep_alive_comment must be a str."""
+    with pytest.raises(TypeError, match=rf"^keep_alive_comment must be a str, not {kind}$"):
+        SseConfig(keep_alive_comment=comment)
+
+
+def test_sse_config_keep_alive_comment_lone_surrogate_is_value_error() -> None:
+    """A lone surrogate in keep_alive_comment raises ValueError at construction."""
+    with pytest.raises(ValueError, match=r"^keep_alive_comment contains a lone surrogate: '\\ud800'$"):
+        SseConfig(keep_alive_comment="\ud800")
+
+
+@pytest.mark.parametrize(("retry", "kind"), [(True, "bool"), (2.5, "float"), ("1", "str")])
+def test_sse_config_retry_wrong_type_is_type_error(retry: Any, kind: str) -> None:
+    """SseConfig.retry must be an int: bool, float and str raise TypeError."""
+    with pytest.raises(TypeError, match=rf"^retry must be an int, not {kind}$"):
+        SseConfig(retry=retry)
+
+
+def test_sse_config_negative_retry_is_value_error() -> None:
+    """A negative SseConfig.retry raises ValueError."""
+    with pytest.raises(ValueError, match=r"^retry must be >= 0, got -5$"):
+        SseConfig(retry=-5)
+
+
+def test_sse_config_headers_not_a_tuple_is_type_error() -> None:
+    """headers must be a tuple (a list is refused: the config is immutable)."""
+    headers: Any = [("x-a", "1")]
+    with pytest.raises(TypeError, match=r"^headers must be a tuple of \(name, value\) pairs, not list$"):
+        SseConfig(headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("pair", "shown"),
+    [(("x-a",), "('x-a',)"), (("x-a", "1", "2"), "('x-a', '1', '2')"), (["x-a", "1"], "['x-a', '1']"), ("ab", "'ab'")],
+)
+def test_sse_config_header_not_a_pair_is_type_error(pair: Any, shown: str) -> None:
+    """Each header must be a (name, value) 2-tuple."""
+    with pytest.raises(TypeError, match="^" + re.escape(f"each header must be a (name, value) tuple, got {shown}") + "$"):
+        SseConfig(headers=(pair,))
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [((b"x-a", "1"), "header name must be a str, not bytes"), (("x-a", 1), "header value must be a str, not int")],
+)
+def test_sse_config_header_text_wrong_type_is_type_error(pair: Any, message: str) -> None:
+    """Header names and values must be str."""
+    with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+        SseConfig(headers=(pair,))
+
+
+@pytest.mark.parametrize("name", ["X-Custom", "x custom", "", "x:a", "é", "x-a\n"])
+def test_sse_config_header_name_not_lowercase_token_is_value_error(name: str) -> None:
+    """A header name must be a lowercase RFC 9110 token."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"header name must be a lowercase token: {name!r}") + "$"):
+        SseConfig(headers=((name, "v"),))
+
+
+@pytest.mark.parametrize("name", ["connection", "content-length", "transfer-encoding"])
+def test_sse_config_framing_header_is_value_error(name: str) -> None:
+    """Headers that frame the body are the server's: ValueError."""
+    message = f"header {name!r} is owned by the server and would corrupt the stream"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        SseConfig(headers=((name, "close"),))
+
+
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\r\nb", "a\x00b"])
+def test_sse_config_header_value_cr_lf_nul_is_value_error(value: str) -> None:
+    """A header value with CR, LF or NUL raises ValueError (no header injection)."""
+    message = f"header 'x-a' value must not contain CR, LF or NUL: {value!r}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        SseConfig(headers=(("x-a", value),))
+
+
+@pytest.mark.parametrize("value", ["a\x01b", "a\x1bb", "a\x7fb", "\x0b", "\x0c"])
+def test_sse_config_header_value_control_character_is_value_error(value: str) -> None:
+    """A header value with a control character other than HTAB raises ValueError:
+    RFC 9110 forbids it, and a server would refuse it mid-response."""
+    message = f"header 'x-a' value must not contain control characters: {value!r}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        SseConfig(headers=(("x-a", value),))
+
+
+@pytest.mark.parametrize("value", [" a", "a ", "\ta", "a\t"])
+def test_sse_config_header_value_edge_whitespace_is_value_error(value: str) -> None:
+    """A header value starting or ending with SP or HTAB raises ValueError (a
+    parser would strip it, so it would not arrive as given)."""
+    message = f"header 'x-a' value must not start or end with whitespace: {value!r}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        SseConfig(headers=(("x-a", value),))
+
+
+def test_sse_config_header_value_inner_tab_and_empty_value_are_allowed() -> None:
+    """HTAB inside a value and an empty value are valid field values."""
+    config = SseConfig(headers=(("x-a", "a\tb"), ("x-b", "")))
+    assert list(config._start)[-2:] == [(b"x-a", b"a\tb"), (b"x-b", b"")]
+
+
+@pytest.mark.parametrize("value", ["€", "😀", "\ud800"])
+def test_sse_config_header_value_not_latin1_is_value_error(value: str) -> None:
+    """A header value that latin-1 cannot encode raises ValueError."""
+    with pytest.raises(ValueError, match="^" + re.escape(f"header 'x-a' value must be latin-1: {value!r}") + "$"):
+        SseConfig(headers=(("x-a", value),))
+
+
+@pytest.mark.parametrize("field", ["keep_alive", "keep_alive_comment", "retry", "send_timeout", "headers"])
+def test_sse_config_is_frozen(field: str) -> None:
+    """Assigning any SseConfig field raises FrozenInstanceError."""
+    config = SseConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError, match=rf"^cannot assign to field '{field}'$"):
+        setattr(config, field, None)
+
+
+@pytest.mark.parametrize(("retry", "chunk"), [(None, b":\n\n"), (0, b"retry: 0\n\n"), (2500, b"retry: 2500\n\n")])
+def test_sse_config_first_chunk(retry: int | None, chunk: bytes) -> None:
+    """The first body chunk is ``:\\n\\n``, or ``retry: N\\n\\n`` when retry is set."""
+    assert SseConfig(retry=retry)._first_chunk == chunk
+
+
+@pytest.mark.parametrize(("comment", "frame"), [("", b":\n\n"), ("ping", b": ping\n\n"), ("é", ": é\n\n".encode())])
+def test_sse_config_keep_alive_frame(comment: str, frame: bytes) -> None:
+    """The keep-alive frame is ``:\\n\\n``, or ``: text\\n\\n`` with a comment (UTF-8)."""
+    assert SseConfig(keep_alive_comment=comment)._keep_alive_frame == frame
+
+
+def test_sse_config_start_headers_default() -> None:
+    """Without extras the start headers are exactly the three built-in ones."""
+    assert list(SseConfig()._start) == _BASE_START
+
+
+def test_sse_config_start_headers_extras_in_order() -> None:
+    """Extra headers follow the built-in ones in the given order, values latin-1 encoded, duplicates kept."""
+    config = SseConfig(headers=(("x-b", "2"), ("x-a", "é"), ("set-cookie", "a=1"), ("set-cookie", "b=2")))
+    assert list(config._start) == [*_BASE_START, (b"x-b", b"2"), (b"x-a", b"\xe9"), (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]
+
+
+def test_sse_config_user_header_replaces_built_in() -> None:
+    """A user header named like a built-in one replaces it (no duplicate name)."""
+    config = SseConfig(headers=(("cache-control", "no-store"), ("x-a", "1"), ("content-type", "text/event-stream")))
+    assert list(config._start) == [
+        (b"x-accel-buffering", b"no"),
+        (b"cache-control", b"no-store"),
+        (b"x-a", b"1"),
+        (b"content-type", b"text/event-stream"),
+    ]
+
+
+@async_test()
+async def test_sse_config_start_headers_not_shared_between_responses() -> None:
+    """A middleware editing one response's header list in place (as Starlette's MutableHeaders(raw=...) does) leaves later responses alone."""
+
+    async def no_events() -> AsyncIterator[Event]:
+        return
+        yield
+
+    b: Broadcaster[str, int] = Broadcaster(config=SseConfig(keep_alive=None, headers=(("x-a", "1"),)))
+    expected = [*_BASE_START, (b"x-a", b"1")]
+    first = AsgiPeer()
+
+    async def editing_send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"].append((b"vary", b"accept-encoding"))
+        await first.send(dict(message))
+
+    await b.response(no_events())(first.scope, first.receive, editing_send)
+    assert first.ended, f"the first response did not end cleanly: {first.sent}"
+    second = AsgiPeer()
+
+    async def plain_send(message: MutableMapping[str, Any]) -> None:
+        await second.send(dict(message))
+
+    await b.response(no_events())(second.scope, second.receive, plain_send)
+    assert second.start["headers"] == expected, f"the first response's edit leaked: {second.start['headers']}"
+
+
+# ---------------------------------------------------------------------------
+# last_event_id(scope)
+# ---------------------------------------------------------------------------
+
+
+def _lei_scope(header: bytes | None = None, query: bytes = b"") -> dict[str, Any]:
+    headers = [(b"accept", b"text/event-stream")]
+    if header is not None:
+        headers.append((b"last-event-id", header))
+    return {"type": "http", "method": "GET", "headers": headers, "query_string": query}
+
+
+def test_last_event_id_from_header() -> None:
+    """The Last-Event-ID header value is returned."""
+    assert last_event_id(_lei_scope(b"42")) == "42"
+
+
+def test_last_event_id_header_decoded_as_utf8() -> None:
+    """The header is decoded as UTF-8, not latin-1."""
+    assert last_event_id(_lei_scope("é😀".encode())) == "é😀"
+
+
+def test_last_event_id_header_wins_over_query() -> None:
+    """When both are present the header wins."""
+    assert last_event_id(_lei_scope(b"from-header", b"last_event_id=from-query")) == "from-header"
+
+
+def test_last_event_id_from_query_when_header_absent() -> None:
+    """Without the header, the ``last_event_id`` query parameter is used, percent-decoded."""
+    assert last_event_id(_lei_scope(query=b"a=1&last_event_id=a%20b%C3%A9&b=2")) == "a bé"
+
+
+@pytest.mark.parametrize("header", [b"", b"\xff\xfe", b"\xc3"], ids=repr)
+def test_last_event_id_empty_or_undecodable_header_falls_back_to_query(header: bytes) -> None:
+    """An empty or non-UTF-8 header is ignored in favour of the query parameter."""
+    assert last_event_id(_lei_scope(header, b"last_event_id=q")) == "q"
+
+
+@pytest.mark.parametrize("header", [b"", b"\xff"], ids=repr)
+def test_last_event_id_empty_or_undecodable_header_alone_is_none(header: bytes) -> None:
+    """An empty or non-UTF-8 header with no query parameter gives None."""
+    assert last_event_id(_lei_scope(header)) is None
+
+
+def test_last_event_id_nothing_is_none() -> None:
+    """No header and no query parameter gives None."""
+    assert last_event_id(_lei_scope(query=b"a=1")) is None
+
+
+@pytest.mark.parametrize("query", [b"last_event_id=", b"last_event_id", b"last_event_id=&x=1"], ids=repr)
+def test_last_event_id_empty_query_value_is_none(query: bytes) -> None:
+    """An empty ``last_event_id`` query value gives None, not ""."""
+    assert last_event_id(_lei_scope(query=query)) is None
+
+
+@pytest.mark.parametrize("query", [b"last_event_id=%ff", b"last_event_id=%C3", b"last_event_id=a%80b"], ids=repr)
+def test_last_event_id_query_not_utf8_is_none(query: bytes) -> None:
+    """A percent-encoded query value that is not UTF-8 gives None."""
+    assert last_event_id(_lei_scope(query=query)) is None
+
+
+def test_last_event_id_undecodable_other_parameter_does_not_hide_it() -> None:
+    """A non-UTF-8 value in another query parameter does not hide a valid ``last_event_id``."""
+    assert last_event_id(_lei_scope(query=b"utm=%E9t%E9&last_event_id=5")) == "5"
+
+
+def test_last_event_id_scope_without_headers_or_query() -> None:
+    """A scope with neither ``headers`` nor ``query_string`` gives None."""
+    assert last_event_id({"type": "http"}) is None
+
+
+# ---------------------------------------------------------------------------
+# replay(items, live)
+# ---------------------------------------------------------------------------
+
+
+class _RecordingLive:
+    """An async iterator over fixed items that counts its aclose() calls."""
+
+    def __init__(self, items: Iterable[str]) -> None:
+        self._items = iter(items)
+        self.aclosed = 0
+
+    def __aiter__(self) -> _RecordingLive:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        self.aclosed += 1
+
+
+async def _drain(iterator: AsyncIterator[str]) -> list[str]:
+    return [item async for item in iterator]
+
+
+@async_test()
+async def test_replay_yields_items_then_live() -> None:
+    """A plain list is yielded first, then everything from live."""
+    assert await _drain(replay(["a", "b"], _RecordingLive(["c", "d"]))) == ["a", "b", "c", "d"]
+
+
+@async_test()
+async def test_replay_accepts_async_items() -> None:
+    """Items may be an async iterable (an async generator)."""
+
+    async def missed() -> AsyncIterator[str]:
+        yield "a"
+        yield "b"
+
+    assert await _drain(replay(missed(), _RecordingLive(["c"]))) == ["a", "b", "c"]
+
+
+@async_test()
+async def test_replay_without_live_ends_after_items() -> None:
+    """With live=None iteration ends after the items."""
+    assert await _drain(replay(iter(["a", "b"]))) == ["a", "b"]
+
+
+@async_test()
+async def test_replay_aclose_before_iteration_closes_live() -> None:
+    """aclose() closes live even when iteration never started."""
+    live = _RecordingLive(["x"])
+    await replay(["a"], live).aclose()
+    assert live.aclosed == 1, f"live was aclosed {live.aclosed} times"
+
+
+@async_test()
+async def test_replay_aclose_is_idempotent() -> None:
+    """A second aclose() closes nothing again."""
+    live = _RecordingLive(["x"])
+    stream = replay(["a"], live)
+    await stream.aclose()
+    await stream.aclose()
+    assert live.aclosed == 1, f"live was aclosed {live.aclosed} times"
+
+
+@async_test()
+async def test_replay_aclose_unsubscribes_a_broadcast_stream() -> None:
+    """aclose() before iteration ends a real subscription: the channel is gone."""
+    b: Broadcaster[str, str] = Broadcaster()
+    resumed = replay(["old"], b.subscribe("room"))
+    assert b.subscriber_count("room") == 1
+    await resumed.aclose()
+    assert (b.subscriber_count("room"), "room" in b) == (0, False), "the subscription outlived aclose()"
+
+
+@async_test()
+async def test_replay_delivers_what_was_sent_after_subscribe() -> None:
+    """Subscribe, load, replay: items sent between subscribing and replaying follow the replayed ones."""
+    b: Broadcaster[str, str] = Broadcaster()
+    stream = b.subscribe("room")
+    b.send("room", "new1")
+    async with replay(["old1", "old2"], stream) as resumed:
+        b.send("room", "new2")
+        got = [await anext(resumed) for _ in range(4)]
+    assert got == ["old1", "old2", "new1", "new2"]
+
+
+@async_test()
+async def test_replay_aclose_runs_finally_of_unfinished_async_items() -> None:
+    """aclose() closes a started async-generator ``items``: its finally runs."""
+    log: list[str] = []
+
+    async def missed() -> AsyncIterator[str]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            log.append("finally")
+
+    live = _RecordingLive(["c"])
+    resumed = replay(missed(), live)
+    assert await anext(resumed) == "a"
+    await resumed.aclose()
+    assert (log, live.aclosed) == (["finally"], 1), f"log={log} live.aclosed={live.aclosed}"
+
+
+@async_test()
+async def test_replay_aclose_closes_unfinished_sync_generator_items() -> None:
+    """aclose() closes a started plain generator ``items``: its finally runs."""
+    log: list[str] = []
+
+    def missed() -> Iterator[str]:
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            log.append("finally")
+
+    resumed = replay(missed())
+    assert await anext(resumed) == "a"
+    await resumed.aclose()
+    assert log == ["finally"], "the generator's finally did not run"
+
+
+class _SizedIterator:
+    """A plain iterator that reports how many items remain (``len``) and records close()."""
+
+    def __init__(self, items: list[str]) -> None:
+        self._items = items
+        self.closed = False
+
+    def __iter__(self) -> _SizedIterator:
+        return self
+
+    def __next__(self) -> str:
+        if not self._items:
+            raise StopIteration
+        return self._items.pop(0)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@async_test()
+async def test_replay_aclose_closes_items_that_test_false() -> None:
+    """aclose() closes ``items`` even when it is falsy (a sized iterator with nothing left to yield)."""
+    items = _SizedIterator(["a"])
+    resumed = replay(items, _RecordingLive(["b"]))
+    assert await anext(resumed) == "a"
+    await resumed.aclose()
+    assert items.closed, "items was not closed because bool(items) is False"
+
+
+@async_test()
+async def test_replay_aclose_closes_live_when_items_close_raises() -> None:
+    """If closing ``items`` raises, live is closed anyway and the error propagates."""
+
+    async def missed() -> AsyncIterator[str]:
+        try:
+            yield "a"
+        finally:
+            raise RuntimeError("items cleanup failed")
+
+    live = _RecordingLive(["b"])
+    resumed = replay(missed(), live)
+    assert await anext(resumed) == "a"
+    with pytest.raises(RuntimeError, match=r"^items cleanup failed$"):
+        await resumed.aclose()
+    assert live.aclosed == 1, "live was not closed after items' close raised"
+
+
+@async_test()
+async def test_replay_stops_after_aclose() -> None:
+    """After aclose() iteration stops, even with items and live left."""
+    resumed = replay(["a", "b"], _RecordingLive(["c"]))
+    assert await anext(resumed) == "a"
+    await resumed.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await anext(resumed)
+
+
+@async_test()
+async def test_replay_aclose_ends_a_read_waiting_on_live() -> None:
+    """A reader blocked on an empty live stream ends (StopAsyncIteration) when the replay is closed."""
+    b: Broadcaster[str, str] = Broadcaster()
+    resumed = replay([], b.subscribe("room"))
+    reader = asyncio.ensure_future(anext(resumed))
+    await asyncio.sleep(0)
+    assert not reader.done(), "the read did not wait for live"
+    await resumed.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await reader
+
+
+@async_test()
+async def test_replay_async_with_closes_on_exit() -> None:
+    """Leaving ``async with`` closes live, also on an exception."""
+    live = _RecordingLive(["b"])
+    with pytest.raises(KeyError):
+        async with replay(["a"], live) as resumed:
+            assert await anext(resumed) == "a"
+            raise KeyError("boom")
+    assert live.aclosed == 1, "leaving async with did not close live"

@@ -1,0 +1,43 @@
+"""The project's static promises, checked by the test suite itself so that the
+README's one test command covers them: mypy --strict is clean, and
+test_broadcaster.py alone covers 100% of broadcaster.py's lines and branches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def test_mypy_strict_is_clean() -> None:
+    """mypy --strict passes on the module, its unit tests, the examples and these tests."""
+    targets = ["broadcaster.py", "test_broadcaster.py", "tests"]
+    if (ROOT / "examples").is_dir():
+        targets.append("examples")
+    result = run("-m", "mypy", "--strict", "--no-incremental", *targets)
+    assert result.returncode == 0, f"mypy --strict failed:\n{result.stdout}{result.stderr}"
+    assert result.stdout.startswith("Success: no issues found"), result.stdout
+
+
+def test_unit_tests_alone_cover_every_line_and_branch(tmp_path: Path) -> None:
+    """coverage.py in branch mode, running test_broadcaster.py only, reports 100%
+    of broadcaster.py."""
+    env = {**os.environ, "COVERAGE_FILE": str(tmp_path / "coverage.data")}
+    ran = run(
+        "-m", "coverage", "run", "--branch", "--include=broadcaster.py",
+        "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_broadcaster.py",
+        env=env,
+    )  # fmt: skip
+    assert ran.returncode == 0, f"test_broadcaster.py failed under coverage:\n{ran.stdout[-5000:]}{ran.stderr[-5000:]}"
+    report = run("-m", "coverage", "report", "--show-missing", "--fail-under=100", env=env)
+    assert report.returncode == 0, f"coverage of broadcaster.py is below 100%:\n{report.stdout}{report.stderr}"
+    assert "broadcaster.py" in report.stdout and "100%" in report.stdout, report.stdout
