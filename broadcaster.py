@@ -995,12 +995,20 @@ class _ChannelSource:
         return await self._sender._get()
 
     async def _run(self) -> None:
+        error: BaseException | None = None
         try:
             await self._fn(self._sender)
         except Exception as exc:
-            self._sender._finish(exc)
-        else:
-            self._sender._finish(None)
+            error = exc
+        except BaseException as exc:
+            # A closure that ends by a cancellation it did not get from us (it
+            # awaited something that was cancelled) still ends the response.
+            if not self._sender._closed:
+                error = RuntimeError(f"the channel closure exited with {exc!r}")
+                error.__cause__ = exc
+            raise
+        finally:
+            self._sender._finish(error)
 
     async def aclose(self) -> None:
         sender = self._sender
@@ -1089,7 +1097,7 @@ class _SseApp:
             if timeout is None:
                 await send(message)
             else:
-                await asyncio.wait_for(send(message), timeout)
+                await _within(timeout, send(message))
         except asyncio.TimeoutError:
             logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
             return False
@@ -1186,6 +1194,26 @@ class _SseApp:
                     return False
                 writes.sending_since = None
                 writes.last_write = loop.time()
+
+
+async def _within(timeout: float, awaitable: Awaitable[None]) -> None:
+    """Await ``awaitable`` in a task of its own for at most ``timeout`` seconds;
+    raise ``asyncio.TimeoutError`` (after cancelling it) past that.
+
+    Not ``asyncio.wait_for``: on Python 3.10 and 3.11 it swallows a cancellation
+    of the caller that arrives as the inner await completes (bpo-42130), and a
+    server cancelling a response must always win.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    if not done:
+        raise asyncio.TimeoutError
+    task.result()
 
 
 async def _watch(receive: Receive) -> None:

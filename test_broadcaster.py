@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, MutableMapping
 from typing import Any, NamedTuple
 
 import pytest
@@ -930,7 +930,6 @@ async def test_close_of_a_stream_whose_reader_was_just_cancelled() -> None:
     assert stream.closed and "k" not in b
 
 
-
 # ===========================================================================
 # Encoding and configuration: Event, SseConfig, last_event_id, replay
 # ===========================================================================
@@ -939,9 +938,6 @@ async def test_close_of_a_stream_whose_reader_was_just_cancelled() -> None:
 # function), and by what a conformant client makes of it, through the WHATWG
 # event-stream parser below (itself checked against the HTML Standard's
 # examples and the web-platform-tests ``eventsource/format-*`` streams).
-
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -2000,3 +1996,1273 @@ async def test_replay_async_with_closes_on_exit() -> None:
             assert await anext(resumed) == "a"
             raise KeyError("boom")
     assert live.aclosed == 1, "leaving async with did not close live"
+
+
+# ---------------------------------------------------------------------------
+# ASGI layer: helpers
+# ---------------------------------------------------------------------------
+
+AsgiMessage = dict[str, Any]
+AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+ASGI_SSE_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+# The first chunk (no retry configured) and the default keep-alive frame.
+ASGI_EMPTY_COMMENT = b":\n\n"
+
+
+def asgi_start(headers: Iterable[tuple[bytes, bytes]] = ASGI_SSE_HEADERS) -> AsgiMessage:
+    """The http.response.start message an SSE response must send."""
+    return {"type": "http.response.start", "status": 200, "headers": list(headers)}
+
+
+def asgi_body(body: bytes, more_body: bool = True) -> AsgiMessage:
+    """An http.response.body message."""
+    return {"type": "http.response.body", "body": body, "more_body": more_body}
+
+
+ASGI_FIRST = asgi_body(ASGI_EMPTY_COMMENT)
+ASGI_FINAL = asgi_body(b"", more_body=False)
+
+
+def asgi_serve(
+    app: AsgiApp,
+    peer: AsgiPeer,
+    send: Callable[[AsgiMessage], Awaitable[None]] | None = None,
+    receive: Callable[[], Awaitable[AsgiMessage]] | None = None,
+) -> asyncio.Task[None]:
+    """Run ``app`` against ``peer`` (or the given send/receive) in a task, as a server does."""
+    coro = app(peer.scope, peer.receive if receive is None else receive, peer.send if send is None else send)
+
+    async def run() -> None:
+        await coro
+
+    return asyncio.get_running_loop().create_task(run())
+
+
+async def asgi_call(app: AsgiApp, peer: AsgiPeer, scope: dict[str, Any] | None = None) -> None:
+    """Await ``app`` against ``peer`` (with ``scope`` instead of the peer's, if given)."""
+    await app(peer.scope if scope is None else scope, peer.receive, peer.send)
+
+
+async def asgi_ended(task: asyncio.Task[None], within: float = 3.0) -> None:
+    """Wait for the app's task to return (re-raising its error), at most ``within`` s."""
+    done, _ = await asyncio.wait((task,), timeout=within)
+    assert done, f"the response did not end within {within} s"
+    task.result()
+
+
+def asgi_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Every record at ERROR or above, from any logger (asyncio's included)."""
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def asgi_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    """The records of the ``broadcaster`` logger at exactly ``level``."""
+    return [r for r in caplog.records if r.name == "broadcaster" and r.levelno == level]
+
+
+class AsgiRecordingSource:
+    """An event source that records the calls made to it. It yields ``items``
+    (raising those that are exceptions), then waits forever if ``wait`` else ends."""
+
+    def __init__(self, items: Iterable[Event | Exception] = (), *, wait: bool = False) -> None:
+        self.items = list(items)
+        self.wait = wait
+        self.calls: list[str] = []
+
+    def __aiter__(self) -> AsgiRecordingSource:
+        return self
+
+    async def __anext__(self) -> Event:
+        self.calls.append("__anext__")
+        if self.items:
+            item = self.items.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+        if self.wait:
+            await asyncio.get_running_loop().create_future()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.calls.append("aclose")
+
+
+def asgi_watched_receive(peer: AsgiPeer) -> tuple[Callable[[], Awaitable[AsgiMessage]], asyncio.Event]:
+    """A receive() forwarding to ``peer``, and an event set at its first call:
+    then the response is streaming (its disconnect watcher runs)."""
+    called = asyncio.Event()
+
+    async def receive() -> AsgiMessage:
+        called.set()
+        return await peer.receive()
+
+    return receive, called
+
+
+class AsgiStampedSend:
+    """A send() that forwards to ``peer`` and records the loop time of each body."""
+
+    def __init__(self, peer: AsgiPeer) -> None:
+        self.peer = peer
+        self.stamps: list[tuple[float, bytes]] = []
+
+    async def __call__(self, message: AsgiMessage) -> None:
+        await self.peer.send(message)
+        if message["type"] == "http.response.body":
+            self.stamps.append((asyncio.get_running_loop().time(), message["body"]))
+
+
+# ---------------------------------------------------------------------------
+# response(): the start message and the first chunk
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_response_start_message_has_exactly_the_sse_headers() -> None:
+    """The start message is status 200 with exactly the three SSE headers."""
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().response(AsgiRecordingSource()), peer)
+    assert peer.sent[0] == asgi_start(), f"wrong start message: {peer.sent[0]}"
+
+
+@async_test()
+async def test_response_start_message_appends_config_headers() -> None:
+    """SseConfig.headers are added after the built-in headers, names and values as bytes."""
+    config = SseConfig(headers=(("x-request-id", "42"), ("access-control-allow-origin", "*")))
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event](config=config).response(AsgiRecordingSource()), peer)
+    expected = asgi_start([*ASGI_SSE_HEADERS, (b"x-request-id", b"42"), (b"access-control-allow-origin", b"*")])
+    assert peer.start == expected, f"config headers not appended: {peer.start['headers']}"
+
+
+@async_test()
+async def test_response_config_header_replaces_a_builtin_header() -> None:
+    """A config header named like a built-in one replaces it: the name appears once."""
+    config = SseConfig(headers=(("cache-control", "no-store"),))
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event](config=config).response(AsgiRecordingSource()), peer)
+    expected = asgi_start(
+        [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"x-accel-buffering", b"no"),
+            (b"cache-control", b"no-store"),
+        ]
+    )
+    assert peer.start == expected, f"cache-control not replaced: {peer.start['headers']}"
+
+
+@pytest.mark.parametrize("name", ["connection", "transfer-encoding", "content-length"])
+def test_response_framing_headers_cannot_be_configured(name: str) -> None:
+    """A framing header in SseConfig.headers is refused, so it never reaches the wire."""
+    with pytest.raises(ValueError, match=rf"^header '{name}' is owned by the server and would corrupt the stream$"):
+        SseConfig(headers=((name, "x"),))
+
+
+@async_test()
+async def test_response_start_headers_are_not_shared_between_responses() -> None:
+    """Editing one response's header list in place leaves the next response's headers intact."""
+    # Starlette's GZipMiddleware edits message["headers"] in place (MutableHeaders(raw=...)).
+    b: Broadcaster[str, Event] = Broadcaster()
+    first = AsgiPeer()
+    await asgi_call(b.response(AsgiRecordingSource()), first)
+    first.start["headers"].append((b"content-encoding", b"gzip"))
+    second = AsgiPeer()
+    await asgi_call(b.response(AsgiRecordingSource()), second)
+    assert second.start == asgi_start(), f"an earlier response's edit leaked into this one: {second.start['headers']}"
+
+
+@async_test()
+async def test_response_first_chunk_is_an_empty_comment_before_any_event() -> None:
+    """Right after start comes b":\\n\\n" with more_body, even when an event is already waiting."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    event = Event("ready")
+    b.send("k", event)
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(2)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode())], f"wrong message order: {peer.sent}"
+
+
+@async_test()
+async def test_response_first_chunk_is_the_retry_frame_when_configured() -> None:
+    """With SseConfig(retry=3000) the first chunk is b"retry: 3000\\n\\n" with more_body."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(retry=3000))
+    event = Event("x")
+    peer = AsgiPeer()
+    await asgi_call(b.response(AsgiRecordingSource([event])), peer)
+    expected = [asgi_start(), asgi_body(b"retry: 3000\n\n"), asgi_body(event.encode()), ASGI_FINAL]
+    assert peer.sent == expected, f"retry frame not first: {peer.sent}"
+
+
+# ---------------------------------------------------------------------------
+# response(): events and the end of the source
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_response_writes_each_stream_event_as_one_body_message() -> None:
+    """Events sent before and after the response started arrive as one body message each, in order."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    events = [Event("one", id="1"), Event("two\nlines", event="multi"), Event(comment="note"), Event.json({"n": 4})]
+    b.send("k", events[0])
+    b.send("k", events[1])
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(3)
+    b.send("k", events[2])
+    b.send("k", events[3])
+    await peer.wait_for_bodies(5)
+    b.remove("k")
+    await asgi_ended(task)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+    assert peer.bodies[1:5] == [
+        b"id: 1\ndata: one\n\n",
+        b"event: multi\ndata: two\ndata: lines\n\n",
+        b": note\n\n",
+        b'data: {"n":4}\n\n',
+    ], "the frames on the wire are not the events' exact bytes"
+
+
+@async_test()
+async def test_response_streams_a_plain_async_generator() -> None:
+    """A plain async generator of events is streamed in order, then ends with the final chunk."""
+    events = [Event("a"), Event("b", id="2"), Event("c", event="e")]
+
+    async def source() -> AsyncIterator[Event]:
+        for event in events:
+            yield event
+
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().response(source()), peer)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+@async_test()
+async def test_response_exhausted_source_ends_with_one_final_message() -> None:
+    """An exhausted source gives one {body b"", more_body False} and nothing after it."""
+    event = Event("only")
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().response(AsgiRecordingSource([event])), peer)
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode()), ASGI_FINAL], f"wrong end: {peer.sent}"
+
+
+@async_test()
+async def test_response_exhausted_source_is_closed() -> None:
+    """After the source is exhausted the response aclose()s it, once, and reads no more."""
+    source = AsgiRecordingSource([Event("only")])
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().response(source), peer)
+    assert source.calls == ["__anext__", "__anext__", "aclose"], f"wrong calls on the source: {source.calls}"
+
+
+# ---------------------------------------------------------------------------
+# response(): HEAD
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_response_head_sends_headers_and_an_empty_body_only() -> None:
+    """HEAD gets the start message and one empty final body, no first chunk."""
+    peer = AsgiPeer(method="HEAD")
+    await asgi_call(Broadcaster[str, Event]().response(AsgiRecordingSource([Event("x")])), peer)
+    assert peer.sent == [asgi_start(), ASGI_FINAL], f"wrong HEAD response: {peer.sent}"
+
+
+@async_test()
+async def test_response_head_never_iterates_the_source_and_closes_it() -> None:
+    """HEAD never calls __anext__ on the source and aclose()s it."""
+    source = AsgiRecordingSource([Event("x")])
+    peer = AsgiPeer(method="HEAD")
+    await asgi_call(Broadcaster[str, Event]().response(source), peer)
+    assert source.calls == ["aclose"], f"HEAD touched the source: {source.calls}"
+
+
+@async_test()
+async def test_response_head_releases_a_stream_subscription() -> None:
+    """HEAD on a stream response leaves no subscriber and no channel behind."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer(method="HEAD")
+    await asgi_call(b.response(stream), peer)
+    assert b.subscriber_count("k") == 0, "HEAD left the subscription alive"
+    assert "k" not in b, "HEAD left the channel in the registry"
+    assert stream.closed, "HEAD did not close the stream"
+
+
+# ---------------------------------------------------------------------------
+# response(): keep-alive
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_response_keep_alive_writes_empty_comments_on_silence() -> None:
+    """An idle stream gets b":\\n\\n" about every keep_alive seconds, never sooner."""
+    interval = 0.05
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=interval))
+    peer = AsgiPeer()
+    send = AsgiStampedSend(peer)
+    task = asgi_serve(b.response(AsgiRecordingSource(wait=True)), peer, send)
+    await peer.wait_for_bodies(4)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert peer.bodies[:4] == [ASGI_EMPTY_COMMENT] * 4, f"keep-alives are not empty comments: {peer.bodies}"
+    times = [t for t, _ in send.stamps[:4]]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert all(gap >= 0.8 * interval for gap in gaps), f"a keep-alive came before {interval} s of silence: {gaps}"
+    assert times[3] - times[0] < 3.0, f"three keep-alives took {times[3] - times[0]:.2f} s at a {interval} s interval"
+    assert all(m["more_body"] is True for m in peer.sent[1:]), f"a keep-alive ended the body: {peer.sent}"
+
+
+@async_test()
+async def test_response_keep_alive_uses_the_configured_comment() -> None:
+    """With keep_alive_comment="ping" the keep-alive frame is b": ping\\n\\n"."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=0.05, keep_alive_comment="ping"))
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(AsgiRecordingSource(wait=True)), peer)
+    await peer.wait_for_bodies(3)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert peer.sent[:4] == [asgi_start(), ASGI_FIRST, asgi_body(b": ping\n\n"), asgi_body(b": ping\n\n")], (
+        f"wrong keep-alive frames: {peer.sent}"
+    )
+
+
+@async_test()
+async def test_response_without_keep_alive_writes_nothing_on_silence() -> None:
+    """With keep_alive=None an idle stream writes nothing after the first chunk."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(AsgiRecordingSource(wait=True)), peer)
+    await peer.wait_for_bodies(1)
+    asyncio.get_running_loop().call_later(0.25, peer.disconnect)  # the silence under test
+    await asgi_ended(task)
+    assert peer.sent == [asgi_start(), ASGI_FIRST], f"something was written without keep-alive: {peer.sent}"
+
+
+@async_test()
+async def test_response_keep_alive_timer_restarts_after_each_event() -> None:
+    """Events every half keep_alive leave no room for a keep-alive between them."""
+    interval = 0.2
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=interval))
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    send = AsgiStampedSend(peer)
+    task = asgi_serve(b.response(stream), peer, send)
+    events = [Event(str(i)) for i in range(6)]
+    for n, event in enumerate(events, start=2):
+        await asyncio.sleep(interval / 2)  # the pace under test
+        b.send("k", event)
+        await peer.wait_for_bodies(n)
+    b.remove("k")
+    await asgi_ended(task)
+    assert [body for body in peer.bodies if body != ASGI_EMPTY_COMMENT] == [e.encode() for e in events] + [b""]
+    # A keep-alive is legitimate only after a real `interval` of silence (a
+    # loaded machine may stall the test's sleep); one after an event that came
+    # less than `interval` earlier means the timer did not restart.
+    silences = [t - earlier for (earlier, _), (t, body) in zip(send.stamps, send.stamps[1:]) if body == ASGI_EMPTY_COMMENT]
+    assert all(s >= 0.8 * interval for s in silences), f"keep-alive after only {silences} s of silence"
+
+
+@async_test()
+async def test_response_waiting_never_cancels_the_source() -> None:
+    """A generator slower than keep_alive sees no CancelledError or GeneratorExit, and all its items arrive."""
+    seen: list[str] = []
+    events = [Event("slow 1"), Event("slow 2")]
+
+    async def source() -> AsyncIterator[Event]:
+        try:
+            for event in events:
+                await asyncio.sleep(0.15)  # the slowness under test
+                yield event
+        except BaseException as exc:
+            seen.append(type(exc).__name__)
+            raise
+
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=0.05))
+    peer = AsgiPeer()
+    await asgi_call(b.response(source()), peer)
+    assert seen == [], f"the source was interrupted while it worked: {seen}"
+    assert [body for body in peer.bodies if body != ASGI_EMPTY_COMMENT] == [e.encode() for e in events] + [b""]
+    assert peer.bodies.count(ASGI_EMPTY_COMMENT) >= 2, f"no keep-alive while the source was slow: {peer.bodies}"
+
+
+# ---------------------------------------------------------------------------
+# response(): disconnects and failing sends
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_response_disconnect_ends_without_a_final_chunk() -> None:
+    """http.disconnect ends the response at once with nothing more sent, and closes the source."""
+    event = Event("a")
+    source = AsgiRecordingSource([event], wait=True)
+    peer = AsgiPeer()
+    task = asgi_serve(Broadcaster[str, Event]().response(source), peer)
+    await peer.wait_for_bodies(2)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode())], f"sent after disconnect: {peer.sent}"
+    assert source.calls[-1] == "aclose" and source.calls.count("aclose") == 1, f"source not closed once: {source.calls}"
+
+
+@async_test()
+async def test_response_disconnect_releases_the_subscription() -> None:
+    """After a disconnect the stream is closed and its key has no subscriber and no channel."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(1)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert b.subscriber_count("k") == 0, "the subscription outlived the client"
+    assert "k" not in b, "the channel outlived its only client"
+    assert stream.closed, "the stream was not closed"
+
+
+@async_test()
+async def test_response_ignores_request_body_messages_before_a_disconnect() -> None:
+    """http.request messages (more_body True, then False) are read and dropped; streaming goes on."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    peer.push({"type": "http.request", "body": b"abc", "more_body": True})
+    peer.push({"type": "http.request", "body": b"def", "more_body": False})
+    third_receive = asyncio.Event()
+    receives = 0
+
+    async def receive() -> AsgiMessage:
+        nonlocal receives
+        receives += 1
+        if receives == 3:
+            third_receive.set()
+        return await peer.receive()
+
+    task = asgi_serve(b.response(stream), peer, receive=receive)
+    task.add_done_callback(lambda _: third_receive.set())  # fail fast if the body ends it
+    await third_receive.wait()
+    assert not task.done(), f"the request body ended the response: {peer.sent}"
+    event = Event("after the body")
+    b.send("k", event)
+    await peer.wait_for_bodies(2)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode())], f"request body disturbed the stream: {peer.sent}"
+
+
+# Where a send() fails: the message index it fails at and what was sent before.
+ASGI_SEND_POSITIONS = ["start", "first_chunk", "event", "keep_alive", "final"]
+
+
+async def asgi_fail_send(position: str, error: Exception) -> None:
+    """Make the response's send() raise ``error`` at ``position``, and check that
+    nothing is sent after it and the subscription is released."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=0.05 if position == "keep_alive" else None))
+    stream = b.subscribe("k")
+    one, two = Event("one"), Event("two")
+    at, expected = {
+        "start": (0, []),
+        "first_chunk": (1, [asgi_start()]),
+        "event": (3, [asgi_start(), ASGI_FIRST, asgi_body(one.encode())]),  # fails on `two`
+        "keep_alive": (2, [asgi_start(), ASGI_FIRST]),
+        "final": (3, [asgi_start(), ASGI_FIRST, asgi_body(one.encode())]),
+    }[position]
+    if position in ("event", "final"):
+        b.send("k", one)
+    if position == "event":
+        b.send("k", two)
+    if position == "final":
+        b.remove("k")
+    peer = AsgiPeer()
+    calls = 0
+
+    async def send(message: AsgiMessage) -> None:
+        nonlocal calls
+        calls += 1
+        if calls - 1 == at:
+            raise error
+        await peer.send(message)
+
+    await asgi_ended(asgi_serve(b.response(stream), peer, send))
+    assert calls == at + 1, f"{calls - at - 1} send() call(s) after the failing one"
+    assert peer.sent == expected, f"wrong messages before the failure: {peer.sent}"
+    assert stream.closed and b.subscriber_count("k") == 0 and "k" not in b, "the subscription outlived the failure"
+
+
+@pytest.mark.parametrize("position", ASGI_SEND_POSITIONS)
+def test_response_send_oserror_is_a_silent_disconnect(position: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An OSError from send() at any position ends the response, sends nothing more, logs no error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        await asgi_fail_send(position, OSError("connection reset"))
+
+    scenario()
+    assert asgi_errors(caplog) == [], f"a disconnect was logged as an error: {asgi_errors(caplog)}"
+
+
+@pytest.mark.parametrize("position", ASGI_SEND_POSITIONS)
+def test_response_send_failure_is_logged_once(position: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A RuntimeError from send() at any position ends the response, sends nothing more, logs one ERROR."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        await asgi_fail_send(position, RuntimeError("server bug"))
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert len(errors) == 1, f"expected one ERROR record, got {[r.getMessage() for r in errors]}"
+    assert errors[0].name == "broadcaster", f"logged by {errors[0].name!r}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is RuntimeError, "no traceback of the send() error"
+
+
+def test_response_send_timeout_on_an_event_ends_the_response(caplog: pytest.LogCaptureFixture) -> None:
+    """A send() of an event that hangs past send_timeout ends the response, logged at INFO only."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(send_timeout=0.1))
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(stream), peer)
+        await peer.wait_for_bodies(1)
+        peer.send_hangs = True
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        b.send("k", Event("stuck"))
+        await asgi_ended(task, within=3.0)
+        assert loop.time() - began >= 0.09, f"ended after {loop.time() - began:.3f} s, before send_timeout"
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"wrong messages: {peer.sent}"
+        assert stream.closed and b.subscriber_count("k") == 0 and "k" not in b, "subscription outlived the timeout"
+
+    scenario()
+    assert asgi_errors(caplog) == [], f"a send timeout was logged as an error: {asgi_errors(caplog)}"
+    assert len(asgi_records(caplog, logging.INFO)) == 1, "the send timeout was not logged at INFO"
+
+
+def test_response_send_timeout_on_a_keep_alive_ends_the_response(caplog: pytest.LogCaptureFixture) -> None:
+    """A keep-alive send() that hangs past send_timeout ends the response, logged at INFO only."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=0.05, send_timeout=0.1))
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(stream), peer)
+        await peer.wait_for_bodies(1)
+        peer.send_hangs = True
+        await asgi_ended(task, within=3.0)
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"wrong messages: {peer.sent}"
+        assert stream.closed and b.subscriber_count("k") == 0, "subscription outlived the timeout"
+
+    scenario()
+    assert asgi_errors(caplog) == [], f"a send timeout was logged as an error: {asgi_errors(caplog)}"
+    assert len(asgi_records(caplog, logging.INFO)) == 1, "the send timeout was not logged at INFO"
+
+
+def test_response_send_timeout_on_the_start_message_ends_the_response(caplog: pytest.LogCaptureFixture) -> None:
+    """A start message that hangs past send_timeout ends the response, closes the source, logs INFO only."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        source = AsgiRecordingSource([Event("x")])
+        peer = AsgiPeer()
+        peer.send_hangs = True
+        task = asgi_serve(Broadcaster[str, Event](config=SseConfig(send_timeout=0.1)).response(source), peer)
+        await asgi_ended(task, within=3.0)
+        assert peer.sent == [], f"something was sent: {peer.sent}"
+        assert source.calls == ["aclose"], f"wrong calls on the source: {source.calls}"
+
+    scenario()
+    assert asgi_errors(caplog) == [], f"a send timeout was logged as an error: {asgi_errors(caplog)}"
+    assert len(asgi_records(caplog, logging.INFO)) == 1, "the send timeout was not logged at INFO"
+
+
+# ---------------------------------------------------------------------------
+# response(): a failing or odd receive()
+# ---------------------------------------------------------------------------
+
+
+def test_response_receive_error_is_logged_and_ends_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    """A RuntimeError from receive() is logged at ERROR and the response ends with the final chunk."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster()
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+
+        async def receive() -> AsgiMessage:
+            raise RuntimeError("receive broke")
+
+        await asgi_ended(asgi_serve(b.response(stream), peer, receive=receive))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+        assert stream.closed and b.subscriber_count("k") == 0, "subscription outlived the response"
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is RuntimeError, "no traceback of the receive() error"
+
+
+@async_test()
+async def test_response_receive_oserror_is_a_disconnect() -> None:
+    """An OSError from receive() ends the response like a disconnect: no final chunk."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+
+    async def receive() -> AsgiMessage:
+        raise ConnectionResetError("gone")
+
+    await asgi_ended(asgi_serve(b.response(stream), peer, receive=receive))
+    assert peer.sent == [asgi_start(), ASGI_FIRST], f"sent after the client left: {peer.sent}"
+    assert stream.closed and b.subscriber_count("k") == 0, "subscription outlived the client"
+
+
+def test_response_unexpected_receive_message_is_logged_and_ends_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    """A websocket.connect message from receive() is logged at ERROR and the response ends cleanly."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster()
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        peer.push({"type": "websocket.connect"})
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+        assert stream.closed and b.subscriber_count("k") == 0, "subscription outlived the response"
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and "'websocket.connect'" in str(errors[0].exc_info[1]), (
+        "the log does not name the unexpected message"
+    )
+
+
+# ---------------------------------------------------------------------------
+# response(): a failing source, lag, remove() and close()
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("before", [0, 2])
+def test_response_source_error_is_logged_and_ends_cleanly(before: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A source raising at any item: ERROR with traceback, earlier items written, final chunk, source closed."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    events = [Event(f"e{i}") for i in range(before)]
+    source = AsgiRecordingSource([*events, ValueError("source broke")])
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_call(Broadcaster[str, Event]().response(source), peer)
+        expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+        assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+    scenario()
+    assert source.calls == ["__anext__"] * (before + 1) + ["aclose"], f"wrong calls on the source: {source.calls}"
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError, "no traceback of the source error"
+
+
+@pytest.mark.parametrize("item", ["data: forged\n\n", b"data: forged\n\n", None])
+def test_response_source_yielding_a_non_event_ends_cleanly(item: object, caplog: pytest.LogCaptureFixture) -> None:
+    """A source yielding a non-Event: ERROR, nothing of it written, then the final chunk."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    good = Event("good")
+
+    async def source() -> AsyncIterator[Any]:
+        yield good
+        yield item
+        yield Event("never")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_call(Broadcaster[str, Event]().response(source()), peer)
+        assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(good.encode()), ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is TypeError, "the error is not a TypeError"
+
+
+def test_response_lagged_under_error_policy_warns_and_ends_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    """A stream that lagged (LagPolicy.ERROR) ends the response with the final chunk and a WARNING naming the loss."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster(buffer=2)
+        stream = b.subscribe("k")
+        for i in range(5):
+            b.send("k", Event(str(i)))
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+        assert b.subscriber_count("k") == 0 and "k" not in b, "subscription outlived the response"
+
+    scenario()
+    assert asgi_errors(caplog) == [], f"lag was logged as an error: {asgi_errors(caplog)}"
+    warnings = [r.getMessage() for r in asgi_records(caplog, logging.WARNING)]
+    assert len(warnings) == 1 and "missed 3 item" in warnings[0], f"no WARNING with the missed count: {warnings}"
+
+
+@async_test()
+async def test_response_lagged_under_skip_policy_streams_the_retained_items() -> None:
+    """Under LagPolicy.SKIP the response writes the retained items and goes on."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=2)
+    stream = b.subscribe("k").on_lag(LagPolicy.SKIP)
+    events = [Event(str(i)) for i in range(6)]
+    for event in events[:5]:
+        b.send("k", event)
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(3)
+    b.send("k", events[5])
+    await peer.wait_for_bodies(4)
+    b.remove("k")
+    await asgi_ended(task)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events[3:]), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+@async_test()
+async def test_response_lagged_under_end_policy_ends_cleanly() -> None:
+    """Under LagPolicy.END a lagged stream ends the response with the final chunk and nothing buffered."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=2)
+    stream = b.subscribe("k").on_lag(LagPolicy.END)
+    for i in range(5):
+        b.send("k", Event(str(i)))
+    peer = AsgiPeer()
+    await asgi_ended(asgi_serve(b.response(stream), peer))
+    assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+    assert b.subscriber_count("k") == 0 and "k" not in b, "subscription outlived the response"
+
+
+@async_test()
+async def test_response_remove_writes_buffered_events_then_ends() -> None:
+    """remove(key) while a response streams: the buffered events are written, then the final chunk."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(1)
+    events = [Event(str(i)) for i in range(3)]
+    for event in events:
+        b.send("k", event)
+    b.remove("k")
+    await asgi_ended(task)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+@async_test()
+async def test_response_broadcaster_close_writes_buffered_events_then_ends() -> None:
+    """Broadcaster.close() while a response streams: the buffered events are written, then the final chunk."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(1)
+    events = [Event(str(i)) for i in range(3)]
+    for event in events:
+        b.send("k", event)
+    b.close()
+    await asgi_ended(task)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+def test_response_source_aclose_error_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A source whose aclose() raises is logged at ERROR; the response still ended cleanly."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    class BadClose(AsgiRecordingSource):
+        async def aclose(self) -> None:
+            raise ValueError("aclose broke")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_call(Broadcaster[str, Event]().response(BadClose()), peer)
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError, "no traceback of the aclose() error"
+
+
+# ---------------------------------------------------------------------------
+# response(): cancellation and misuse
+# ---------------------------------------------------------------------------
+
+
+def test_response_cancellation_propagates_and_cleans_up(caplog: pytest.LogCaptureFixture) -> None:
+    """Cancelling the app's task raises CancelledError, releases the subscription and logs no error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster()
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        receive, streaming = asgi_watched_receive(peer)
+        task = asgi_serve(b.response(stream), peer, receive=receive)
+        await streaming.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"sent during cancellation: {peer.sent}"
+        assert stream.closed and b.subscriber_count("k") == 0 and "k" not in b, "subscription outlived the task"
+
+    scenario()
+    assert asgi_errors(caplog) == [], f"cancellation was logged as an error: {asgi_errors(caplog)}"
+
+
+@async_test()
+async def test_response_cancellation_closes_the_source() -> None:
+    """Cancelling the app's task while the source waits aclose()s the source."""
+    source = AsgiRecordingSource(wait=True)
+    peer = AsgiPeer()
+    receive, streaming = asgi_watched_receive(peer)
+    task = asgi_serve(Broadcaster[str, Event]().response(source), peer, receive=receive)
+    await streaming.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert source.calls == ["__anext__", "aclose"], f"wrong calls on the source: {source.calls}"
+
+
+@async_test()
+async def test_response_cancellation_as_a_send_completes_is_not_swallowed() -> None:
+    """A cancel that lands just as a send() completes still propagates."""
+    # On 3.10/3.11 asyncio.wait_for() returns the inner result in that case and
+    # drops the cancellation (bpo-42130, fixed in 3.12 by the timeouts rewrite).
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(1)  # the first chunk's send() just returned
+    task.cancel()
+    done, _ = await asyncio.wait((task,), timeout=1.0)
+    if not done:  # the cancellation was lost: end the response to leave no task behind
+        peer.disconnect()
+        await task
+    assert done and task.cancelled(), "the cancellation was swallowed: the response went on streaming"
+    assert stream.closed and b.subscriber_count("k") == 0, "subscription outlived the task"
+
+
+@pytest.mark.parametrize("kind", ["websocket", "lifespan"])
+def test_response_rejects_a_non_http_scope(kind: str) -> None:
+    """A non-http scope raises RuntimeError naming it, sends nothing and closes the source."""
+    source = AsgiRecordingSource([Event("x")])
+    peer_sent: list[AsgiMessage] = []
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        scope = {**peer.scope, "type": kind}
+        app = Broadcaster[str, Event]().response(source)
+        with pytest.raises(RuntimeError, match=rf"^SSE responses serve 'http' scopes only, got '{kind}'$"):
+            await asgi_call(app, peer, scope)
+        peer_sent.extend(peer.sent)
+
+    scenario()
+    assert peer_sent == [], f"sent on a {kind} scope: {peer_sent}"
+    assert source.calls == ["aclose"], f"wrong calls on the source: {source.calls}"
+
+
+@async_test()
+async def test_response_app_can_be_called_only_once() -> None:
+    """A second call of the same app raises RuntimeError and sends nothing."""
+    app = Broadcaster[str, Event]().response(AsgiRecordingSource())
+    first = AsgiPeer()
+    await asgi_call(app, first)
+    second = AsgiPeer()
+    with pytest.raises(RuntimeError, match=r"^an SSE response app can be called only once: make one per request$"):
+        await asgi_call(app, second)
+    assert second.sent == [], f"the second call sent: {second.sent}"
+
+
+# ---------------------------------------------------------------------------
+# channel() and Sender
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_channel_closure_starts_only_when_the_app_is_called() -> None:
+    """channel(fn) does not run fn until the app is called."""
+    started = False
+
+    async def closure(tx: Sender) -> None:
+        nonlocal started
+        started = True
+
+    app = Broadcaster[str, Event]().channel(closure)
+    for _ in range(10):
+        await asyncio.sleep(0)  # give a wrongly started task every chance to run
+    assert not started, "the closure ran before the app was called"
+    peer = AsgiPeer()
+    await asgi_call(app, peer)
+    assert started, "the closure never ran"
+
+
+@async_test()
+async def test_channel_head_never_starts_the_closure() -> None:
+    """HEAD on a channel() app sends headers and an empty body and never runs fn."""
+    started = False
+
+    async def closure(tx: Sender) -> None:
+        nonlocal started
+        started = True
+
+    peer = AsgiPeer(method="HEAD")
+    await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
+    assert peer.sent == [asgi_start(), ASGI_FINAL], f"wrong HEAD response: {peer.sent}"
+    assert not started, "HEAD ran the closure"
+
+
+@async_test()
+async def test_channel_writes_sent_events_in_order_then_ends_when_fn_returns() -> None:
+    """Events from tx.send arrive in order; fn returning writes all of them, then the final chunk."""
+    events = [Event(str(i), id=str(i)) for i in range(5)]
+
+    async def closure(tx: Sender) -> None:
+        for event in events:
+            await tx.send(event)
+
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+def test_channel_closure_error_is_logged_after_its_events(caplog: pytest.LogCaptureFixture) -> None:
+    """fn raising is logged at ERROR with traceback; every event it sent is written, then the final chunk."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    events = [Event(str(i)) for i in range(3)]
+
+    async def closure(tx: Sender) -> None:
+        for event in events:
+            await tx.send(event)
+        raise ValueError("closure broke")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
+        expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+        assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError, "no traceback of the closure error"
+
+
+@async_test()
+async def test_channel_disconnect_cancels_the_closure_promptly() -> None:
+    """A disconnect while fn sleeps cancels fn at once and ends the response with no final chunk."""
+    seen: list[str] = []
+    event = Event("hello")
+
+    async def closure(tx: Sender) -> None:
+        await tx.send(event)
+        try:
+            await asyncio.get_running_loop().create_future()
+        except BaseException as exc:
+            seen.append(type(exc).__name__)
+            raise
+
+    peer = AsgiPeer()
+    task = asgi_serve(Broadcaster[str, Event]().channel(closure), peer)
+    await peer.wait_for_bodies(2)
+    peer.disconnect()
+    await asgi_ended(task, within=1.0)
+    assert seen == ["CancelledError"], f"the closure was not cancelled: {seen}"
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode())], f"sent after disconnect: {peer.sent}"
+
+
+def test_channel_send_after_disconnect_raises_client_disconnected(caplog: pytest.LogCaptureFixture) -> None:
+    """Once the client is gone tx.send raises ClientDisconnected, and fn letting it out is not an error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    outcome: list[str] = []
+
+    async def closure(tx: Sender) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            try:
+                await tx.send(Event("too late"))
+            except ClientDisconnected:
+                outcome.append("ClientDisconnected")
+                raise
+            outcome.append("sent")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        task = asgi_serve(Broadcaster[str, Event]().channel(closure), peer)
+        await peer.wait_for_bodies(1)
+        peer.disconnect()
+        await asgi_ended(task)
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"sent after disconnect: {peer.sent}"
+
+    scenario()
+    assert outcome == ["ClientDisconnected"], f"tx.send after the client left: {outcome}"
+    assert asgi_errors(caplog) == [], f"ClientDisconnected was logged as an error: {asgi_errors(caplog)}"
+
+
+@async_test()
+async def test_channel_back_pressures_a_fast_closure() -> None:
+    """A closure cannot run more than buffer + 1 events ahead of a blocked client, and all arrive later."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=2)
+    events = [Event(str(i)) for i in range(10)]
+    returned = 0
+
+    async def closure(tx: Sender) -> None:
+        nonlocal returned
+        for event in events:
+            await tx.send(event)
+            returned += 1
+
+    peer = AsgiPeer()
+    gate, blocked = asyncio.Event(), asyncio.Event()
+
+    async def send(message: AsgiMessage) -> None:
+        if len(peer.sent) >= 2 and not gate.is_set():  # start and first chunk pass
+            blocked.set()
+            await gate.wait()
+        await peer.send(message)
+
+    task = asgi_serve(b.channel(closure), peer, send)
+    await blocked.wait()
+    for _ in range(50):
+        await asyncio.sleep(0)  # let the closure run as far as it can
+    # The response holds events[0] in its blocked send() and the Sender's queue
+    # holds `buffer` more: exactly buffer + 1 tx.send calls can have returned.
+    assert returned == b.buffer + 1, f"{returned} tx.send calls returned while the client was blocked"
+    gate.set()
+    await asgi_ended(task)
+    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+@async_test()
+async def test_channel_send_rejects_a_non_event() -> None:
+    """tx.send with something that is not an Event raises TypeError naming its type."""
+    raised: list[BaseException] = []
+
+    async def closure(tx: Sender) -> None:
+        with pytest.raises(TypeError, match=r"^Sender\.send\(\) takes an Event, not str$") as info:
+            await tx.send("data: forged\n\n")  # type: ignore[arg-type]  # the misuse under test
+        raised.append(info.value)
+
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
+    assert len(raised) == 1, "tx.send accepted a str"
+    assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+
+@async_test()
+async def test_channel_sender_closed_only_after_the_response() -> None:
+    """Sender.closed is False while the response runs and True once it is over."""
+    during: list[bool] = []
+    senders: list[Sender] = []
+
+    async def closure(tx: Sender) -> None:
+        senders.append(tx)
+        during.append(tx.closed)
+        await tx.send(Event("x"))
+        during.append(tx.closed)
+
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
+    assert during == [False, False], f"Sender.closed during the response: {during}"
+    assert senders[0].closed, "Sender.closed is False after the response"
+
+
+def test_channel_closure_error_after_the_end_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """fn raising after the response ended (it caught the cancellation) is logged at ERROR once."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def closure(tx: Sender) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            raise ValueError("late failure") from None
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        task = asgi_serve(Broadcaster[str, Event]().channel(closure), peer)
+        await peer.wait_for_bodies(1)
+        peer.disconnect()
+        await asgi_ended(task)
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"sent after disconnect: {peer.sent}"
+
+    scenario()
+    errors = asgi_errors(caplog)
+    assert [r.name for r in errors] == ["broadcaster"], f"expected one ERROR record: {[r.getMessage() for r in errors]}"
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError, "no traceback of the late error"
+
+
+def test_channel_cancellation_cancels_the_closure(caplog: pytest.LogCaptureFixture) -> None:
+    """Cancelling the app's task cancels fn too, propagates CancelledError and logs no error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    seen: list[str] = []
+
+    waiting: list[asyncio.Event] = []
+
+    async def closure(tx: Sender) -> None:
+        waiting[0].set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except BaseException as exc:
+            seen.append(type(exc).__name__)
+            raise
+
+    @async_test()
+    async def scenario() -> None:
+        waiting.append(asyncio.Event())
+        peer = AsgiPeer()
+        task = asgi_serve(Broadcaster[str, Event]().channel(closure), peer)
+        await waiting[0].wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"sent during cancellation: {peer.sent}"
+
+    scenario()
+    assert seen == ["CancelledError"], f"the closure was not cancelled: {seen}"
+    assert asgi_errors(caplog) == [], f"cancellation was logged as an error: {asgi_errors(caplog)}"
+
+
+@async_test()
+async def test_channel_closure_raising_cancelled_error_ends_the_response() -> None:
+    """fn ending with its own CancelledError still ends the response, after its events."""
+    # E.g. fn awaits a task or future that someone else cancelled.
+    event = Event("before")
+
+    async def closure(tx: Sender) -> None:
+        await tx.send(event)
+        cancelled = asyncio.get_running_loop().create_future()
+        cancelled.cancel()
+        await cancelled
+
+    peer = AsgiPeer()
+    task = asgi_serve(Broadcaster[str, Event]().channel(closure), peer)
+    done, _ = await asyncio.wait((task,), timeout=1.0)
+    if not done:
+        peer.disconnect()
+        await task
+    assert done, f"the response hung after the closure ended; sent so far: {peer.sent}"
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode()), ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+
+def test_client_disconnected_is_an_exception() -> None:
+    """ClientDisconnected is an Exception, so a closure's `except Exception` can handle it."""
+    assert issubclass(ClientDisconnected, Exception), "ClientDisconnected is not an Exception"
+
+
+# ---------------------------------------------------------------------------
+# Sender and the supervisor: the remaining corners
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_sender_event_sent_after_its_reader_was_cancelled_stays_queued() -> None:
+    """An event sent while the response's reader is being cancelled is kept for
+    the next read (the reader's future is only a wake-up)."""
+    sender = Sender(2)
+    reader = asyncio.ensure_future(sender._get())
+    await asyncio.sleep(0)
+    reader.cancel()  # its future is cancelled now; the task runs its finally later
+    await sender.send(Event("a"))
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert await sender._get() == Event("a")
+
+
+@async_test()
+async def test_sender_cancelled_putter_is_skipped_when_room_frees() -> None:
+    """A closure cancelled while it waits for room does not take the room: the
+    next read wakes the others, and the queue holds exactly what was accepted."""
+    sender = Sender(1)
+    await sender.send(Event("1"))
+    blocked = asyncio.ensure_future(sender.send(Event("2")))
+    waiting = asyncio.ensure_future(sender.send(Event("3")))
+    await asyncio.sleep(0)
+    blocked.cancel()  # its room future is cancelled, still listed
+    assert await sender._get() == Event("1")  # wakes the putters, skipping the cancelled one
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    await waiting
+    assert await sender._get() == Event("3")
+    assert not sender._items
+
+
+@async_test()
+async def test_response_without_send_timeout_still_writes_every_message() -> None:
+    """SseConfig(send_timeout=None) writes start, first chunk, events and the
+    final chunk with no timeout around them."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(send_timeout=None, keep_alive=None))
+    peer = AsgiPeer()
+    stream = b.subscribe("k")
+    b.send("k", Event("x"))
+    b.remove("k")
+    await b.response(stream)(peer.scope, peer.receive, peer.send)
+    assert peer.bodies == [b":\n\n", b"data: x\n\n", b""] and peer.ended
+
+
+@async_test()
+async def test_response_without_send_timeout_waits_out_a_slow_send() -> None:
+    """With send_timeout=None a send that takes several keep-alive intervals is
+    waited for (no keep-alive is squeezed in beside it), and streaming goes on."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(send_timeout=None, keep_alive=0.02))
+    peer = AsgiPeer()
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow_send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"data: slow\n\n":
+            entered.set()
+            await gate.wait()
+        await peer.send(message)
+
+    stream = b.subscribe("k")
+    task = asyncio.ensure_future(b.response(stream)(peer.scope, peer.receive, slow_send))
+    await peer.wait_for_bodies(1)
+    b.send("k", Event("slow"))
+    await entered.wait()
+    await asyncio.sleep(0.1)  # timing under test: five keep-alive intervals pass during the send
+    assert peer.bodies == [b":\n\n"], "nothing may be written while a send is in progress"
+    gate.set()
+    await peer.wait_for_bodies(2)
+    assert peer.bodies[1] == b"data: slow\n\n"
+    peer.disconnect()
+    await task
+    assert b.subscriber_count("k") == 0
