@@ -102,7 +102,7 @@ class AsgiPeer:
     async def receive(self) -> Message:
         return await self._incoming.get()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         if self.send_error is not None:
             raise self.send_error
         if self.send_hangs:

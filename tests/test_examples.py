@@ -1,0 +1,503 @@
+"""End-to-end tests of ``examples/chat.py``: the real process, over loopback TCP.
+
+The demo runs as its own process (``sys.executable examples/chat.py --port 0``,
+from another working directory, so its ``sys.path`` line is exercised); the
+fixture reads the URL it prints to learn the port, and stops it with SIGTERM
+at the end, checking that it exits promptly and logged no error. Clients are
+the standard library only: raw sockets for the streams (so the tests see the
+status line, the headers and every chunk of the chunked body byte for byte)
+and ``urllib.request`` for the plain requests.
+
+Every socket read has a timeout, so a missing event fails a test in seconds
+instead of hanging it; the only polling is of the stats endpoint, waiting for
+the server to notice a client that went away.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat.py"
+HOST = "127.0.0.1"
+TIMEOUT = 5.0  # the most any single socket read may take
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("uvicorn") is None,
+    reason="the examples need uvicorn: pip install -e '.[examples]'",
+)
+
+# Plain requests must not go through an http_proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# ---------------------------------------------------------------------------
+# The demo process
+# ---------------------------------------------------------------------------
+
+
+class Chat:
+    """``examples/chat.py`` running as a subprocess on a free port."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CHAT), "--port", "0"],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        # Both pipes are drained all along: uvicorn's access log goes to
+        # stdout, and a full pipe would block the server.
+        self.stdout: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
+            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.port = self._wait_for_url()
+
+    def _log(self, line: str | None) -> None:
+        if line is not None:
+            self.stderr.append(line)
+
+    def _wait_for_url(self) -> int:
+        """The port from the line the demo prints once it is listening."""
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                pytest.fail(f"chat.py printed no URL within 15 s; stderr: {''.join(self.stderr)}")
+            if line is None:
+                self.proc.wait()
+                pytest.fail(f"chat.py exited with {self.proc.returncode}; stderr: {''.join(self.stderr)}")
+            if line.startswith("chat running on http://127.0.0.1:"):
+                return int(line.split(":")[2].split("/")[0])
+
+    def terminate(self) -> float:
+        """SIGTERM; the seconds until it exited. It must exit within 5 s, the way
+        the docstring of chat.py says (killed by the re-raised SIGTERM)."""
+        start = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail("chat.py did not exit within 5 s of SIGTERM")
+        elapsed = time.monotonic() - start
+        for thread in self._threads:
+            thread.join(timeout=5)
+        assert self.proc.returncode == -signal.SIGTERM
+        log = "".join(self.stderr)
+        assert "ERROR" not in log and "Traceback" not in log, log
+        return elapsed
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
+    """Hand every line of ``pipe`` to ``put``, then None at the end."""
+    for line in pipe:
+        put(line)
+    put(None)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chat]:
+    """One demo process shared by the tests that do not stop it."""
+    server = Chat(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield server
+        server.terminate()
+    finally:
+        server.kill()
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+
+class Connection:
+    """One HTTP/1.1 connection, spoken and parsed by hand."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
+        self.buf = b""
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buf += data
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        """The status and the headers (names lowercased) of the response."""
+        status = int(self._line().split()[1])
+        headers: dict[str, str] = {}
+        while line := self._line():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def chunk(self) -> bytes | None:
+        """The next chunk of a chunked body; None for the last one (``0\\r\\n\\r\\n``)."""
+        size = int(self._line(), 16)
+        data = self._take(size + 2)
+        assert data[-2:] == b"\r\n"
+        return data[:-2] if size else None
+
+    def at_eof(self) -> bool:
+        """True if the server closed the connection (nothing more to read)."""
+        if self.buf:
+            return False
+        return self.sock.recv(1) == b""
+
+    def close(self, reset: bool = False) -> None:
+        if reset:  # an abrupt close: RST instead of FIN
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.sock.close()
+
+
+class Clients:
+    """Opens SSE streams and closes every one of them at the end of a test."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.open: list[Connection] = []
+
+    def connect(self) -> Connection:
+        conn = Connection(self.port)
+        self.open.append(conn)
+        return conn
+
+    def stream(self, room: str, query: str = "", headers: dict[str, str] | None = None) -> Connection:
+        """A stream of ``room``, read up to and including its first chunk."""
+        conn = self.connect()
+        conn.request("GET", f"/rooms/{room}/events{query}", {"Accept": "text/event-stream", **(headers or {})})
+        status, head = conn.head()
+        assert status == 200
+        assert head["transfer-encoding"] == "chunked"
+        assert conn.chunk() == b"retry: 2000\n\n"
+        return conn
+
+    def close_all(self) -> None:
+        for conn in self.open:
+            conn.close()
+
+
+@pytest.fixture
+def clients(chat: Chat) -> Iterator[Clients]:
+    made = Clients(chat.port)
+    try:
+        yield made
+    finally:
+        made.close_all()
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A plain request with urllib: status, headers (lowercased names), body."""
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with OPENER.open(req, timeout=TIMEOUT) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def post(port: int, room: str, user: str, text: str) -> None:
+    status, _, body = request(port, "POST", f"/rooms/{room}/messages", json.dumps({"user": user, "text": text}).encode())
+    assert (status, body) == (204, b"")
+
+
+def stats(port: int, room: str) -> dict[str, Any]:
+    status, head, body = request(port, "GET", f"/rooms/{room}/stats")
+    assert status == 200 and head["content-type"] == "application/json"
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def message(room: str, id: int, user: str, text: str) -> bytes:
+    """The exact frame of a chat message (compact JSON, UTF-8, LF line endings)."""
+    data = json.dumps({"room": room, "user": user, "text": text}, ensure_ascii=False, separators=(",", ":"))
+    return f"event: message\nid: {id}\ndata: {data}\n\n".encode()
+
+
+def presence(room: str, count: int) -> bytes:
+    return f'event: presence\ndata: {{"room":"{room}","count":{count}}}\n\n'.encode()
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+
+def test_page_is_served(chat: Chat) -> None:
+    """GET / is the one static page: HTML with the EventSource client, no
+    innerHTML, nothing loaded from elsewhere."""
+    status, head, body = request(chat.port, "GET", "/")
+    assert status == 200
+    assert head["content-type"] == "text/html; charset=utf-8"
+    assert int(head["content-length"]) == len(body)
+    assert b"new EventSource(" in body and b"fetch(" in body and b"textContent" in body
+    assert b"innerHTML" not in body
+    assert b"http://" not in body and b"https://" not in body and b"src=" not in body
+
+
+def test_stream_headers_then_first_chunk_before_any_message(clients: Clients) -> None:
+    """The stream's headers and its first chunk (the retry frame) arrive at
+    once, before any message; then the client's own join."""
+    conn = clients.connect()
+    conn.request("GET", "/rooms/hdr/events")
+    status, head = conn.head()
+    assert status == 200
+    assert head["content-type"] == "text/event-stream; charset=utf-8"
+    assert head["cache-control"] == "no-cache"
+    assert head["x-accel-buffering"] == "no"
+    assert head["transfer-encoding"] == "chunked"
+    assert conn.chunk() == b"retry: 2000\n\n"
+    assert conn.chunk() == presence("hdr", 1)
+
+
+def test_head_of_a_stream_subscribes_nobody(chat: Chat, clients: Clients) -> None:
+    """HEAD /rooms/x/events: the SSE headers, an empty body, no subscription."""
+    conn = clients.connect()
+    conn.request("HEAD", "/rooms/headonly/events")
+    status, head = conn.head()
+    assert status == 200 and head["content-type"] == "text/event-stream; charset=utf-8"
+    assert stats(chat.port, "headonly")["subscribers"] == 0
+
+
+def test_message_reaches_two_streams_byte_exact(chat: Chat, clients: Clients) -> None:
+    """A POSTed message arrives on both streams of the room as the same exact
+    frame, then more messages arrive in order with increasing ids."""
+    a = clients.stream("two")
+    assert a.chunk() == presence("two", 1)
+    b = clients.stream("two")
+    assert a.chunk() == b.chunk() == presence("two", 2)
+
+    post(chat.port, "two", "ann", "héllo\nworld ✓")
+    frame = 'event: message\nid: 1\ndata: {"room":"two","user":"ann","text":"héllo\\nworld ✓"}\n\n'.encode()
+    assert a.chunk() == frame
+    assert b.chunk() == frame
+
+    for n in range(2, 6):
+        post(chat.port, "two", "bob", f"message {n}")
+    for conn in (a, b):
+        assert [conn.chunk() for _ in range(2, 6)] == [message("two", n, "bob", f"message {n}") for n in range(2, 6)]
+
+
+def test_rooms_are_independent(chat: Chat, clients: Clients) -> None:
+    """A message to one room reaches that room's streams only."""
+    a = clients.stream("left")
+    b = clients.stream("right")
+    assert a.chunk() == presence("left", 1) and b.chunk() == presence("right", 1)
+    post(chat.port, "right", "ann", "to the right")
+    post(chat.port, "left", "ann", "to the left")
+    assert a.chunk() == message("left", 1, "ann", "to the left")
+    assert b.chunk() == message("right", 1, "ann", "to the right")
+
+
+def test_presence_rises_and_falls(chat: Chat, clients: Clients) -> None:
+    """Every join and every leave pushes the room's subscriber count."""
+    a = clients.stream("pres")
+    assert a.chunk() == presence("pres", 1)
+    b = clients.stream("pres")
+    assert a.chunk() == b.chunk() == presence("pres", 2)
+    c = clients.stream("pres")
+    assert a.chunk() == b.chunk() == c.chunk() == presence("pres", 3)
+    b.close()
+    assert a.chunk() == c.chunk() == presence("pres", 2)
+    c.close(reset=True)
+    assert a.chunk() == presence("pres", 1)
+    assert stats(chat.port, "pres")["subscribers"] == 1
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_closed_client_is_gone_from_the_registry_within_1s(chat: Chat, clients: Clients, reset: bool) -> None:
+    """Closing (or resetting) a client's socket removes its subscription and,
+    being the last, the room's channel, within 1 s."""
+    conn = clients.stream("x")
+    assert conn.chunk() == presence("x", 1)
+    assert stats(chat.port, "x")["subscribers"] == 1
+    conn.close(reset=reset)
+    deadline = time.monotonic() + 1.0
+    while (current := stats(chat.port, "x")) != {"room": "x", "subscribers": 0, "channels": 0}:
+        assert time.monotonic() < deadline, f"still registered after 1 s: {current}"
+        time.sleep(0.02)
+
+
+def test_reconnect_with_last_event_id_replays_exactly_the_missed(chat: Chat, clients: Clients) -> None:
+    """A stream resumed with Last-Event-ID: n gets the messages after n, then
+    the live ones; the query parameter works when the header is absent, and
+    the header wins over it."""
+    a = clients.stream("resume")
+    assert a.chunk() == presence("resume", 1)
+    for n in (1, 2, 3):
+        post(chat.port, "resume", "ann", f"m{n}")
+        assert a.chunk() == message("resume", n, "ann", f"m{n}")
+    a.close()
+    for n in (4, 5):  # missed while disconnected
+        post(chat.port, "resume", "ann", f"m{n}")
+
+    b = clients.stream("resume", headers={"Last-Event-ID": "3"})
+    assert b.chunk() == message("resume", 4, "ann", "m4")
+    assert b.chunk() == message("resume", 5, "ann", "m5")
+    assert b.chunk() == presence("resume", 1)  # then live
+    post(chat.port, "resume", "ann", "m6")
+    assert b.chunk() == message("resume", 6, "ann", "m6")
+
+    # The page's first connection: ?last_event_id=0 asks for the whole history.
+    c = clients.stream("resume", query="?last_event_id=0")
+    assert [c.chunk() for _ in range(6)] == [message("resume", n, "ann", f"m{n}") for n in range(1, 7)]
+    assert c.chunk() == b.chunk() == presence("resume", 2)
+
+    # A browser's reconnection sends the header, which wins over the query.
+    d = clients.stream("resume", query="?last_event_id=0", headers={"Last-Event-ID": "5"})
+    assert d.chunk() == message("resume", 6, "ann", "m6")
+    assert d.chunk() == c.chunk() == b.chunk() == presence("resume", 3)
+
+    # An id that is not one of ours replays nothing.
+    e = clients.stream("resume", headers={"Last-Event-ID": "not-an-id"})
+    assert e.chunk() == presence("resume", 4)
+
+
+def test_history_keeps_the_last_100_messages(chat: Chat, clients: Clients) -> None:
+    """After 105 messages, a full replay starts at id 6."""
+    for n in range(1, 106):
+        post(chat.port, "hist", "ann", str(n))
+    conn = clients.stream("hist", headers={"Last-Event-ID": "0"})
+    assert [conn.chunk() for _ in range(100)] == [message("hist", n, "ann", str(n)) for n in range(6, 106)]
+    assert conn.chunk() == presence("hist", 1)
+
+
+LONG = "x" * 33
+
+BAD_REQUESTS = [
+    # (method, path, body, status)
+    ("POST", "/rooms/bad/messages", b"not json", 400),
+    ("POST", "/rooms/bad/messages", b"", 400),
+    ("POST", "/rooms/bad/messages", b'["ann", "hi"]', 400),
+    ("POST", "/rooms/bad/messages", b'{"user": "ann"}', 400),
+    ("POST", "/rooms/bad/messages", b'{"user": 1, "text": "hi"}', 400),
+    ("POST", "/rooms/bad/messages", b'{"user": "   ", "text": "hi"}', 400),
+    ("POST", "/rooms/bad/messages", json.dumps({"user": "u" * 33, "text": "hi"}).encode(), 400),
+    ("POST", "/rooms/bad/messages", b'{"user": "ann", "text": " \\n "}', 400),
+    ("POST", "/rooms/bad/messages", json.dumps({"user": "ann", "text": "t" * 2001}).encode(), 400),
+    ("POST", "/rooms/bad/messages", b'{"user": "ann", "text": "\\ud800"}', 400),  # lone surrogate
+    ("POST", "/rooms/bad/messages", b'{"user": "ann", "text": "\xff"}', 400),  # not UTF-8
+    ("POST", "/rooms/Bad/messages", b'{"user": "ann", "text": "hi"}', 400),
+    ("POST", f"/rooms/{LONG}/messages", b'{"user": "ann", "text": "hi"}', 400),
+    ("GET", "/rooms/bad%2Fname/events", None, 404),
+    ("POST", "/rooms/bad/messages", json.dumps({"user": "ann", "text": "x" * 17000}).encode(), 413),
+    ("GET", "/nope", None, 404),
+    ("GET", "/rooms", None, 404),
+    ("GET", "/rooms/bad", None, 404),
+    ("GET", "/rooms/bad/nope", None, 404),
+    ("GET", "/rooms/bad/events/more", None, 404),
+    ("GET", "/rooms/bad/messages", None, 405),
+    ("POST", "/rooms/bad/events", b"{}", 405),
+    ("DELETE", "/rooms/bad/stats", None, 405),
+    ("POST", "/", b"{}", 405),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status"), BAD_REQUESTS)
+def test_bad_request(chat: Chat, method: str, path: str, body: bytes | None, status: int) -> None:
+    """Bad input gets 400, a body over 16 KiB 413, an unknown path 404 and a
+    wrong method 405 (with Allow), each with a JSON error."""
+    got, head, payload = request(chat.port, method, path, body)
+    assert got == status
+    assert head["content-type"] == "application/json" and "error" in json.loads(payload)
+    if status == 405:
+        assert head["allow"] in ("POST", "GET, HEAD")
+
+
+def test_bad_posts_send_nothing_and_limits_are_inclusive(chat: Chat, clients: Clients) -> None:
+    """A 32-character user and a 2000-character text are accepted; the bad
+    requests above sent nothing to their room."""
+    post(chat.port, "bad", "u" * 32, "t" * 2000)
+    conn = clients.stream("bad", headers={"Last-Event-ID": "0"})
+    assert conn.chunk() == message("bad", 1, "u" * 32, "t" * 2000)
+    assert conn.chunk() == presence("bad", 1)
+
+
+def test_chunked_body_over_the_limit_is_413(chat: Chat, clients: Clients) -> None:
+    """A body without Content-Length is counted as it arrives: 413 past 16 KiB."""
+    conn = clients.connect()
+    conn.request("POST", "/rooms/big/messages", {"Transfer-Encoding": "chunked", "Content-Type": "application/json"})
+    piece = b"x" * 4096
+    conn.sock.sendall(b"".join(b"1000\r\n" + piece + b"\r\n" for _ in range(5)) + b"0\r\n\r\n")
+    status, _ = conn.head()
+    assert status == 413
+
+
+def test_sigterm_ends_open_streams_cleanly_and_exits_within_3s(tmp_path: Path) -> None:
+    """SIGTERM with open streams: every stream gets the end of its chunked
+    body (``0\\r\\n\\r\\n``) and then the connection closes; the process exits
+    within 3 s and logged no error."""
+    server = Chat(tmp_path)
+    try:
+        streams = Clients(server.port)
+        for n, room in enumerate(["general", "random", "general", "random", "general"]):
+            conn = streams.stream(room)
+            assert conn.chunk() == presence(room, n // 2 + 1)
+        idle = streams.connect()  # a keep-alive connection between requests
+        idle.request("GET", "/rooms/general/stats")
+        assert idle.head()[0] == 200
+
+        elapsed = server.terminate()
+
+        for conn in streams.open[:-1]:
+            while (chunk := conn.chunk()) is not None:  # whatever was in flight,
+                assert chunk.startswith(b"event: presence\n")  # then the end of body
+            assert conn.at_eof()
+        assert elapsed < 3.0
+        streams.close_all()
+    finally:
+        server.kill()
