@@ -24,6 +24,18 @@ Life of a channel
     stream of the key once it has drained what was already delivered to it and
     forgets the channel; ``close()`` does that for every key, for good.
 
+History and resume (opt-in: ``Broadcaster(history=N)``)
+    Each channel then keeps its last N items, each with an id it assigns: an
+    epoch unique to this channel's lifetime, a dash, and a sequence number
+    (``"3f9a0c1b7d2e-42"``). ``subscribe(key, last_event_id=id)`` first yields
+    the retained items after ``id``, then live items, with no gap and no
+    duplicate; an id it cannot resume from (another epoch, or older than the
+    history) sets ``stream.resumed`` to False instead. A channel whose last
+    stream left lingers ``linger`` seconds with its history, so a lone client
+    can reconnect; sends to it extend the history. SSE responses of such streams
+    write each item's id on the wire. In this mode every delivery goes through
+    the stream's event loop (``call_soon``), so every stream sees ids in order.
+
 Threads and loops
     Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
     loop that subscribed it and is read on that loop only. ``send`` called on
@@ -46,10 +58,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import json
 import logging
 import re
+import secrets
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import (
@@ -61,9 +76,10 @@ from collections.abc import (
     Iterable,
     Iterator,
     MutableMapping,
+    Sequence,
 )
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, overload
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
@@ -84,6 +100,7 @@ logger: Final = logging.getLogger("broadcaster")
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
+S = TypeVar("S")
 _S = TypeVar("_S", bound="BroadcastStream[Any]")
 
 # ASGI types, loose on purpose: they are the conventional ones (the same as
@@ -357,6 +374,9 @@ class _Subscriber:
     # full queue drops the oldest item. Made at the first delivery: an empty
     # deque costs 760 bytes, more than the rest of an idle subscription.
     queue: deque[Any] | None = None
+    # History entries a resumed stream yields before its queue (not bounded by
+    # the buffer: they are references to items the channel retains anyway).
+    backlog: deque[Any] | None = None
     # Items dropped so far, and how many of them the reader has been told of.
     lagged: int = 0
     reported: int = 0
@@ -392,6 +412,60 @@ def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
                 waiter.set_result(None)
 
 
+def _after(channel: _Channel, last_id: str) -> deque[_Entry] | None:
+    """The retained entries after ``last_id``, or None if the channel cannot
+    tell what comes after it: an id of another epoch, not one it issued, or one
+    so old that some entry after it has been dropped already."""
+    history = channel.history
+    assert history is not None, "only channels with history resume"
+    epoch, _, number = last_id.rpartition("-")
+    if epoch != channel.epoch or not (number.isascii() and number.isdigit()) or str(int(number)) != number:
+        return None
+    seq = int(number)
+    oldest = channel.seq - len(history) + 1  # the sequence number of history[0]
+    if not oldest - 1 <= seq <= channel.seq:
+        return None
+    return deque(itertools.islice(history, seq - oldest + 1, None))
+
+
+def _groups(channel: _Channel) -> tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...]:
+    """Group the channel's members by loop and cache that (lock held)."""
+    groups = tuple((loop, tuple(subs)) for loop, subs in _by_loop(channel.members).items())
+    channel.groups = groups
+    return groups
+
+
+def _dispatch(
+    groups: Iterable[tuple[asyncio.AbstractEventLoop, Sequence[_Subscriber]]],
+    fn: Callable[..., None],
+    args: tuple[Any, ...],
+    *,
+    direct: bool,
+) -> int:
+    """Run ``fn(subs, *args)`` for each loop's subscribers on that loop's thread.
+
+    For the caller's own loop, at once if ``direct``, else through ``call_soon``
+    (behind what is already queued there); for any other loop through
+    ``call_soon_threadsafe``. Returns how many subscribers were addressed; those
+    of a closed loop are skipped, since nobody can read them.
+    """
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    count = 0
+    for loop, subs in groups:
+        if loop is running and direct:
+            fn(subs, *args)
+        else:
+            try:
+                (loop.call_soon if loop is running else loop.call_soon_threadsafe)(fn, subs, *args)
+            except RuntimeError:  # that loop is closed
+                continue
+        count += len(subs)
+    return count
+
+
 def _by_loop(subs: Iterable[_Subscriber]) -> dict[asyncio.AbstractEventLoop, list[_Subscriber]]:
     groups: dict[asyncio.AbstractEventLoop, list[_Subscriber]] = {}
     for sub in subs:
@@ -421,11 +495,22 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
     A stream belongs to the event loop that created it; read it there only.
     """
 
-    __slots__ = ("_sub", "_policy", "_leave", "__weakref__")
+    __slots__ = ("_sub", "_policy", "_leave", "_ids", "_resumed", "_last", "__weakref__")
 
-    def __init__(self, sub: _Subscriber, leave: Callable[[_Subscriber], None]) -> None:
+    def __init__(
+        self,
+        sub: _Subscriber,
+        leave: Callable[[_Subscriber], None],
+        ids: bool = False,
+        resumed: bool | None = None,
+    ) -> None:
         self._sub = sub
         self._policy = LagPolicy.ERROR
+        # With history, the queues hold _Entry objects: the stream yields their
+        # items and keeps the last entry (for its id, and for the SSE response).
+        self._ids = ids
+        self._resumed = resumed
+        self._last: _Entry | None = None
         # Leaving the channel happens exactly once: at close(), or when the
         # stream is garbage-collected. The finalizer holds ``sub``, never self.
         self._leave = weakref.finalize(self, leave, sub)
@@ -450,9 +535,22 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
 
     @property
     def queued(self) -> int:
-        """Items delivered to this stream and not read yet."""
-        queue = self._sub.queue
-        return len(queue) if queue else 0
+        """Items delivered to this stream (or replayed to it) and not read yet."""
+        sub = self._sub
+        return (len(sub.queue) if sub.queue else 0) + (len(sub.backlog) if sub.backlog else 0)
+
+    @property
+    def resumed(self) -> bool | None:
+        """Whether ``subscribe(key, last_event_id=...)`` could resume: True if the
+        stream replays everything after that id, False if it could not (unknown
+        or too old an id: tell the client to reload its state), None if no id
+        was given."""
+        return self._resumed
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The id of the last item this stream yielded (None without history)."""
+        return None if self._last is None else self._last.id
 
     @property
     def closed(self) -> bool:
@@ -472,25 +570,32 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
                     raise Lagged(missed)
                 if self._policy is LagPolicy.END:
                     self.close()
-            queue = sub.queue
-            if queue:
-                item: T_co = queue.popleft()
-                return item
-            if sub.ended:
+            if sub.backlog:
+                entry = sub.backlog.popleft()
+            elif sub.queue:
+                entry = sub.queue.popleft()
+            elif sub.ended:
                 raise StopAsyncIteration
-            waiter = sub.loop.create_future()
-            sub.waiter = waiter
-            try:
-                await waiter
-            finally:
-                if sub.waiter is waiter:
-                    sub.waiter = None
+            else:
+                waiter = sub.loop.create_future()
+                sub.waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    if sub.waiter is waiter:
+                        sub.waiter = None
+                continue
+            if self._ids:
+                self._last = entry
+                entry = entry.item
+            item: T_co = entry
+            return item
 
     def close(self) -> None:
         """Leave the channel now and discard what is buffered. Idempotent."""
         sub = self._sub
         sub.ended = True
-        sub.queue = None
+        sub.queue = sub.backlog = None
         _wake(sub)
         self._leave()
 
@@ -515,17 +620,43 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
         return f"<BroadcastStream key={sub.key!r} {state} queued={self.queued} lagged={sub.lagged}>"
 
 
+class _Entry:
+    """An item with its id, as a channel with history retains and delivers it."""
+
+    __slots__ = ("id", "item", "frame")
+
+    def __init__(self, id: str, item: object) -> None:
+        self.id = id
+        self.item = item
+        # The id-carrying frame of ``item`` when it is an Event, made by the
+        # first response that writes it and shared by all the others.
+        self.frame: bytes | None = None
+
+    def with_id(self, frame: bytes) -> bytes:
+        """``frame`` with this entry's id as its last field. The last ``id:``
+        line of an event wins on the client, so it replaces any id of its own."""
+        return frame[:-1] + f"id: {self.id}\n\n".encode()
+
+
 class _Channel:
-    """The subscribers of one key."""
+    """The subscribers of one key, and its history when the broadcaster keeps one."""
 
-    __slots__ = ("members", "groups")
+    __slots__ = ("members", "groups", "history", "epoch", "seq", "expires")
 
-    def __init__(self) -> None:
+    def __init__(self, history: int) -> None:
         # Insertion-ordered set of the key's subscribers.
         self.members: dict[_Subscriber, None] = {}
         # ``members`` grouped by event loop, as immutable tuples for send() to
         # iterate without a lock; None after any change (rebuilt lazily).
         self.groups: tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...] | None = None
+        # The last ``history`` entries, oldest first; None without history.
+        self.history: deque[_Entry] | None = deque(maxlen=history) if history else None
+        # Ids are f"{epoch}-{seq}": the epoch is random per channel lifetime, so
+        # an id of another lifetime or process is never mistaken for one of ours.
+        self.epoch = secrets.token_hex(6) if history else ""
+        self.seq = 0
+        # time.monotonic() deadline of a lingering channel (no members); else None.
+        self.expires: float | None = None
 
 
 class Broadcaster(Generic[K, T]):
@@ -535,23 +666,45 @@ class Broadcaster(Generic[K, T]):
         buffer: how many unread items each stream holds before the oldest is
             dropped (>= 1). It also bounds the queue of a ``channel()`` response.
         config: how the SSE responses behave (default ``SseConfig()``).
+        history: how many recent items each channel keeps, with ids, for
+            ``subscribe(key, last_event_id=...)`` to resume from; 0 (the
+            default) keeps none and assigns no ids.
+        linger: with history, how many seconds a channel whose last stream
+            left keeps its history for a reconnecting client before it goes.
 
     Raises:
-        TypeError: ``buffer`` not an int or ``config`` not an SseConfig.
-        ValueError: ``buffer < 1``.
+        TypeError: an argument of the wrong type.
+        ValueError: ``buffer < 1``, ``history < 0``, or ``linger`` not a
+            positive finite number.
     """
 
-    def __init__(self, buffer: int = 64, config: SseConfig | None = None) -> None:
+    def __init__(
+        self,
+        buffer: int = 64,
+        config: SseConfig | None = None,
+        *,
+        history: int = 0,
+        linger: float = 30.0,
+    ) -> None:
         if isinstance(buffer, bool) or not isinstance(buffer, int):
             raise TypeError(f"buffer must be an int, not {type(buffer).__name__}")
         if buffer < 1:
             raise ValueError(f"buffer must be >= 1, got {buffer}")
+        if isinstance(history, bool) or not isinstance(history, int):
+            raise TypeError(f"history must be an int, not {type(history).__name__}")
+        if history < 0:
+            raise ValueError(f"history must be >= 0, got {history}")
+        if linger is None:
+            raise TypeError("linger must be a number of seconds, not NoneType")
+        _check_seconds("linger", linger)
         if config is None:
             config = SseConfig()
         elif not isinstance(config, SseConfig):
             raise TypeError(f"config must be an SseConfig, not {type(config).__name__}")
         self._buffer: Final = buffer
         self._config: Final = config
+        self._history: Final = history
+        self._linger: Final = float(linger)
         # Keyed by K; typed Hashable so a subscriber's key indexes it too.
         self._channels: dict[Hashable, _Channel] = {}
         self._closed = False
@@ -561,6 +714,9 @@ class Broadcaster(Generic[K, T]):
         # by whoever holds the lock when it releases it; see _unlock().
         self._lock = threading.Lock()
         self._leaving: deque[_Subscriber] = deque()
+        # Channels with history and no members, by key, in expiry order (every
+        # channel lingers equally long); swept whenever the lock is released.
+        self._lingering: dict[Hashable, _Channel] = {}
 
     # -- locking ------------------------------------------------------------
 
@@ -574,6 +730,8 @@ class Broadcaster(Generic[K, T]):
         while True:
             while self._leaving:
                 self._drop(self._leaving.popleft())
+            if self._lingering:
+                self._expire()
             self._lock.release()
             if not self._leaving or not self._lock.acquire(blocking=False):
                 return
@@ -592,22 +750,55 @@ class Broadcaster(Generic[K, T]):
             return
         del channel.members[sub]
         channel.groups = None
-        if not channel.members:
+        if channel.members:
+            return
+        if channel.history is None:
             del self._channels[sub.key]
+        else:
+            channel.expires = time.monotonic() + self._linger
+            self._lingering[sub.key] = channel
+
+    def _expire(self) -> None:
+        # Lock held. Forget the lingering channels whose time is up.
+        now = time.monotonic()
+        while self._lingering:
+            key = next(iter(self._lingering))
+            expires = self._lingering[key].expires
+            assert expires is not None, "a lingering channel has a deadline"
+            if expires > now:
+                return
+            del self._lingering[key]
+            del self._channels[key]
+
+    def _sweep(self) -> None:
+        """Expire lingering channels now (for reads that take no lock otherwise)."""
+        if self._lingering:
+            self._lock.acquire()
+            self._unlock()
 
     # -- the registry ---------------------------------------------------------
 
-    def subscribe(self, key: K) -> BroadcastStream[T]:
+    def subscribe(self, key: K, last_event_id: str | None = None) -> BroadcastStream[T]:
         """A new stream of every item sent to ``key`` from now on.
 
         Creates the key's channel if it has none. After ``close()`` the stream is
         returned already ended (it yields nothing), so a request that arrives
         during shutdown ends cleanly instead of failing.
 
+        With ``last_event_id`` (the id of the last item the client got, as from
+        :func:`last_event_id`), a broadcaster with history first yields the
+        retained items sent after it, then live ones: no gap, no duplicate, even
+        with concurrent sends. ``stream.resumed`` tells whether that worked: it
+        is False when the id is unknown (another channel lifetime or process, or
+        a broadcaster without history) or older than the retained history, and
+        the stream then just goes on live; None without ``last_event_id``.
+
         Raises:
             RuntimeError: no event loop is running in this thread.
-            TypeError: ``key`` is not hashable.
+            TypeError: ``key`` is not hashable, or ``last_event_id`` not a str.
         """
+        if last_event_id is not None and not isinstance(last_event_id, str):
+            raise TypeError(f"last_event_id must be a str or None, not {type(last_event_id).__name__}")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -616,6 +807,7 @@ class Broadcaster(Generic[K, T]):
             ) from None
         hash(key)
         sub = _Subscriber(key, loop)
+        resumed: bool | None = None if last_event_id is None else False
         self._lock.acquire()
         try:
             if self._closed:
@@ -623,12 +815,23 @@ class Broadcaster(Generic[K, T]):
             else:
                 channel = self._channels.get(key)
                 if channel is None:
-                    channel = self._channels[key] = _Channel()
+                    channel = self._channels[key] = _Channel(self._history)
+                elif channel.expires is not None:
+                    channel.expires = None
+                    del self._lingering[key]
                 channel.members[sub] = None
                 channel.groups = None
+                if last_event_id is not None and channel.history is not None:
+                    # Under the lock, as send() appends and snapshots under it:
+                    # every later entry reaches this stream live, every earlier
+                    # one is in the backlog.
+                    backlog = _after(channel, last_event_id)
+                    if backlog is not None:
+                        sub.backlog = backlog
+                        resumed = True
         finally:
             self._unlock()
-        return BroadcastStream(sub, self._leave)
+        return BroadcastStream(sub, self._leave, self._history > 0, resumed)
 
     def send(self, key: K, item: T) -> int:
         """Deliver ``item`` to every current subscriber of ``key``; never waits.
@@ -637,35 +840,39 @@ class Broadcaster(Generic[K, T]):
         without subscribers). Safe from any thread: subscribers on another loop
         than the caller's get the item through ``call_soon_threadsafe`` (those
         of a closed loop are skipped and not counted).
+
+        With history, the item is also retained under a new id, even when the
+        key's channel has no stream left but still lingers; the deliveries then
+        go through every stream's loop, in id order.
         """
+        if self._history:
+            return self._send_with_history(key, item)
         channel = self._channels.get(key)
         if channel is None:
             return 0
         groups = channel.groups
         if groups is None:
-            groups = self._group(channel)
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        count = 0
-        for loop, subs in groups:
-            if loop is running:
-                _deliver(subs, item, self._buffer)
-            else:
-                try:
-                    loop.call_soon_threadsafe(_deliver, subs, item, self._buffer)
-                except RuntimeError:  # that loop is closed: nobody can read
-                    continue
-            count += len(subs)
-        return count
+            self._lock.acquire()
+            try:
+                groups = _groups(channel)
+            finally:
+                self._unlock()
+        return _dispatch(groups, _deliver, (item, self._buffer), direct=True)
 
-    def _group(self, channel: _Channel) -> tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...]:
+    def _send_with_history(self, key: K, item: T) -> int:
         self._lock.acquire()
         try:
-            groups = tuple((loop, tuple(subs)) for loop, subs in _by_loop(channel.members).items())
-            channel.groups = groups
-            return groups
+            channel = self._channels.get(key)
+            if channel is None:
+                return 0
+            assert channel.history is not None, "a broadcaster with history gives every channel one"
+            channel.seq += 1
+            entry = _Entry(f"{channel.epoch}-{channel.seq}", item)
+            channel.history.append(entry)
+            groups = channel.groups if channel.groups is not None else _groups(channel)
+            # Scheduled while the lock is held, so the deliveries of concurrent
+            # sends queue up on every loop in the order of their ids.
+            return _dispatch(groups, _deliver, (entry, self._buffer), direct=False)
         finally:
             self._unlock()
 
@@ -676,11 +883,12 @@ class Broadcaster(Generic[K, T]):
 
     def remove(self, key: K) -> None:
         """End every stream of ``key`` once it drains what it was sent, and forget
-        the channel. A later ``subscribe(key)`` makes a fresh one. No-op for a
-        key without a channel."""
+        the channel and its history at once. A later ``subscribe(key)`` makes a
+        fresh one. No-op for a key without a channel."""
         self._lock.acquire()
         try:
             channel = self._channels.pop(key, None)
+            self._lingering.pop(key, None)
         finally:
             self._unlock()
         if channel is not None:
@@ -695,6 +903,7 @@ class Broadcaster(Generic[K, T]):
             self._closed = True
             channels = list(self._channels.values())
             self._channels.clear()
+            self._lingering.clear()
         finally:
             self._unlock()
         for channel in channels:
@@ -702,18 +911,9 @@ class Broadcaster(Generic[K, T]):
 
     def _end_all(self, channel: _Channel) -> None:
         # The channel is out of the registry: its members no longer change.
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        for loop, subs in _by_loop(channel.members).items():
-            if loop is running:
-                _end(subs)
-            else:
-                try:
-                    loop.call_soon_threadsafe(_end, subs)
-                except RuntimeError:  # that loop is closed: nobody can read
-                    pass
+        # With history the end queues up behind the deliveries already
+        # scheduled on each loop, so every stream drains them first.
+        _dispatch(_by_loop(channel.members).items(), _end, (), direct=not self._history)
 
     @property
     def buffer(self) -> int:
@@ -725,11 +925,24 @@ class Broadcaster(Generic[K, T]):
         """The SSE configuration given at construction."""
         return self._config
 
+    @property
+    def history(self) -> int:
+        """How many items each channel retains (0: no history, no ids)."""
+        return self._history
+
+    @property
+    def linger(self) -> float:
+        """Seconds a channel with history outlives its last stream."""
+        return self._linger
+
     def __len__(self) -> int:
-        """The number of live channels (keys with at least one stream)."""
+        """The number of live channels: keys with at least one stream, and with
+        history, keys whose channel still lingers."""
+        self._sweep()
         return len(self._channels)
 
     def __contains__(self, key: object) -> bool:
+        self._sweep()
         return key in self._channels
 
     def __repr__(self) -> str:
@@ -738,13 +951,34 @@ class Broadcaster(Generic[K, T]):
 
     # -- SSE responses --------------------------------------------------------
 
-    def response(self, events: AsyncIterable[Event]) -> ASGIApp:
+    @overload
+    def response(self, events: AsyncIterable[Event], *, on_gap: Event | None = None) -> ASGIApp: ...
+
+    @overload
+    def response(
+        self, events: AsyncIterable[S], render: Callable[[S], Event], *, on_gap: Event | None = None
+    ) -> ASGIApp: ...
+
+    def response(
+        self,
+        events: AsyncIterable[Any],
+        render: Callable[[Any], Event] | None = None,
+        *,
+        on_gap: Event | None = None,
+    ) -> ASGIApp:
         """An ASGI app that streams ``events`` as ``text/event-stream``.
+
+        ``render`` maps each item to its :class:`Event` (needed unless the items
+        are Events). When ``events`` is a stream of a broadcaster with history,
+        each event is written with its item's id (replacing any id of its own),
+        so the client's ``Last-Event-ID`` resumes it; ``on_gap``, if given, is
+        written first when that stream could not resume (``resumed is False``),
+        so the client knows to reload its state.
 
         Call it once per request. ``events`` is closed (``aclose()``, when it has
         one) on every way out; see :class:`_SseApp` for the wire behaviour.
         """
-        return _SseApp(events, self._config)
+        return _SseApp(events, self._config, render, on_gap)
 
     def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
         """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
@@ -1065,11 +1299,19 @@ class _SseApp:
             second call.
     """
 
-    __slots__ = ("_source", "_config", "_called")
+    __slots__ = ("_source", "_config", "_render", "_on_gap", "_called")
 
-    def __init__(self, source: AsyncIterable[Event], config: SseConfig) -> None:
+    def __init__(
+        self,
+        source: AsyncIterable[Any],
+        config: SseConfig,
+        render: Callable[[Any], Event] | None = None,
+        on_gap: Event | None = None,
+    ) -> None:
         self._source = source
         self._config = config
+        self._render = render
+        self._on_gap = on_gap
         self._called = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1120,6 +1362,10 @@ class _SseApp:
             return
         if not await self._send(send, {"type": "http.response.body", "body": config._first_chunk, "more_body": True}):
             return
+        source = self._source
+        if self._on_gap is not None and isinstance(source, BroadcastStream) and source.resumed is False:
+            if not await self._send(send, {"type": "http.response.body", "body": self._on_gap._frame, "more_body": True}):
+                return
         loop = asyncio.get_running_loop()
         writes = _Writes(loop.time())
         pump = loop.create_task(self._pump(send, writes))
@@ -1174,18 +1420,32 @@ class _SseApp:
         """Write every event of the source; True if the source is exhausted,
         False if the client went away or send() failed. Source errors propagate."""
         loop = asyncio.get_running_loop()
+        render = self._render
+        # A stream with history: its last entry gives each event's id.
+        ids = self._source if isinstance(self._source, BroadcastStream) and self._source._ids else None
         source = aiter(self._source)
         while True:
             try:
-                event = await anext(source)
+                item = await anext(source)
             except StopAsyncIteration:
                 return True
+            event = item if render is None else render(item)
             if not isinstance(event, Event):
-                raise TypeError(f"SSE event sources must yield Event objects, got {type(event).__name__}")
+                raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
+            frame = event._frame
+            if ids is not None:
+                entry = ids._last
+                assert entry is not None, "a stream with history records the entry it yielded"
+                if render is not None:
+                    frame = entry.with_id(frame)
+                else:  # every response writes this same event: share the frame
+                    if entry.frame is None:
+                        entry.frame = entry.with_id(frame)
+                    frame = entry.frame
             async with writes.lock:
                 writes.sending_since = loop.time()
                 try:
-                    await send({"type": "http.response.body", "body": event._frame, "more_body": True})
+                    await send({"type": "http.response.body", "body": frame, "more_body": True})
                 except OSError as exc:
                     logger.debug("SSE client disconnected: %r", exc)
                     return False

@@ -38,7 +38,7 @@ from broadcaster import (
 )
 
 Message = dict[str, Any]
-AsyncTest = Callable[[], Coroutine[Any, Any, None]]
+AsyncTest = Callable[..., Coroutine[Any, Any, None]]
 
 
 # ---------------------------------------------------------------------------
@@ -46,15 +46,16 @@ AsyncTest = Callable[[], Coroutine[Any, Any, None]]
 # ---------------------------------------------------------------------------
 
 
-def async_test(timeout: float = 5.0) -> Callable[[AsyncTest], Callable[[], None]]:
+def async_test(timeout: float = 5.0) -> Callable[[AsyncTest], Callable[..., None]]:
     """Run an async test in a fresh loop, within ``timeout`` seconds, and fail
-    it if any task it started is still running when it returns."""
+    it if any task it started is still running when it returns. Arguments
+    (pytest parameters) are passed through."""
 
-    def decorate(fn: AsyncTest) -> Callable[[], None]:
+    def decorate(fn: AsyncTest) -> Callable[..., None]:
         @functools.wraps(fn)
-        def run() -> None:
+        def run(*args: Any, **kwargs: Any) -> None:
             async def main() -> None:
-                task = asyncio.ensure_future(fn())
+                task = asyncio.ensure_future(fn(*args, **kwargs))
                 done, _ = await asyncio.wait((task,), timeout=timeout)
                 if not done:
                     task.cancel()
@@ -3266,3 +3267,537 @@ async def test_response_without_send_timeout_waits_out_a_slow_send() -> None:
     peer.disconnect()
     await task
     assert b.subscriber_count("k") == 0
+
+
+# ---------------------------------------------------------------------------
+# History and resume (Broadcaster(history=N))
+# ---------------------------------------------------------------------------
+
+
+async def history_read(stream: BroadcastStream[Any], n: int) -> list[tuple[str | None, Any]]:
+    """Read ``n`` items, each with the stream's last_event_id after it."""
+    got: list[tuple[str | None, Any]] = []
+    for _ in range(n):
+        item = await asyncio.wait_for(anext(stream), 2)
+        got.append((stream.last_event_id, item))
+    return got
+
+
+def test_history_defaults_and_properties() -> None:
+    """By default a broadcaster keeps no history and lingers 30 s if it had one."""
+    b: Broadcaster[str, int] = Broadcaster()
+    assert (b.history, b.linger) == (0, 30.0)
+    b2: Broadcaster[str, int] = Broadcaster(history=10, linger=2)
+    assert (b2.history, b2.linger) == (10, 2.0) and isinstance(b2.linger, float)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"history": -1}, ValueError, "history must be >= 0, got -1"),
+        ({"history": True}, TypeError, "history must be an int, not bool"),
+        ({"history": 2.0}, TypeError, "history must be an int, not float"),
+        ({"linger": 0}, ValueError, "linger must be > 0 and finite (use None to disable), got 0"),
+        ({"linger": -1.0}, ValueError, "linger must be > 0 and finite (use None to disable), got -1.0"),
+        ({"linger": float("inf")}, ValueError, "linger must be > 0 and finite (use None to disable), got inf"),
+        ({"linger": None}, TypeError, "linger must be a number of seconds, not NoneType"),
+        ({"linger": "1"}, TypeError, "linger must be a number of seconds or None, not str"),
+    ],
+)
+def test_history_bad_arguments_are_rejected(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+    """history must be an int >= 0 and linger a positive finite number."""
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        Broadcaster(**kwargs)
+
+
+@async_test()
+async def test_history_ids_are_epoch_and_increasing_sequence_per_key() -> None:
+    """Each key's items get ids '<epoch>-<n>' with n = 1, 2, 3...; the epoch is
+    fixed for a channel's lifetime and differs between keys."""
+    b: Broadcaster[str, str] = Broadcaster(history=10)
+    a, z = b.subscribe("a"), b.subscribe("z")
+    for i in range(3):
+        b.send("a", f"a{i}")
+    b.send("z", "z0")
+    got = await history_read(a, 3)
+    ids = [i for i, _ in got]
+    assert [item for _, item in got] == ["a0", "a1", "a2"]
+    assert all(i is not None and re.fullmatch(r"[0-9a-f]{12}-[0-9]+", i) for i in ids), ids
+    epochs = {i.rsplit("-", 1)[0] for i in ids if i}
+    assert len(epochs) == 1 and [i.rsplit("-", 1)[1] for i in ids if i] == ["1", "2", "3"]
+    [(z_id, _)] = await history_read(z, 1)
+    assert z_id is not None and z_id.rsplit("-", 1)[0] not in epochs
+    a.close()
+    z.close()
+
+
+@async_test()
+async def test_history_new_channel_lifetime_gets_a_new_epoch() -> None:
+    """After remove(key) the key's next channel uses another epoch, so the old
+    ids are unknown to it."""
+    b: Broadcaster[str, int] = Broadcaster(history=10)
+    s = b.subscribe("k")
+    b.send("k", 1)
+    [(old, _)] = await history_read(s, 1)
+    b.remove("k")
+    s2 = b.subscribe("k")
+    b.send("k", 2)
+    [(new, _)] = await history_read(s2, 1)
+    assert old and new and old.rsplit("-", 1)[0] != new.rsplit("-", 1)[0]
+    s3 = b.subscribe("k", last_event_id=old)
+    assert s3.resumed is False
+    s.close()
+    s2.close()
+    s3.close()
+
+
+@async_test()
+async def test_history_resume_yields_exactly_the_missed_items_then_live() -> None:
+    """subscribe(key, last_event_id=id) yields the retained items after id, then
+    live items: nothing twice, nothing skipped."""
+    b: Broadcaster[str, int] = Broadcaster(history=10)
+    first = b.subscribe("k")
+    for i in range(5):
+        b.send("k", i)
+    got = await history_read(first, 5)
+    first.close()
+    resumed = b.subscribe("k", last_event_id=got[1][0])
+    assert resumed.resumed is True and resumed.queued == 3
+    b.send("k", 5)
+    again = await history_read(resumed, 4)
+    assert [item for _, item in again] == [2, 3, 4, 5]
+    assert [i for i, _ in again[:3]] == [i for i, _ in got[2:]]
+    resumed.close()
+
+
+@async_test()
+async def test_history_resume_from_the_newest_id_replays_nothing() -> None:
+    """A client that missed nothing resumes with an empty backlog and goes live."""
+    b: Broadcaster[str, int] = Broadcaster(history=4)
+    s = b.subscribe("k")
+    b.send("k", 1)
+    [(newest, _)] = await history_read(s, 1)
+    s2 = b.subscribe("k", last_event_id=newest)
+    assert (s2.resumed, s2.queued) == (True, 0)
+    b.send("k", 2)
+    assert await history_read(s2, 1) == [(newest.rsplit("-", 1)[0] + "-2" if newest else None, 2)]
+    s.close()
+    s2.close()
+
+
+@async_test()
+async def test_history_resume_from_an_evicted_id_says_so_and_goes_live() -> None:
+    """An id older than the retained history gives resumed False and live items only."""
+    b: Broadcaster[str, int] = Broadcaster(history=3)
+    s = b.subscribe("k")
+    for i in range(6):
+        b.send("k", i)
+    got = await history_read(s, 6)
+    late = b.subscribe("k", last_event_id=got[1][0])  # items 2..5 would be needed, 3..5 kept
+    assert (late.resumed, late.queued) == (False, 0)
+    keeps = b.subscribe("k", last_event_id=got[2][0])  # the oldest retained item is 3: exact
+    assert (keeps.resumed, keeps.queued) == (True, 3)
+    b.send("k", 6)
+    assert [item for _, item in await history_read(late, 1)] == [6]
+    assert [item for _, item in await history_read(keeps, 4)] == [3, 4, 5, 6]
+    for stream in (s, late, keeps):
+        stream.close()
+
+
+@pytest.mark.parametrize("bogus", ["", "nonsense", "000000000000-1", "-1", "1"])
+@async_test()
+async def test_history_resume_from_an_unknown_id_says_so(bogus: str) -> None:
+    """Ids that were never issued by this channel give resumed False."""
+    b: Broadcaster[str, int] = Broadcaster(history=3)
+    s = b.subscribe("k")
+    b.send("k", 1)
+    late = b.subscribe("k", last_event_id=bogus)
+    assert late.resumed is False and late.queued == 0
+    s.close()
+    late.close()
+
+
+@async_test()
+async def test_history_resumed_is_none_without_an_id_and_false_without_history() -> None:
+    """resumed is None when no id is given, False when the broadcaster keeps no
+    history (it cannot resume anything), and last_event_id stays None then."""
+    with_history: Broadcaster[str, int] = Broadcaster(history=3)
+    plain: Broadcaster[str, int] = Broadcaster()
+    s1, s2 = with_history.subscribe("k"), plain.subscribe("k", last_event_id="abc-1")
+    assert (s1.resumed, s2.resumed) == (None, False)
+    plain.send("k", 1)
+    assert await anext(s2) == 1 and s2.last_event_id is None
+    s1.close()
+    s2.close()
+
+
+@async_test()
+async def test_history_subscribe_rejects_a_non_str_last_event_id() -> None:
+    """last_event_id must be a str or None."""
+    b: Broadcaster[str, int] = Broadcaster(history=3)
+    with pytest.raises(TypeError, match=r"^last_event_id must be a str or None, not int$"):
+        b.subscribe("k", last_event_id=5)  # type: ignore[arg-type]  # the error under test
+    assert len(b) == 0
+
+
+@async_test()
+async def test_history_retains_at_most_n_items_per_key() -> None:
+    """Only the newest `history` items are kept: the oldest resumable id is the
+    n-th newest."""
+    b: Broadcaster[str, int] = Broadcaster(history=5, buffer=100)
+    s = b.subscribe("k")
+    for i in range(100):
+        b.send("k", i)
+    got = await history_read(s, 100)
+    assert b._channels["k"].history is not None and len(b._channels["k"].history) == 5
+    assert b.subscribe("k", last_event_id=got[94][0]).resumed is True
+    assert b.subscribe("k", last_event_id=got[93][0]).resumed is False
+    s.close()
+
+
+@async_test()
+async def test_history_channel_lingers_after_its_last_stream_then_goes() -> None:
+    """With history, a channel whose last stream left stays (count 0, still in
+    the registry, still collecting sends) for `linger` seconds, then is gone."""
+    b: Broadcaster[str, int] = Broadcaster(history=10, linger=0.05)
+    s = b.subscribe("k")
+    b.send("k", 1)
+    [(last, _)] = await history_read(s, 1)
+    s.close()
+    assert ("k" in b, len(b), b.subscriber_count("k")) == (True, 1, 0)
+    assert b.send("k", 2) == 0, "a lingering channel has no one to address"
+    resumed = b.subscribe("k", last_event_id=last)
+    assert resumed.resumed is True and [x for _, x in await history_read(resumed, 1)] == [2]
+    resumed.close()
+    await asyncio.sleep(0.1)  # timing under test: the linger period passes
+    assert ("k" in b, len(b)) == (False, 0)
+    assert b.subscribe("k", last_event_id=last).resumed is False
+
+
+@async_test()
+async def test_history_resubscribing_restarts_the_linger_period() -> None:
+    """A subscribe during the linger keeps the channel; its own leaving starts a
+    new full period."""
+    b: Broadcaster[str, int] = Broadcaster(history=2, linger=0.15)
+    b.subscribe("k").close()
+    await asyncio.sleep(0.1)
+    s = b.subscribe("k")
+    assert "k" not in b._lingering
+    await asyncio.sleep(0.1)  # past the first deadline, but the channel has a stream
+    assert "k" in b
+    s.close()
+    await asyncio.sleep(0.1)  # within the second period
+    assert "k" in b
+    await asyncio.sleep(0.1)
+    assert "k" not in b
+
+
+@async_test()
+async def test_history_expiry_is_swept_by_any_registry_operation() -> None:
+    """An expired lingering channel is gone for subscribe, send and len alike."""
+    b: Broadcaster[str, int] = Broadcaster(history=2, linger=0.01)
+    for key in ("a", "b"):
+        b.subscribe(key).close()
+    await asyncio.sleep(0.05)
+    assert b.send("a", 1) == 0 and "a" not in b._channels
+    assert b._lingering == {} and b._channels == {}
+
+
+@async_test()
+async def test_history_remove_drops_history_at_once() -> None:
+    """remove(key) forgets a lingering channel and its history immediately."""
+    b: Broadcaster[str, int] = Broadcaster(history=10, linger=60)
+    s = b.subscribe("k")
+    b.send("k", 1)
+    [(last, _)] = await history_read(s, 1)
+    s.close()
+    b.remove("k")
+    assert "k" not in b and b._lingering == {}
+    assert b.subscribe("k", last_event_id=last).resumed is False
+
+
+@async_test()
+async def test_history_close_drops_lingering_channels() -> None:
+    """close() forgets lingering channels too."""
+    b: Broadcaster[str, int] = Broadcaster(history=10, linger=60)
+    b.subscribe("k").close()
+    b.close()
+    assert len(b) == 0 and b._lingering == {}
+
+
+@async_test()
+async def test_history_send_without_a_channel_creates_no_history() -> None:
+    """A send to a key that never had a stream (or whose channel expired) is
+    retained nowhere: no client can hold an id of it."""
+    b: Broadcaster[str, int] = Broadcaster(history=10)
+    assert b.send("k", 1) == 0 and len(b) == 0
+
+
+@async_test()
+async def test_history_deliveries_go_through_the_loop_in_order() -> None:
+    """With history, send() on the loop queues the delivery behind what is
+    already scheduled there (so ids arrive in order); the stream has it after
+    one loop iteration."""
+    b: Broadcaster[str, int] = Broadcaster(history=10)
+    s = b.subscribe("k")
+    assert b.send("k", 1) == 1
+    assert s.queued == 0
+    await asyncio.sleep(0)
+    assert s.queued == 1
+    s.close()
+
+
+@async_test()
+async def test_history_resume_while_deliveries_are_pending_on_the_loop() -> None:
+    """Items already sent but not yet delivered when a stream resumes are in
+    its backlog, and only there: the pending deliveries do not include it."""
+    b: Broadcaster[str, int] = Broadcaster(history=10)
+    first = b.subscribe("k")
+    b.send("k", 0)
+    [(id0, _)] = await history_read(first, 1)
+    for i in range(1, 4):
+        b.send("k", i)  # scheduled, not yet delivered
+    resumed = b.subscribe("k", last_event_id=id0)
+    assert resumed.queued == 3
+    b.send("k", 4)
+    assert [x for _, x in await history_read(resumed, 4)] == [1, 2, 3, 4]
+    await asyncio.sleep(0)
+    assert resumed.queued == 0, "an item arrived twice"
+    assert [x for _, x in await history_read(first, 4)] == [1, 2, 3, 4]
+    first.close()
+    resumed.close()
+
+
+@async_test(timeout=20)
+async def test_history_resume_races_sends_from_another_thread_without_gap_or_duplicate() -> None:
+    """While a thread sends 20,000 items, streams resume at several points from
+    the id a first stream had reached: each gets exactly the items after that
+    id, in order."""
+    n = 20_000
+    b: Broadcaster[str, int] = Broadcaster(history=n, buffer=n)
+    first = b.subscribe("k")
+    sender = threading.Thread(target=lambda: [b.send("k", i) for i in range(n)])
+    sender.start()
+    resumed: list[tuple[int, BroadcastStream[int]]] = []
+    for _ in range(n):
+        item = await asyncio.wait_for(anext(first), 5)
+        if item % 3000 == 0:
+            resumed.append((item, b.subscribe("k", last_event_id=first.last_event_id)))
+    sender.join()
+    assert len(resumed) >= 5
+    for start, stream in resumed:
+        assert stream.resumed is True
+        got = [await asyncio.wait_for(anext(stream), 5) for _ in range(n - 1 - start)]
+        assert got == list(range(start + 1, n)), f"resumed after {start}: gap or duplicate"
+        assert stream.queued == 0
+        stream.close()
+    first.close()
+
+
+@async_test()
+async def test_history_resumed_stream_that_is_already_behind_lags() -> None:
+    """A resumed stream's backlog does not count against its buffer, but live
+    items arriving while it is replayed do: under ERROR the next read raises
+    Lagged, then the backlog and the retained live items follow."""
+    b: Broadcaster[str, int] = Broadcaster(history=20, buffer=2)
+    first = b.subscribe("k").on_lag(LagPolicy.SKIP)
+    b.send("k", 0)
+    [(id0, _)] = await history_read(first, 1)
+    for i in range(1, 11):
+        b.send("k", i)
+    resumed = b.subscribe("k", last_event_id=id0)
+    assert resumed.queued == 10 and resumed.lagged == 0
+    for i in range(11, 16):
+        b.send("k", i)
+    await asyncio.sleep(0)
+    assert resumed.lagged == 3
+    with pytest.raises(Lagged) as info:
+        await anext(resumed)
+    assert info.value.missed == 3
+    rest = [x for _, x in await history_read(resumed, 12)]
+    assert rest == [*range(1, 11), 14, 15]
+    first.close()
+    resumed.close()
+
+
+@async_test()
+async def test_history_remove_ends_streams_after_pending_deliveries() -> None:
+    """remove() right after sends (deliveries still queued on the loop) lets
+    every stream read them before it ends."""
+    b: Broadcaster[str, int] = Broadcaster(history=5)
+    s = b.subscribe("k")
+    for i in range(3):
+        b.send("k", i)
+    b.remove("k")
+    assert [x async for x in s] == [0, 1, 2]
+
+
+@async_test()
+async def test_history_close_of_a_resumed_stream_discards_its_backlog() -> None:
+    """close() discards the backlog too: nothing is yielded after it."""
+    b: Broadcaster[str, int] = Broadcaster(history=5)
+    s = b.subscribe("k")
+    b.send("k", 0)
+    [(id0, _)] = await history_read(s, 1)
+    b.send("k", 1)
+    resumed = b.subscribe("k", last_event_id=id0)
+    assert resumed.queued == 1
+    resumed.close()
+    assert resumed.queued == 0
+    with pytest.raises(StopAsyncIteration):
+        await anext(resumed)
+    s.close()
+
+
+@async_test()
+async def test_history_send_from_a_thread_counts_and_delivers() -> None:
+    """send() with history from another thread returns the count and delivers."""
+    b: Broadcaster[str, int] = Broadcaster(history=5)
+    s = b.subscribe("k")
+    counts: list[int] = []
+    thread = threading.Thread(target=lambda: counts.append(b.send("k", 7)))
+    thread.start()
+    assert await asyncio.wait_for(anext(s), 2) == 7
+    thread.join()
+    assert counts == [1] and s.last_event_id is not None
+    s.close()
+
+
+def test_history_send_skips_a_closed_loop() -> None:
+    """With history too, subscribers of a closed loop are not addressed."""
+    b: Broadcaster[str, int] = Broadcaster(history=5)
+    holder: list[BroadcastStream[int]] = []
+
+    async def subscribe() -> None:
+        holder.append(b.subscribe("k"))
+
+    asyncio.run(subscribe())
+    assert b.send("k", 1) == 0
+    holder.clear()
+
+
+# -- History in SSE responses --------------------------------------------------
+
+
+@async_test()
+async def test_history_response_writes_each_items_id() -> None:
+    """A response of a stream with history writes every event with its item's
+    id as the last field, and a browser sees that id."""
+    b: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    peer = AsgiPeer()
+    stream = b.subscribe("k")
+    b.send("k", Event("one", event="chat"))
+    b.send("k", Event("two\nlines", id="their-own"))
+    b.remove("k")
+    await b.response(stream)(peer.scope, peer.receive, peer.send)
+    epoch = b.subscribe("k")  # a new channel; only to prove the old epoch shape
+    epoch.close()
+    frames = peer.bodies[1:-1]
+    assert len(frames) == 2
+    assert re.fullmatch(rb"event: chat\ndata: one\nid: [0-9a-f]{12}-1\n\n", frames[0]), frames[0]
+    assert re.fullmatch(rb"id: their-own\ndata: two\ndata: lines\nid: [0-9a-f]{12}-2\n\n", frames[1]), frames[1]
+    parsed = parse_event_stream(b"".join(peer.bodies))
+    assert [e.data for e in parsed.events] == ["one", "two\nlines"]
+    assert parsed.events[1].last_event_id.endswith("-2"), "the broadcaster's id must win"
+
+
+@async_test()
+async def test_history_response_frames_are_shared_between_responses() -> None:
+    """Two responses writing the same Event item share one id-carrying frame
+    (encoded once, not once per subscriber)."""
+    b: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    peers = [AsgiPeer(), AsgiPeer()]
+    streams = [b.subscribe("k"), b.subscribe("k")]
+    b.send("k", Event("x"))
+    b.remove("k")
+    for peer, stream in zip(peers, streams):
+        await b.response(stream)(peer.scope, peer.receive, peer.send)
+    assert peers[0].bodies[1] == peers[1].bodies[1]
+    assert peers[0].bodies[1] is peers[1].bodies[1], "the frame was encoded twice"
+
+
+@async_test()
+async def test_history_response_with_render_maps_items_and_writes_ids() -> None:
+    """response(stream, render) maps each item to its Event and adds the id."""
+    b: Broadcaster[str, dict[str, int]] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    peer = AsgiPeer()
+    stream = b.subscribe("k")
+    b.send("k", {"n": 1})
+    b.remove("k")
+    await b.response(stream, Event.json)(peer.scope, peer.receive, peer.send)
+    assert re.fullmatch(rb'data: \{"n":1\}\nid: [0-9a-f]{12}-1\n\n', peer.bodies[1]), peer.bodies[1]
+
+
+@async_test()
+async def test_response_render_without_history_maps_items() -> None:
+    """render works for any source: a plain async iterable of other items."""
+    b: Broadcaster[str, int] = Broadcaster(config=SseConfig(keep_alive=None))
+    peer = AsgiPeer()
+
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    await b.response(numbers(), lambda n: Event(str(n)))(peer.scope, peer.receive, peer.send)
+    assert peer.bodies == [b":\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
+
+
+@pytest.mark.parametrize(("last_id", "gap_written"), [("unknown-1", True), (None, False), ("newest", False)])
+@async_test()
+async def test_history_response_on_gap_is_written_only_when_resume_failed(last_id: str | None, gap_written: bool) -> None:
+    """on_gap is written right after the first chunk when the stream could not
+    resume, and never when it resumed or no id was given."""
+    b: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    first = b.subscribe("k")
+    b.send("k", Event("a"))
+    await anext(first)
+    if last_id == "newest":
+        last_id = first.last_event_id
+    peer = AsgiPeer()
+    stream = b.subscribe("k", last_event_id=last_id)
+    b.send("k", Event("b"))
+    b.remove("k")
+    await b.response(stream, on_gap=Event(event="reload", data=""))(peer.scope, peer.receive, peer.send)
+    reload = b"event: reload\ndata: \n\n"
+    assert (peer.bodies[1] == reload) is gap_written, peer.bodies
+    assert peer.bodies.count(reload) == int(gap_written)
+    first.close()
+
+
+@async_test()
+async def test_history_response_on_gap_send_failure_ends_the_response() -> None:
+    """A disconnect while writing on_gap ends the response with nothing more."""
+    b: Broadcaster[str, Event] = Broadcaster(history=5)
+    peer = AsgiPeer()
+    stream = b.subscribe("k", last_event_id="gone-1")
+    real_send = peer.send
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"event: reload\ndata: \n\n":
+            raise OSError("connection reset")
+        await real_send(message)
+
+    await b.response(stream, on_gap=Event(event="reload", data=""))(peer.scope, peer.receive, send)
+    assert peer.bodies == [b":\n\n"] and not peer.ended
+    assert b.subscriber_count("k") == 0
+
+
+@async_test()
+async def test_history_resume_checks_the_id_strictly() -> None:
+    """Only ids this channel could have issued resume: '<epoch>-0' (nothing seen
+    yet) replays the whole history; a number past the newest, with a leading
+    zero or with non-ASCII digits does not."""
+    b: Broadcaster[str, int] = Broadcaster(history=5)
+    s = b.subscribe("k")
+    b.send("k", 1)
+    b.send("k", 2)
+    await history_read(s, 2)
+    epoch = (s.last_event_id or "").rsplit("-", 1)[0]
+    whole = b.subscribe("k", last_event_id=f"{epoch}-0")
+    assert (whole.resumed, whole.queued) == (True, 2)
+    for bad in (f"{epoch}-3", f"{epoch}-01", f"{epoch}-\N{SUPERSCRIPT ONE}", f"{epoch}-", f"{epoch}--1", epoch):
+        stream = b.subscribe("k", last_event_id=bad)
+        assert stream.resumed is False, bad
+        stream.close()
+    s.close()
+    whole.close()
