@@ -449,10 +449,7 @@ def _dispatch(
     ``call_soon_threadsafe``. Returns how many subscribers were addressed; those
     of a closed loop are skipped, since nobody can read them.
     """
-    try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
+    running = _running_loop()
     count = 0
     for loop, subs in groups:
         if loop is running and direct:
@@ -464,6 +461,14 @@ def _dispatch(
                 continue
         count += len(subs)
     return count
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _by_loop(subs: Iterable[_Subscriber]) -> dict[asyncio.AbstractEventLoop, list[_Subscriber]]:
@@ -717,6 +722,8 @@ class Broadcaster(Generic[K, T]):
         # Channels with history and no members, by key, in expiry order (every
         # channel lingers equally long); swept whenever the lock is released.
         self._lingering: dict[Hashable, _Channel] = {}
+        # The running channel() responses, for close() to end.
+        self._sources: set[_ChannelSource] = set()
 
     # -- locking ------------------------------------------------------------
 
@@ -757,6 +764,24 @@ class Broadcaster(Generic[K, T]):
         else:
             channel.expires = time.monotonic() + self._linger
             self._lingering[sub.key] = channel
+
+    def _adopt(self, source: _ChannelSource) -> bool:
+        """Register a starting channel() source; False if closed already."""
+        self._lock.acquire()
+        try:
+            if self._closed:
+                return False
+            self._sources.add(source)
+            return True
+        finally:
+            self._unlock()
+
+    def _disown(self, source: _ChannelSource) -> None:
+        self._lock.acquire()
+        try:
+            self._sources.discard(source)
+        finally:
+            self._unlock()
 
     def _expire(self) -> None:
         # Lock held. Forget the lingering channels whose time is up.
@@ -904,10 +929,21 @@ class Broadcaster(Generic[K, T]):
             channels = list(self._channels.values())
             self._channels.clear()
             self._lingering.clear()
+            sources, self._sources = self._sources, set()
         finally:
             self._unlock()
         for channel in channels:
             self._end_all(channel)
+        running = _running_loop()
+        for source in sources:
+            assert source._loop is not None, "an adopted source has started on a loop"
+            if source._loop is running:
+                source._shutdown()
+            else:
+                try:
+                    source._loop.call_soon_threadsafe(source._shutdown)
+                except RuntimeError:  # that loop is closed
+                    pass
 
     def _end_all(self, channel: _Channel) -> None:
         # The channel is out of the registry: its members no longer change.
@@ -987,9 +1023,11 @@ class Broadcaster(Generic[K, T]):
         holds ``buffer`` events, so a fast ``fn`` waits for a slow client. Every
         event it sent is written before the end. The response ends cleanly when
         ``fn`` returns, ends cleanly with an ERROR log when it raises, and
-        cancels it when the client goes away.
+        cancels it when the client goes away. ``close()`` cancels it too and
+        ends the response cleanly after what it sent; after ``close()`` a new
+        channel response ends at once without starting ``fn``.
         """
-        return _SseApp(_ChannelSource(fn, self._buffer), self._config)
+        return _SseApp(_ChannelSource(fn, self._buffer, self), self._config)
 
 
 # ---------------------------------------------------------------------------
@@ -1185,7 +1223,8 @@ class Sender:
                 return event
             if self._finished:
                 error, self._error = self._error, None
-                if error is not None:
+                # ClientDisconnected means the closure saw the response end.
+                if error is not None and not isinstance(error, ClientDisconnected):
                     raise error
                 raise StopAsyncIteration
             reader = asyncio.get_running_loop().create_future()
@@ -1210,23 +1249,40 @@ class Sender:
 class _ChannelSource:
     """The event source of a ``channel()`` response: ``fn`` run in a task it owns.
 
-    The task starts at the first read and is cancelled and awaited by ``aclose``.
+    The task starts at the first read, unless the broadcaster is closed (then
+    the response just ends). While it runs the broadcaster knows the source, so
+    that ``Broadcaster.close()`` can end it; ``aclose`` cancels and awaits it.
     """
 
-    __slots__ = ("_fn", "_sender", "_task")
+    __slots__ = ("_fn", "_sender", "_task", "_owner", "_loop")
 
-    def __init__(self, fn: Callable[[Sender], Awaitable[None]], limit: int) -> None:
+    def __init__(self, fn: Callable[[Sender], Awaitable[None]], limit: int, owner: Broadcaster[Any, Any]) -> None:
         self._fn = fn
         self._sender = Sender(limit)
         self._task: asyncio.Task[None] | None = None
+        self._owner = owner
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __aiter__(self) -> _ChannelSource:
         return self
 
     async def __anext__(self) -> Event:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self._task is None and self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            if self._owner._adopt(self):
+                self._task = self._loop.create_task(self._run())
+            else:  # the broadcaster is closed: end at once
+                self._sender._close()
+                self._sender._finish(None)
         return await self._sender._get()
+
+    def _shutdown(self) -> None:
+        """End the response for ``Broadcaster.close()`` (on the source's loop):
+        the closure is cancelled, what it already sent is still written, then
+        the response ends cleanly."""
+        assert self._task is not None, "an adopted source started its task at once"
+        self._sender._close()
+        self._task.cancel()
 
     async def _run(self) -> None:
         error: BaseException | None = None
@@ -1250,6 +1306,7 @@ class _ChannelSource:
         task = self._task
         if task is None:
             return
+        self._owner._disown(self)
         task.cancel()
         await asyncio.wait((task,))
         # An error the closure raised that the response never read (it ended

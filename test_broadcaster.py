@@ -3801,3 +3801,132 @@ async def test_history_resume_checks_the_id_strictly() -> None:
         stream.close()
     s.close()
     whole.close()
+
+
+# ---------------------------------------------------------------------------
+# Broadcaster.close() and channel() responses
+# ---------------------------------------------------------------------------
+
+
+def test_close_ends_running_channel_responses_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    """close() cancels every running channel() closure; what it sent is written,
+    then the final chunk; nothing is logged as an error, and a send after the
+    cancellation raises ClientDisconnected inside the closure."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    seen: list[str] = []
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+
+        async def closure(tx: Sender) -> None:
+            await tx.send(Event("before close"))
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                try:
+                    await tx.send(Event("after close"))
+                except ClientDisconnected:
+                    seen.append("ClientDisconnected")
+                raise
+
+        peer = AsgiPeer()
+        task = asyncio.ensure_future(b.channel(closure)(peer.scope, peer.receive, peer.send))
+        await peer.wait_for_bodies(2)
+        assert len(b._sources) == 1
+        b.close()
+        await asyncio.wait_for(task, 2)
+        assert peer.bodies == [b":\n\n", b"data: before close\n\n", b""] and peer.ended
+        assert b._sources == set()
+
+    scenario()
+    assert seen == ["cancelled", "ClientDisconnected"]
+    assert asgi_errors(caplog) == [], [r.getMessage() for r in asgi_errors(caplog)]
+
+
+def test_close_ends_a_closure_that_returns_on_cancellation(caplog: pytest.LogCaptureFixture) -> None:
+    """A closure that swallows close()'s cancellation and returns still ends
+    the response cleanly, with nothing logged as an error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+        started = asyncio.Event()
+
+        async def closure(tx: Sender) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return
+
+        peer = AsgiPeer()
+        task = asyncio.ensure_future(b.channel(closure)(peer.scope, peer.receive, peer.send))
+        await started.wait()
+        b.close()
+        await asyncio.wait_for(task, 2)
+        assert peer.bodies == [b":\n\n", b""]
+
+    scenario()
+    assert asgi_errors(caplog) == []
+
+
+@async_test()
+async def test_channel_response_after_close_ends_without_starting_the_closure() -> None:
+    """After close(), a channel() response writes its headers and ends cleanly;
+    the closure never runs."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    b.close()
+    calls: list[Sender] = []
+
+    async def closure(tx: Sender) -> None:
+        calls.append(tx)
+
+    peer = AsgiPeer()
+    await b.channel(closure)(peer.scope, peer.receive, peer.send)
+    assert calls == [] and peer.bodies == [b":\n\n", b""] and b._sources == set()
+
+
+def test_close_from_another_thread_ends_channel_responses_on_their_loop() -> None:
+    """close() called from a plain thread ends a channel() response through its loop."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    started = threading.Event()
+    bodies: list[bytes] = []
+
+    async def closure(tx: Sender) -> None:
+        await tx.send(Event("x"))
+        started.set()
+        await asyncio.Event().wait()
+
+    async def serve() -> None:
+        peer = AsgiPeer()
+        await asyncio.wait_for(b.channel(closure)(peer.scope, peer.receive, peer.send), 5)
+        bodies.extend(peer.bodies)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    assert started.wait(5)
+    b.close()
+    thread.join(5)
+    assert bodies == [b":\n\n", b"data: x\n\n", b""]
+
+
+def test_close_skips_channel_responses_of_a_closed_loop() -> None:
+    """A channel() source left registered on a loop that was closed without
+    cleaning up is skipped by close(), without error."""
+    from broadcaster import _ChannelSource
+
+    b: Broadcaster[str, Event] = Broadcaster()
+
+    async def closure(tx: Sender) -> None:
+        pass
+
+    source = _ChannelSource(closure, 1, b)
+    loop = asyncio.new_event_loop()
+    source._loop = loop
+    assert b._adopt(source)
+    loop.close()
+    b.close()
+    assert b._sources == set()

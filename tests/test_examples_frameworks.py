@@ -1,0 +1,651 @@
+"""End-to-end tests of ``examples/starlette_app.py``, ``examples/fastapi_app.py``,
+``examples/dashboard.py`` and ``examples/threads.py``: real processes, over
+loopback TCP.
+
+Each example runs as its own process (``sys.executable examples/NAME.py --port
+0``, from another working directory, so its ``sys.path`` line is exercised);
+the fixture reads the URL it prints to learn the port, drains its stdout and
+stderr all along, and stops it with SIGTERM at the end, checking that it exits
+promptly and logged no error. Clients are the standard library only: raw
+sockets for the streams (the tests see the status line, the headers and every
+chunk of the chunked body byte for byte) and ``urllib.request`` for the plain
+requests. Every socket read has a timeout, and the only polling (of a stats
+endpoint, or of a process's log) has a deadline.
+
+The examples need uvicorn, starlette and fastapi (``pip install
+'.[examples]'``). Without one of them its tests are skipped with the reason,
+except under ``CI=true``, where a skip would hide a broken setup: they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HOST = "127.0.0.1"
+TIMEOUT = 5.0  # the most any single socket read may take
+INTERVAL = 0.05  # --interval of dashboard.py and threads.py
+
+# Plain requests must not go through an http_proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+ALICE = {"Authorization": "Bearer alice-token"}  # rooms general and ops
+BOB = {"Authorization": "Bearer bob-token"}  # room general only
+
+
+def require(*modules: str) -> None:
+    """Skip (fail under CI=true) unless every module is importable."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    reason = f"the examples need {', '.join(missing)}: pip install -e '.[examples]'"
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (CI=true: a skipped test is a failure)")
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------------------
+# The example processes
+# ---------------------------------------------------------------------------
+
+
+class Example:
+    """``examples/NAME.py`` running as a subprocess on a free port."""
+
+    def __init__(self, name: str, cwd: Path, *args: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / f"{name}.py"), "--port", "0", *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        # Both pipes are drained all along: uvicorn's access log goes to
+        # stdout, and a full pipe would block the server.
+        self.stdout: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
+            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.port = self._wait_for_url()
+
+    def _log(self, line: str | None) -> None:
+        if line is not None:
+            self._stderr.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
+    def _wait_for_url(self) -> int:
+        """The port from the line the example prints once it is listening."""
+        pattern = re.compile(rf"{self.name} running on http://127\.0\.0\.1:(\d+)/")
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                pytest.fail(f"{self.name}.py printed no URL within 15 s; stderr: {self.stderr}")
+            if line is None:
+                self.proc.wait()
+                pytest.fail(f"{self.name}.py exited with {self.proc.returncode}; stderr: {self.stderr}")
+            if match := pattern.match(line):
+                return int(match.group(1))
+
+    def wait_for_log(self, text: str, within: float) -> float:
+        """Seconds until ``text`` appeared on stderr; fails after ``within``."""
+        start = time.monotonic()
+        while text not in self.stderr:
+            if time.monotonic() - start > within:
+                pytest.fail(f"{text!r} not logged within {within} s; stderr:\n{self.stderr}")
+            time.sleep(0.01)
+        return time.monotonic() - start
+
+    def terminate(self) -> float:
+        """SIGTERM; the seconds until it exited. It must exit within 5 s (the
+        tests ask for 3), killed by the SIGTERM that uvicorn re-raises after
+        its graceful shutdown, having logged no error."""
+        start = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.name}.py did not exit within 5 s of SIGTERM; stderr:\n{self.stderr}")
+        elapsed = time.monotonic() - start
+        for thread in self._threads:
+            thread.join(timeout=5)
+        assert self.proc.returncode == -signal.SIGTERM, self.stderr
+        log = self.stderr
+        assert "ERROR" not in log and "CRITICAL" not in log and "Traceback" not in log, log
+        return elapsed
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
+    """Hand every line of ``pipe`` to ``put``, then None at the end."""
+    for line in pipe:
+        put(line)
+    put(None)
+
+
+def run(name: str, cwd: Path, *args: str) -> Iterator[Example]:
+    """An example process for the duration of a fixture; SIGTERM at the end."""
+    server = Example(name, cwd, *args)
+    try:
+        yield server
+        assert server.terminate() < 3.0
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module", params=["starlette_app", "fastapi_app"])
+def authapp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Example]:
+    """starlette_app.py or fastapi_app.py (the same HTTP API), shared by the tests that do not stop it."""
+    name: str = request.param
+    require("uvicorn", name.removesuffix("_app"))
+    yield from run(name, tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Example]:
+    require("uvicorn")
+    yield from run("dashboard", tmp_path_factory.mktemp("cwd"), "--interval", str(INTERVAL))
+
+
+@pytest.fixture(scope="module")
+def threads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Example]:
+    require("uvicorn")
+    yield from run("threads", tmp_path_factory.mktemp("cwd"), "--interval", str(INTERVAL))
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+
+class Connection:
+    """One HTTP/1.1 connection, spoken and parsed by hand."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
+        self.buf = b""
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buf += data
+
+    def take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        """The status and the headers (names lowercased) of the response."""
+        status = int(self._line().split()[1])
+        headers: dict[str, str] = {}
+        while line := self._line():
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def chunk(self) -> bytes | None:
+        """The next chunk of a chunked body; None for the last one (``0\\r\\n\\r\\n``)."""
+        size = int(self._line(), 16)
+        data = self.take(size + 2)
+        assert data[-2:] == b"\r\n"
+        return data[:-2] if size else None
+
+    def at_eof(self) -> bool:
+        """True if the server closed the connection (nothing more to read)."""
+        if self.buf:
+            return False
+        return self.sock.recv(1) == b""
+
+    def close(self, reset: bool = False) -> None:
+        if reset:  # an abrupt close: RST instead of FIN
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.sock.close()
+
+
+class Clients:
+    """Opens SSE streams and closes every one of them at the end of a test."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.open: list[Connection] = []
+
+    def connect(self) -> Connection:
+        conn = Connection(self.port)
+        self.open.append(conn)
+        return conn
+
+    def stream(self, path: str, headers: dict[str, str] | None = None) -> Connection:
+        """A stream, checked up to and including its first chunk (``:\\n\\n``)."""
+        conn = self.connect()
+        conn.request("GET", path, {"Accept": "text/event-stream", **(headers or {})})
+        status, head = conn.head()
+        assert status == 200
+        assert head["content-type"] == "text/event-stream; charset=utf-8"
+        assert head["cache-control"] == "no-cache"
+        assert head["x-accel-buffering"] == "no"
+        assert head["transfer-encoding"] == "chunked"
+        assert "content-length" not in head
+        assert conn.chunk() == b":\n\n"
+        return conn
+
+    def close_all(self) -> None:
+        for conn in self.open:
+            conn.close()
+        self.open.clear()
+
+
+def clients_of(server: Example) -> Iterator[Clients]:
+    made = Clients(server.port)
+    try:
+        yield made
+    finally:
+        made.close_all()
+
+
+def request(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """A plain request with urllib: status, headers (lowercased names), body."""
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method, headers=headers or {})
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with OPENER.open(req, timeout=TIMEOUT) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def get_json(port: int, path: str) -> Any:
+    status, head, body = request(port, "GET", path)
+    assert status == 200 and head["content-type"] == "application/json", (status, body)
+    return json.loads(body)
+
+
+def wait_until(what: str, check: Callable[[], bool], within: float = 1.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# starlette_app.py and fastapi_app.py: authorised rooms
+# ---------------------------------------------------------------------------
+
+
+def stats(port: int, room: str) -> dict[str, Any]:
+    result: dict[str, Any] = get_json(port, f"/rooms/{room}/stats")
+    return result
+
+
+def publish(port: int, room: str, text: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    status, _, body = request(port, "POST", f"/rooms/{room}/messages", json.dumps({"text": text}).encode(), headers)
+    return status, body
+
+
+def message(room: str, user: str, text: str) -> bytes:
+    """The exact frame of a message (compact JSON, UTF-8, LF line endings)."""
+    data = json.dumps({"room": room, "user": user, "text": text}, ensure_ascii=False, separators=(",", ":"))
+    return f"event: message\ndata: {data}\n\n".encode()
+
+
+@pytest.fixture
+def auth_clients(authapp: Example) -> Iterator[Clients]:
+    """Clients of the app; afterwards, every room is empty again (within 1 s of
+    closing the sockets), so each test starts from zero subscribers."""
+    yield from clients_of(authapp)
+
+    def empty() -> bool:
+        return all(stats(authapp.port, room)["subscribers"] == 0 for room in ("general", "ops"))
+
+    wait_until("the closed streams left their rooms", empty)
+
+
+def test_authorised_stream_then_message_byte_exact(authapp: Example, auth_clients: Clients) -> None:
+    """A bearer token that grants the room: the SSE headers and the first chunk
+    at once, one subscriber, and a POSTed message arrives as its exact frame."""
+    conn = auth_clients.stream("/rooms/ops/events", ALICE)
+    assert stats(authapp.port, "ops") == {"room": "ops", "subscribers": 1, "channels": 1}
+
+    text = 'héllo\nwörld ✓ "quoted"'
+    assert publish(authapp.port, "ops", text, ALICE) == (200, b'{"delivered":1}')
+    assert conn.chunk() == message("ops", "alice", text)
+    for n in range(3):
+        assert publish(authapp.port, "ops", f"m{n}", ALICE)[0] == 200
+    assert [conn.chunk() for _ in range(3)] == [message("ops", "alice", f"m{n}") for n in range(3)]
+
+
+def test_query_token_for_eventsource(authapp: Example, auth_clients: Clients) -> None:
+    """``?token=`` works where EventSource cannot set a header; the message's
+    user is the publisher's token's, and rooms are independent."""
+    bob = auth_clients.stream("/rooms/general/events?token=bob-token")
+    alice = auth_clients.stream("/rooms/ops/events?token=alice-token")
+    assert publish(authapp.port, "ops", "ops only", ALICE) == (200, b'{"delivered":1}')
+    assert publish(authapp.port, "general", "hi bob", ALICE) == (200, b'{"delivered":1}')
+    assert publish(authapp.port, "general", "hi alice", BOB) == (200, b'{"delivered":1}')
+    assert bob.chunk() == message("general", "alice", "hi bob")
+    assert bob.chunk() == message("general", "bob", "hi alice")
+    assert alice.chunk() == message("ops", "alice", "ops only")
+
+
+REFUSALS = [
+    # (path, headers, status)
+    ("/rooms/ops/events", {}, 401),
+    ("/rooms/ops/events?token=nobody", {}, 401),
+    ("/rooms/ops/events", {"Authorization": "Bearer nobody"}, 401),
+    ("/rooms/ops/events", {"Authorization": "Basic YWxpY2U6eA=="}, 401),
+    ("/rooms/ops/events?token=bob-token", {}, 403),
+    ("/rooms/ops/events", BOB, 403),
+    ("/rooms/lobby/events", ALICE, 403),
+]
+
+
+@pytest.mark.parametrize(("path", "headers", "status"), REFUSALS)
+def test_refused_subscribe_is_a_plain_error_and_subscribes_nothing(
+    authapp: Example, auth_clients: Clients, path: str, headers: dict[str, str], status: int
+) -> None:
+    """No valid token: 401 with ``WWW-Authenticate: Bearer``; a token without
+    the room: 403. Either is a complete response (a content-length body, and
+    the connection serves the next request), not a stream, and nobody was
+    subscribed (the check runs before ``subscribe``)."""
+    room = path.split("/")[2]
+    conn = auth_clients.connect()
+    conn.request("GET", path, headers)
+    got, head = conn.head()
+    assert got == status
+    assert not head["content-type"].startswith("text/event-stream")
+    conn.take(int(head["content-length"]))
+    if status == 401:
+        assert head["www-authenticate"] == "Bearer"
+    assert stats(authapp.port, room) == {"room": room, "subscribers": 0, "channels": 0}
+    conn.request("GET", f"/rooms/{room}/stats")  # the same connection is free again
+    assert conn.head()[0] == 200
+
+
+def test_refused_publish_delivers_nothing(authapp: Example, auth_clients: Clients) -> None:
+    """Publishing needs the room too: bob's post to ops is 403 and never
+    reaches ops' subscribers; alice's next post is the next frame."""
+    conn = auth_clients.stream("/rooms/ops/events", ALICE)
+    assert publish(authapp.port, "ops", "intruder", BOB)[0] == 403
+    assert publish(authapp.port, "ops", "intruder", {})[0] == 401
+    assert publish(authapp.port, "ops", "legit", ALICE)[0] == 200
+    assert conn.chunk() == message("ops", "alice", "legit")
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"text": ""}', b'{"text": 3}', b'{"text": "   "}'])
+def test_bad_message_is_refused(authapp: Example, body: bytes) -> None:
+    """A body that is not ``{"text": "..."}`` with some text: a 4xx (400 from
+    Starlette's example, 422 from FastAPI's validation)."""
+    status, _, _ = request(authapp.port, "POST", "/rooms/ops/messages", body, ALICE)
+    assert status in (400, 422)
+
+
+def test_head_returns_at_once_and_subscribes_nothing(authapp: Example, auth_clients: Clients) -> None:
+    """An authorised HEAD gets the SSE headers at once and no body (the next
+    request on the connection is answered), without subscribing; an
+    unauthorised HEAD is refused."""
+    conn = auth_clients.connect()
+    start = time.monotonic()
+    conn.request("HEAD", "/rooms/general/events", BOB)
+    status, head = conn.head()
+    assert time.monotonic() - start < 1.0
+    assert status == 200 and head["content-type"] == "text/event-stream; charset=utf-8"
+    conn.request("GET", "/rooms/general/stats")
+    status, head = conn.head()
+    assert status == 200
+    assert json.loads(conn.take(int(head["content-length"])))["subscribers"] == 0
+
+    conn.request("HEAD", "/rooms/ops/events", BOB)
+    assert conn.head()[0] == 403
+
+
+@pytest.mark.parametrize("name", ["starlette_app", "fastapi_app"])
+def test_sigterm_ends_authorised_streams_cleanly(tmp_path: Path, name: str) -> None:
+    """SIGTERM with open streams: every stream gets the end of its chunked
+    body, the connection closes, the process exits within 3 s having logged
+    no error."""
+    require("uvicorn", name.removesuffix("_app"))
+    server = Example(name, tmp_path)
+    try:
+        streams = Clients(server.port)
+        streams.stream("/rooms/ops/events", ALICE)
+        streams.stream("/rooms/general/events?token=bob-token")
+        streams.stream("/rooms/general/events", ALICE)
+        assert stats(server.port, "general")["subscribers"] == 2
+        elapsed = server.terminate()
+        for conn in streams.open:
+            assert conn.chunk() is None  # 0\r\n\r\n: the end of the body
+            assert conn.at_eof()
+        assert elapsed < 3.0, f"{name}: {elapsed:.2f} s"
+        streams.close_all()
+    finally:
+        server.kill()
+
+
+# ---------------------------------------------------------------------------
+# dashboard.py: channel() with an imperative sender
+# ---------------------------------------------------------------------------
+
+METRICS = {"client", "n", "uptime_s", "loop_lag_ms", "cpu_s", "clients", "tasks"}
+
+
+def metrics(chunk: bytes | None) -> dict[str, Any]:
+    """The JSON of one metrics frame (one event per chunk)."""
+    assert chunk is not None and chunk.startswith(b"event: metrics\ndata: ") and chunk.endswith(b"\n\n"), chunk
+    assert chunk.count(b"\n") == 3, chunk  # one data line
+    value: dict[str, Any] = json.loads(chunk[len(b"event: metrics\ndata: "):])
+    assert set(value) == METRICS
+    return value
+
+
+@pytest.fixture
+def dashboard_clients(dashboard: Example) -> Iterator[Clients]:
+    yield from clients_of(dashboard)
+
+
+def test_metrics_arrive_at_the_interval_as_json(dashboard_clients: Clients) -> None:
+    """One metrics event at once, then one per interval, numbered from 1,
+    with the stream counted among the open clients."""
+    conn = dashboard_clients.stream("/metrics")
+    first = metrics(conn.chunk())
+    start = time.monotonic()
+    rest = [metrics(conn.chunk()) for _ in range(6)]
+    elapsed = time.monotonic() - start
+    assert [m["n"] for m in [first, *rest]] == list(range(1, 8))
+    assert {m["client"] for m in rest} == {first["client"]}
+    assert all(m["clients"] >= 1 and m["cpu_s"] > 0 and m["uptime_s"] > 0 for m in rest)
+    assert [m["uptime_s"] for m in rest] == sorted(m["uptime_s"] for m in rest)
+    # Six intervals, paced by the closure's schedule (not faster, not stalled).
+    assert 6 * INTERVAL * 0.8 <= elapsed < 6 * INTERVAL + 1.0, elapsed
+
+
+def test_each_client_has_its_own_closure(dashboard_clients: Clients) -> None:
+    """Two streams: two closures, each numbering its own events from 1."""
+    a = dashboard_clients.stream("/metrics")
+    b = dashboard_clients.stream("/metrics")
+    ma, mb = metrics(a.chunk()), metrics(b.chunk())
+    assert ma["client"] != mb["client"] and ma["n"] == mb["n"] == 1
+    assert metrics(b.chunk())["clients"] >= 2
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_closure_is_cancelled_when_the_client_leaves(
+    dashboard: Example, dashboard_clients: Clients, reset: bool
+) -> None:
+    """Closing (or resetting) the socket cancels the client's closure: the
+    example logs it at INFO within 1 s."""
+    conn = dashboard_clients.stream("/metrics")
+    client = metrics(conn.chunk())["client"]
+    metrics(conn.chunk())
+    conn.close(reset=reset)
+    dashboard.wait_for_log(f"INFO:     dashboard: client #{client} left: metrics closure cancelled", within=1.0)
+
+
+def test_dashboard_head_and_page(dashboard: Example, dashboard_clients: Clients) -> None:
+    """HEAD /metrics: the SSE headers at once, no closure started; GET / is
+    the page, with its EventSource."""
+    conn = dashboard_clients.connect()
+    start = time.monotonic()
+    conn.request("HEAD", "/metrics")
+    status, head = conn.head()
+    assert time.monotonic() - start < 1.0
+    assert status == 200 and head["content-type"] == "text/event-stream; charset=utf-8"
+    conn.request("GET", "/")  # the connection is free at once
+    status, head = conn.head()
+    assert status == 200 and head["content-type"] == "text/html; charset=utf-8"
+    page = conn.take(int(head["content-length"]))
+    assert b'new EventSource("/metrics")' in page and b"innerHTML" not in page
+
+    assert request(dashboard.port, "GET", "/nope")[0] == 404
+    assert request(dashboard.port, "POST", "/metrics", b"{}")[0] == 405
+
+
+def test_sigterm_ends_metrics_streams_cleanly(tmp_path: Path) -> None:
+    """SIGTERM: every closure returns, so every stream ends with the end of its
+    chunked body (after whatever was in flight); exit within 3 s, no error."""
+    require("uvicorn")
+    server = Example("dashboard", tmp_path, "--interval", str(INTERVAL))
+    try:
+        streams = Clients(server.port)
+        for _ in range(3):
+            metrics(streams.stream("/metrics").chunk())
+        elapsed = server.terminate()
+        for conn in streams.open:
+            while (chunk := conn.chunk()) is not None:
+                metrics(chunk)
+            assert conn.at_eof()
+        assert elapsed < 3.0
+        assert server.stderr.count("server shutting down, ending its stream") == 3
+        assert "metrics closure cancelled" not in server.stderr
+        streams.close_all()
+    finally:
+        server.kill()
+
+
+# ---------------------------------------------------------------------------
+# threads.py: publishing from a plain thread
+# ---------------------------------------------------------------------------
+
+TICK = re.compile(rb"event: tick\nid: (\d+)\ndata: (\{[^\n]*\})\n\n")
+
+
+def tick(chunk: bytes | None) -> dict[str, Any]:
+    """The JSON of one tick frame, checked against its id."""
+    assert chunk is not None
+    match = TICK.fullmatch(chunk)
+    assert match, chunk
+    value: dict[str, Any] = json.loads(match.group(2))
+    assert value["n"] == int(match.group(1))
+    return value
+
+
+@pytest.fixture
+def threads_clients(threads: Example) -> Iterator[Clients]:
+    yield from clients_of(threads)
+    wait_until("the closed streams unsubscribed", lambda: get_json(threads.port, "/stats")["subscribers"] == 0)
+
+
+def test_ticks_from_the_thread_arrive_in_order(threads: Example, threads_clients: Clients) -> None:
+    """Ticks published by the worker thread arrive in order, consecutively,
+    on the event loop's streams; two streams get the same frames."""
+    a = threads_clients.stream("/ticks")
+    b = threads_clients.stream("/ticks")
+    assert get_json(threads.port, "/stats")["subscribers"] == 2
+    ticks = [tick(a.chunk()) for _ in range(8)]
+    first = ticks[0]["n"]
+    assert [t["n"] for t in ticks] == list(range(first, first + 8))
+    assert {t["thread"] for t in ticks} == {"ticker"}
+    assert [t["at"] for t in ticks] == sorted(t["at"] for t in ticks)
+    # b subscribed just after a, so its ticks are a's from some point on.
+    got = tick(b.chunk())
+    skipped = got["n"] - first
+    assert 0 <= skipped < 4
+    assert [got, *(tick(b.chunk()) for _ in range(7 - skipped))] == ticks[skipped:]
+
+
+def test_threads_head_and_errors(threads: Example, threads_clients: Clients) -> None:
+    """HEAD /ticks: the SSE headers at once, nobody subscribed."""
+    conn = threads_clients.connect()
+    conn.request("HEAD", "/ticks")
+    status, head = conn.head()
+    assert status == 200 and head["content-type"] == "text/event-stream; charset=utf-8"
+    conn.request("GET", "/stats")
+    status, head = conn.head()
+    assert status == 200 and json.loads(conn.take(int(head["content-length"])))["subscribers"] == 0
+    assert request(threads.port, "GET", "/nope")[0] == 404
+    assert request(threads.port, "POST", "/ticks", b"{}")[0] == 405
+
+
+def test_sigterm_stops_the_thread_and_ends_tick_streams_cleanly(tmp_path: Path) -> None:
+    """SIGTERM: the streams end with the end of their chunked body (after the
+    ticks in flight), the thread is stopped and joined (lifespan shutdown
+    completes), the process exits within 3 s, no error."""
+    require("uvicorn")
+    server = Example("threads", tmp_path, "--interval", str(INTERVAL))
+    try:
+        streams = Clients(server.port)
+        for _ in range(3):
+            tick(streams.stream("/ticks").chunk())
+        elapsed = server.terminate()
+        for conn in streams.open:
+            while (chunk := conn.chunk()) is not None:
+                tick(chunk)
+            assert conn.at_eof()
+        assert elapsed < 3.0
+        assert "Application shutdown complete." in server.stderr
+        streams.close_all()
+    finally:
+        server.kill()
