@@ -53,9 +53,14 @@ Server-Sent Events
     task is left behind.
 """
 
+# pyright: strict, reportPrivateUsage=false
+# (One module: a leading underscore marks what is not public API, and the
+# module's own classes share such members; the rule is meant for other modules.)
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -79,7 +84,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, cast, overload
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
@@ -126,9 +131,29 @@ _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 _FIELD_FORBIDDEN: Final = re.compile(r"[\r\n\x00]")
 
 
+# The checks below take ``object``: annotations are not enforced at run time,
+# and every public entry point validates what it is given.
+
+_X = TypeVar("_X")
+
+
+def _check_type(name: str, value: object, kind: type[_X], expected: str) -> _X:
+    """``value`` if it is a ``kind``, else TypeError: "<name> must be <expected>"."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {expected}, not {type(value).__name__}")
+    return value
+
+
 def _check_str(name: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return _check_type(name, value, str, "a str")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """An int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -140,21 +165,12 @@ def _check_field(name: str, value: object) -> str:
     return text
 
 
-def _check_retry(name: str, value: object) -> int:
-    """A reconnection time: a non-negative int (bool is rejected)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
 def _utf8(what: str, text: str) -> bytes:
     """UTF-8 bytes of ``text``; a lone surrogate is a ValueError, never replaced."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} contains a lone surrogate: {exc.object[exc.start:exc.end]!r}") from None
+        raise ValueError(f"{what} contains a lone surrogate: {exc.object[exc.start : exc.end]!r}") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,7 +210,7 @@ class Event:
         if self.id is not None:
             lines.append("id: " + _check_field("id", self.id))
         if self.retry is not None:
-            lines.append(f"retry: {_check_retry('retry', self.retry)}")
+            lines.append(f"retry: {_check_int('retry', self.retry, 0)}")
         if self.data is not None:
             lines.extend("data: " + line for line in _LINE_BREAK.split(_check_str("data", self.data)))
         if not lines:
@@ -245,8 +261,26 @@ _BASE_HEADERS: Final = (
 )
 
 
-def _check_seconds(name: str, value: object) -> float | None:
-    """An optional positive, finite number of seconds."""
+def _check_seconds(name: str, value: object) -> float:
+    """A positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    return float(value)
+
+
+def _check_header(pair: object) -> tuple[str, str]:
+    """A (name, value) pair of strs (their content is checked by SseConfig)."""
+    if isinstance(pair, tuple):
+        items = cast("tuple[object, ...]", pair)
+        if len(items) == 2:
+            return _check_str("header name", items[0]), _check_str("header value", items[1])
+    raise TypeError(f"each header must be a (name, value) tuple, got {pair!r}")
+
+
+def _check_optional_seconds(name: str, value: object) -> float | None:
+    """A positive, finite number of seconds, or None (which disables something)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -294,20 +328,19 @@ class SseConfig:
     _keep_alive_frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_seconds("keep_alive", self.keep_alive)
-        _check_seconds("send_timeout", self.send_timeout)
+        _check_optional_seconds("keep_alive", self.keep_alive)
+        _check_optional_seconds("send_timeout", self.send_timeout)
         comment = _check_str("keep_alive_comment", self.keep_alive_comment)
         if "\r" in comment or "\n" in comment:
             raise ValueError(f"keep_alive_comment must not contain CR or LF: {comment!r}")
         keep_alive = _utf8("keep_alive_comment", f": {comment}\n\n" if comment else ":\n\n")
-        first = b":\n\n" if self.retry is None else f"retry: {_check_retry('retry', self.retry)}\n\n".encode()
-        if not isinstance(self.headers, tuple):
-            raise TypeError(f"headers must be a tuple of (name, value) pairs, not {type(self.headers).__name__}")
+        first = b":\n\n" if self.retry is None else f"retry: {_check_int('retry', self.retry, 0)}\n\n".encode()
         extra: list[tuple[bytes, bytes]] = []
-        for pair in self.headers:
-            if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise TypeError(f"each header must be a (name, value) tuple, got {pair!r}")
-            name, value = _check_str("header name", pair[0]), _check_str("header value", pair[1])
+        pairs = cast(
+            "tuple[object, ...]", _check_type("headers", self.headers, tuple, "a tuple of (name, value) pairs")
+        )
+        for pair in pairs:
+            name, value = _check_header(pair)
             if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"header name must be a lowercase token: {name!r}")
             if name in _FRAMING_HEADERS:
@@ -523,9 +556,7 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
 
     def on_lag(self: _S, policy: LagPolicy) -> _S:
         """Set what the next read does after items were dropped; returns self."""
-        if not isinstance(policy, LagPolicy):
-            raise TypeError(f"policy must be a LagPolicy, not {type(policy).__name__}")
-        self._policy = policy
+        self._policy = _check_type("policy", policy, LagPolicy, "a LagPolicy")
         return self
 
     @property
@@ -691,25 +722,12 @@ class Broadcaster(Generic[K, T]):
         history: int = 0,
         linger: float = 30.0,
     ) -> None:
-        if isinstance(buffer, bool) or not isinstance(buffer, int):
-            raise TypeError(f"buffer must be an int, not {type(buffer).__name__}")
-        if buffer < 1:
-            raise ValueError(f"buffer must be >= 1, got {buffer}")
-        if isinstance(history, bool) or not isinstance(history, int):
-            raise TypeError(f"history must be an int, not {type(history).__name__}")
-        if history < 0:
-            raise ValueError(f"history must be >= 0, got {history}")
-        if linger is None:
-            raise TypeError("linger must be a number of seconds, not NoneType")
-        _check_seconds("linger", linger)
-        if config is None:
-            config = SseConfig()
-        elif not isinstance(config, SseConfig):
-            raise TypeError(f"config must be an SseConfig, not {type(config).__name__}")
-        self._buffer: Final = buffer
-        self._config: Final = config
-        self._history: Final = history
-        self._linger: Final = float(linger)
+        self._buffer: Final = _check_int("buffer", buffer, 1)
+        self._config: Final = (
+            SseConfig() if config is None else _check_type("config", config, SseConfig, "an SseConfig")
+        )
+        self._history: Final = _check_int("history", history, 0)
+        self._linger: Final = _check_seconds("linger", linger)
         # Keyed by K; typed Hashable so a subscriber's key indexes it too.
         self._channels: dict[Hashable, _Channel] = {}
         self._closed = False
@@ -822,14 +840,12 @@ class Broadcaster(Generic[K, T]):
             RuntimeError: no event loop is running in this thread.
             TypeError: ``key`` is not hashable, or ``last_event_id`` not a str.
         """
-        if last_event_id is not None and not isinstance(last_event_id, str):
-            raise TypeError(f"last_event_id must be a str or None, not {type(last_event_id).__name__}")
+        if last_event_id is not None:
+            _check_type("last_event_id", last_event_id, str, "a str or None")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            raise RuntimeError(
-                "Broadcaster.subscribe() needs a running event loop: call it from async code"
-            ) from None
+            raise RuntimeError("Broadcaster.subscribe() needs a running event loop: call it from async code") from None
         hash(key)
         sub = _Subscriber(key, loop)
         resumed: bool | None = None if last_event_id is None else False
@@ -940,10 +956,8 @@ class Broadcaster(Generic[K, T]):
             if source._loop is running:
                 source._shutdown()
             else:
-                try:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
                     source._loop.call_soon_threadsafe(source._shutdown)
-                except RuntimeError:  # that loop is closed
-                    pass
 
     def _end_all(self, channel: _Channel) -> None:
         # The channel is out of the registry: its members no longer change.
@@ -1189,8 +1203,7 @@ class Sender:
             TypeError: ``event`` is not an :class:`Event`.
             ClientDisconnected: the client is gone or the response is over.
         """
-        if not isinstance(event, Event):
-            raise TypeError(f"Sender.send() takes an Event, not {type(event).__name__}")
+        _check_type("Sender.send() event", event, Event, "an Event")
         while True:
             if self._closed or self._finished:
                 raise ClientDisconnected("the client is gone or the response is over")
@@ -1419,9 +1432,10 @@ class _SseApp:
             return
         if not await self._send(send, {"type": "http.response.body", "body": config._first_chunk, "more_body": True}):
             return
-        source = self._source
-        if self._on_gap is not None and isinstance(source, BroadcastStream) and source.resumed is False:
-            if not await self._send(send, {"type": "http.response.body", "body": self._on_gap._frame, "more_body": True}):
+        gap = self._on_gap
+        if gap is not None and isinstance(self._source, BroadcastStream) and self._source.resumed is False:
+            gap_frame = {"type": "http.response.body", "body": gap._frame, "more_body": True}
+            if not await self._send(send, gap_frame):
                 return
         loop = asyncio.get_running_loop()
         writes = _Writes(loop.time())
@@ -1438,7 +1452,9 @@ class _SseApp:
         if finish:
             await self._send(send, dict(_FINAL))
 
-    async def _supervise(self, send: Send, writes: _Writes, pump: asyncio.Task[bool], watch: asyncio.Task[None]) -> bool:
+    async def _supervise(
+        self, send: Send, writes: _Writes, pump: asyncio.Task[bool], watch: asyncio.Task[None]
+    ) -> bool:
         """Wait for the pump or the watcher to end, writing keep-alives on
         silence and timing out a stuck send; False if a send timed out.
 

@@ -41,3 +41,20 @@ def test_unit_tests_alone_cover_every_line_and_branch(tmp_path: Path) -> None:
     report = run("-m", "coverage", "report", "--show-missing", "--fail-under=100", env=env)
     assert report.returncode == 0, f"coverage of broadcaster.py is below 100%:\n{report.stdout}{report.stderr}"
     assert "broadcaster.py" in report.stdout and "100%" in report.stdout, report.stdout
+
+
+def test_pyright_strict_is_clean() -> None:
+    """pyright (strict, as broadcaster.py declares) finds nothing in the module."""
+    result = run("-m", "pyright", "broadcaster.py")
+    assert result.returncode == 0, f"pyright failed:\n{result.stdout}{result.stderr}"
+    assert "0 errors, 0 warnings, 0 informations" in result.stdout, result.stdout
+
+
+def test_ruff_check_and_format_are_clean() -> None:
+    """ruff check (the rule set in pyproject.toml) and ruff format --check pass
+    on the module and its unit tests."""
+    files = ["broadcaster.py", "test_broadcaster.py"]
+    check = run("-m", "ruff", "check", "--no-cache", *files)
+    assert check.returncode == 0, f"ruff check failed:\n{check.stdout}{check.stderr}"
+    form = run("-m", "ruff", "format", "--check", "--no-cache", *files)
+    assert form.returncode == 0, f"ruff format --check failed:\n{form.stdout}{form.stderr}"
