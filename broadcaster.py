@@ -936,9 +936,14 @@ class Broadcaster(Generic[K, T]):
             self._end_all(channel)
 
     def close(self) -> None:
-        """End every stream of every key (each drains first) and refuse new ones:
-        later ``subscribe`` calls return ended streams and ``send`` returns 0.
-        Idempotent."""
+        """End every stream of every key (each drains first) and every running
+        ``channel()`` response, and refuse new ones: later ``subscribe`` calls
+        return ended streams, ``send`` returns 0. Idempotent.
+
+        Thread-safe, but not for a signal handler: one runs in the middle of
+        whatever the main thread was doing, possibly holding the registry lock.
+        From a handler, ``loop.call_soon_threadsafe(broadcaster.close)``.
+        """
         self._lock.acquire()
         try:
             self._closed = True

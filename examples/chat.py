@@ -10,29 +10,80 @@ and open the printed URL in two browser tabs.
 
 What it demonstrates, in a plain ASGI app (no framework):
 
-* one ``Broadcaster[str, Event]`` keyed by room: ``POST /rooms/{room}/messages``
-  sends to the room, ``GET /rooms/{room}/events`` is ``b.response(...)``;
-* resuming with ``Last-Event-ID``: every message has an ``id`` (a per-room
-  counter) and the last 100 messages of each room are kept, so a browser that
-  reconnects gets what it missed, in the race-free order ``subscribe`` -> load
-  the missed messages -> ``replay(missed, stream)``;
-* presence: each connection announces the room's ``subscriber_count`` when it
-  joins and when it leaves, from a small wrapper around its event source (the
-  response always closes its source, so the wrapper's ``aclose`` is the place);
+* resume built in: messages go through ``Broadcaster(history=100, linger=60)``,
+  which gives each one an id ``<epoch>-<n>``, keeps the last 100 of each room,
+  and resumes a reconnecting browser from its ``Last-Event-ID`` with
+  ``subscribe(room, last_event_id=last_event_id(scope))``: exactly what it
+  missed, then live, no gap and no duplicate. The chat stores no ids and
+  replays nothing itself;
+* presence on the same connection, but not in the history (see ``RoomFeed``);
+* a fresh page, or one whose id cannot be resumed, loads the room's recent
+  messages from ``GET /rooms/{room}/history`` without losing or doubling any
+  that arrive meanwhile (see "Loading a room" below);
 * graceful shutdown under uvicorn: Ctrl-C or SIGTERM ends every open stream
   with a clean end of body, so the server exits at once (see ``ChatServer``).
+
+Design
+======
+
+Two broadcasters, both keyed by room:
+
+``messages``: ``Broadcaster[str, Event](history=100, linger=60)``
+    Every item sent to a room is a chat message. With history, *every* send is
+    retained under a new id and replayed to resuming clients, and a room whose
+    last client left keeps its history for ``linger`` seconds, so even its only
+    client can reconnect and resume (posts to it meanwhile are retained too).
+
+``presence``: ``Broadcaster[str, Event]()``, no history
+    The room's connection count, announced when a connection joins and when it
+    leaves. Presence is state, not a log: sent to the ``messages`` key it would
+    be retained and replayed (a resumed client would get stale counts) and,
+    worse, it would push messages out of the history (100 joins and leaves
+    would leave nothing to resume from). It has no ids, so it never moves the
+    browser's ``lastEventId`` either. Presence streams skip what they lag
+    behind on (``LagPolicy.SKIP``): only the latest count matters.
+
+One ``EventSource`` per room carries both: ``RoomFeed`` merges the room's
+message stream with its presence stream. (A second connection per room for
+presence would double the connections, and a browser allows only 6 HTTP/1.1
+connections per host across all its tabs.) ``Broadcaster.response()`` writes
+ids and ``on_gap`` only for a bare ``BroadcastStream``, so the feed does those
+two things itself, with the same public data: each message goes out with its
+item's id, ``stream.last_event_id``, and the ``reload`` event goes first when
+the stream is not an exact resume (``stream.resumed`` is not True).
+
+Loading a room
+    Broadcast history is a resume buffer, not the room's state: it holds
+    nothing for a room nobody has been in for ``linger`` seconds, and it has no
+    read API. What a fresh page shows is app state, kept like a database would
+    keep it: ``Room`` keeps the last 100 messages of every room, each with its
+    number ``n`` in the room (1, 2, 3, ...; messages posted to an empty room are
+    kept too). The page follows the race-free order: connect first (the stream
+    is subscribed before its first byte, the ``reload`` event, arrives), then
+    fetch ``GET /rooms/{room}/history``, holding back the live messages that
+    arrive meanwhile; show the history, then the held-back messages with an
+    ``n`` above the last one shown. So it shows nothing twice and misses
+    nothing. On a ``reload`` (a fresh connection, or after a gap: the server
+    restarted, the room's history expired, or the page missed more than 100
+    messages) it does the same again from a cleared log.
 
 HTTP API (``{room}`` matches ``[a-z0-9_-]{1,32}``, else 400):
 
 * ``GET /``                        the page (inline CSS and JS, no build step)
-* ``GET /rooms/{room}/events``     the room as ``text/event-stream``: ``message``
-  events (JSON ``{"room", "user", "text"}``, with an ``id``) and ``presence``
-  events (JSON ``{"room", "count"}``, no ``id``)
+* ``GET /rooms/{room}/events``     the room as ``text/event-stream``: first a
+  ``reload`` event (empty data) unless the connection resumed from its
+  ``Last-Event-ID``, then ``message`` events (JSON ``{"room", "n", "user",
+  "text"}``, each with its id ``<epoch>-<seq>``) and ``presence`` events (JSON
+  ``{"room", "count"}``, no id)
+* ``GET /rooms/{room}/history``    JSON ``{"room", "messages": [...]}``: the last
+  100 messages, oldest first, as in the ``message`` events
 * ``POST /rooms/{room}/messages``  JSON ``{"user": str, "text": str}`` (user 1-32
   characters, text 1-2000, body at most 16 KiB) -> 204; 400 on bad input, 413
   on a larger body
-* ``GET /rooms/{room}/stats``      JSON ``{"room", "subscribers", "channels"}``
-  (``subscriber_count(room)`` and ``len(broadcaster)``: watch cleanup happen)
+* ``GET /rooms/{room}/stats``      JSON ``{"room", "subscribers", "channels",
+  "resumable"}``: the room's connections, the rooms with a connection
+  (``len(presence)``), and whether the room's broadcast history is alive
+  (``room in messages``: connected, or lingering): watch cleanup happen
 
 Other paths get 404 and other methods 405. Exit status, as with the ``uvicorn``
 command: 0 after Ctrl-C; after SIGTERM uvicorn shuts down gracefully and then
@@ -43,6 +94,8 @@ re-raises the signal, so the process ends killed by SIGTERM (143 in a shell,
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import re
 import socket
@@ -50,7 +103,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import uvicorn
 
@@ -60,7 +113,15 @@ import uvicorn
 # first, so the checkout wins over an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broadcaster import Broadcaster, Event, SseConfig, last_event_id, replay  # noqa: E402
+from broadcaster import (  # noqa: E402
+    Broadcaster,
+    BroadcastStream,
+    Event,
+    LagPolicy,
+    SseConfig,
+    last_event_id,
+    replay,
+)
 
 # The conventional ASGI types (the same as broadcaster's and starlette's).
 Scope = MutableMapping[str, Any]
@@ -74,7 +135,17 @@ MAX_TEXT: Final = 2000
 # The largest valid message is about 8 KiB as UTF-8 JSON (what the page's
 # JSON.stringify sends: at most 4 bytes a character), so 16 KiB is ample.
 MAX_BODY: Final = 16 * 1024
+# Messages each room's broadcast history keeps for resuming clients.
 HISTORY: Final = 100
+# Messages GET /rooms/{room}/history returns: what a fresh page shows.
+RECENT: Final = 100
+# Seconds a room's broadcast history outlives its last connection.
+LINGER: Final = 60.0
+# Written first on a connection that is not an exact resume: the page then
+# (re)loads the room's recent messages.
+RELOAD: Final = Event(event="reload", data="")
+
+ChatMessage = dict[str, object]
 
 
 class HttpError(Exception):
@@ -92,85 +163,127 @@ class ClientGone(Exception):
 
 
 class Room:
-    """What the chat keeps of a room: the id counter and the recent messages."""
+    """The room's state, as a database would keep it: the message counter and
+    the recent messages (what a fresh page loads). Not used for resuming:
+    that is the broadcaster's history."""
 
-    __slots__ = ("last_id", "history")
+    __slots__ = ("count", "recent")
 
     def __init__(self) -> None:
-        self.last_id = 0
-        self.history: deque[tuple[int, Event]] = deque(maxlen=HISTORY)
-
-    def since(self, after: int) -> list[Event]:
-        """The retained messages with an id above ``after``, oldest first."""
-        if after > self.last_id:
-            # An id from before a server restart (ids start again at 1): the
-            # client has seen none of this run's messages.
-            after = 0
-        return [event for id_, event in self.history if id_ > after]
+        self.count = 0
+        self.recent: deque[ChatMessage] = deque(maxlen=RECENT)
 
 
-class Events(Protocol):
-    """An async iterator of events that can be closed, as ``replay()`` returns."""
+class RoomFeed:
+    """The event source of one connection to a room: its messages (with ids)
+    merged with its presence updates (without).
 
-    def __anext__(self) -> Awaitable[Event]: ...
-    def aclose(self) -> Awaitable[None]: ...
+    Subscribing both streams happens here, when the request arrives, so
+    everything sent from then on reaches this connection; then the connection
+    is announced (the client sees its own join). The first event is
+    ``RELOAD`` unless the message stream resumed from the client's
+    ``Last-Event-ID``; each message is written with its item's id. ``aclose()``
+    closes both streams and then announces the count without this connection:
+    ``Broadcaster.response`` closes its source on every way out (end of
+    stream, client gone, server shutdown), so it is a reliable "finally". The
+    feed ends when the message stream ends (``close()`` at shutdown, or a
+    ``Lagged`` error: the response ends, and the browser reconnects and
+    resumes from the history, which is longer than the buffer).
 
-
-class Presence:
-    """The event source of one connection to a room, announcing presence.
-
-    Made right after subscribing, it announces the room's new subscriber count
-    (the client sees its own join); its ``aclose()`` closes the stream and then
-    announces the count without it. ``Broadcaster.response`` closes its source
-    on every way out (end of stream, client gone, server shutdown, HEAD), so
-    this is a reliable "finally". It is an object, not an async generator,
-    because a generator's ``finally`` never runs if iteration never started.
+    Each stream has at most one pending read, a task kept across calls, so an
+    item that arrives while the other stream's item is being returned is never
+    lost (cancelling a read blocked in a ``BroadcastStream`` is safe, which
+    ``aclose`` relies on).
     """
 
-    __slots__ = ("_chat", "_room", "_events", "_closed")
+    __slots__ = ("_chat", "_room", "_messages", "_presence", "_reload", "_next_message", "_next_presence", "_closed")
 
-    def __init__(self, chat: Chat, room: str, events: Events) -> None:
+    def __init__(self, chat: Chat, room: str, last_id: str | None) -> None:
         self._chat = chat
         self._room = room
-        self._events = events
+        self._messages = chat.messages.subscribe(room, last_event_id=last_id)
+        self._presence: BroadcastStream[Event] | None = chat.presence.subscribe(room).on_lag(LagPolicy.SKIP)
+        # None: a first connection; False: an id it cannot resume from.
+        self._reload = self._messages.resumed is not True
+        self._next_message: asyncio.Task[Event | None] | None = None
+        self._next_presence: asyncio.Task[Event | None] | None = None
         self._closed = False
         chat.announce(room)
 
-    def __aiter__(self) -> Presence:
+    def __aiter__(self) -> RoomFeed:
         return self
 
     async def __anext__(self) -> Event:
-        return await anext(self._events)
+        if self._reload:
+            self._reload = False
+            return RELOAD
+        while True:
+            if self._next_message is None:
+                self._next_message = asyncio.ensure_future(_next(self._messages))
+            if self._next_presence is None and self._presence is not None:
+                self._next_presence = asyncio.ensure_future(_next(self._presence))
+            pending = [task for task in (self._next_message, self._next_presence) if task is not None]
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if self._next_message.done():
+                task, self._next_message = self._next_message, None
+                message = task.result()  # raises what the stream raised (Lagged)
+                if message is None:
+                    raise StopAsyncIteration
+                # The id the broadcaster gave this item: what the browser
+                # sends back as Last-Event-ID when it reconnects.
+                return dataclasses.replace(message, id=self._messages.last_event_id)
+            assert self._next_presence is not None and self._next_presence.done()
+            task, self._next_presence = self._next_presence, None
+            presence = task.result()
+            if presence is not None:
+                return presence
+            self._presence = None  # presence ended (shutdown): messages only
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        await self._events.aclose()  # closes the BroadcastStream: it leaves the room now
+        tasks = [task for task in (self._next_message, self._next_presence) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._messages.close()  # leaves the room now: the count below is without us
+        if self._presence is not None:
+            self._presence.close()
         self._chat.announce(self._room)
+
+
+async def _next(stream: BroadcastStream[Event]) -> Event | None:
+    """The stream's next item, or None at its end."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
 
 
 class Chat:
     """The ASGI app: routes by path and method to a handful of handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, linger: float = LINGER) -> None:
         # keep_alive: a comment every 15 s of silence keeps proxies from
         # closing idle streams; retry: browsers reconnect 2 s after a drop.
         # buffer: a client 64 messages behind is ended (Lagged); its browser
-        # reconnects and gets the gap from the history.
-        self.broadcaster: Broadcaster[str, Event] = Broadcaster(
-            buffer=64, config=SseConfig(keep_alive=15, retry=2000)
-        )
+        # reconnects and resumes from the history (100 > 64, so nothing is lost).
+        config = SseConfig(keep_alive=15, retry=2000)
+        self.messages: Broadcaster[str, Event] = Broadcaster(buffer=64, config=config, history=HISTORY, linger=linger)
+        self.presence: Broadcaster[str, Event] = Broadcaster(buffer=64, config=config)
         # Rooms live as long as the process; a real app would expire idle ones.
         self.rooms: dict[str, Room] = {}
 
     def announce(self, room: str) -> None:
-        count = self.broadcaster.subscriber_count(room)
-        self.broadcaster.send(room, Event.json({"room": room, "count": count}, event="presence"))
+        count = self.presence.subscriber_count(room)
+        self.presence.send(room, Event.json({"room": room, "count": count}, event="presence"))
 
     def close(self) -> None:
         """End every open stream (each one drains, then ends cleanly)."""
-        self.broadcaster.close()
+        self.messages.close()
+        self.presence.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -207,7 +320,7 @@ class Chat:
             await respond(scope, send, 200, PAGE, b"text/html; charset=utf-8")
             return
         parts = path.split("/")
-        if len(parts) != 4 or parts[:2] != ["", "rooms"] or parts[3] not in ("events", "messages", "stats"):
+        if len(parts) != 4 or parts[:2] != ["", "rooms"] or parts[3] not in ("events", "history", "messages", "stats"):
             raise HttpError(404, "not found")
         room, action = parts[2], parts[3]
         if not ROOM_NAME.fullmatch(room):
@@ -218,52 +331,50 @@ class Chat:
         elif action == "messages":
             allow(method, "POST")
             await self.post(scope, receive, send, room)
+        elif action == "history":
+            allow(method, "GET", "HEAD")
+            state = self.rooms.get(room)
+            recent = list(state.recent) if state is not None else []
+            body = json.dumps({"room": room, "messages": recent}, ensure_ascii=False).encode()
+            await respond(scope, send, 200, body, b"application/json")
         else:
             allow(method, "GET", "HEAD")
-            stats = {"room": room, "subscribers": self.broadcaster.subscriber_count(room), "channels": len(self.broadcaster)}
+            stats = {
+                "room": room,
+                "subscribers": self.presence.subscriber_count(room),
+                "channels": len(self.presence),
+                "resumable": room in self.messages,
+            }
             await respond(scope, send, 200, json.dumps(stats).encode(), b"application/json")
 
     async def events(self, scope: Scope, receive: Receive, send: Send, room: str) -> None:
-        b = self.broadcaster
         if scope["method"] == "HEAD":
             # Headers only: no subscription, so no presence flicker.
             nothing: tuple[Event, ...] = ()
-            await b.response(replay(nothing))(scope, receive, send)
+            await self.messages.response(replay(nothing))(scope, receive, send)
             return
-        # The race-free order: subscribe first, then load what the client
-        # missed, then replay it ahead of the live stream. (Loading first would
-        # lose a message sent in between; here nothing can even be sent in
-        # between, since there is no await, so nothing arrives twice either.)
-        stream = b.subscribe(room)
-        missed: list[Event] = []
-        after = parse_id(last_event_id(scope))
-        if after is not None and room in self.rooms:
-            missed = self.rooms[room].since(after)
-        events = replay(missed, stream)
-        await b.response(Presence(self, room, events))(scope, receive, send)
+        feed = RoomFeed(self, room, last_event_id(scope))
+        await self.messages.response(feed)(scope, receive, send)
 
     async def post(self, scope: Scope, receive: Receive, send: Send, room: str) -> None:
         user, text = parse_message(await read_body(scope, receive))
         state = self.rooms.get(room)
         if state is None:
             state = self.rooms[room] = Room()
-        state.last_id += 1
-        event = Event.json({"room": room, "user": user, "text": text}, event="message", id=str(state.last_id))
-        state.history.append((state.last_id, event))
-        self.broadcaster.send(room, event)
+        # Stored and sent with no await in between, so the history and the
+        # streams see the messages in the same order (the page relies on it).
+        state.count += 1
+        message: ChatMessage = {"room": room, "n": state.count, "user": user, "text": text}
+        state.recent.append(message)
+        # The broadcaster retains it (if the room has a channel, live or
+        # lingering) under a new id, which RoomFeed writes on the wire.
+        self.messages.send(room, Event.json(message, event="message"))
         await respond(scope, send, 204)
 
 
 def allow(method: str, *methods: str) -> None:
     if method not in methods:
         raise HttpError(405, "method not allowed", [(b"allow", ", ".join(methods).encode())])
-
-
-def parse_id(value: str | None) -> int | None:
-    """A Last-Event-ID of ours (a decimal message id), or None."""
-    if value is None or not value.isascii() or not value.isdigit() or len(value) > 18:
-        return None
-    return int(value)
 
 
 async def read_body(scope: Scope, receive: Receive) -> bytes:
@@ -363,8 +474,11 @@ class ChatServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Multi-room SSE chat (broadcaster.py demo).")
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
+    parser.add_argument(
+        "--linger", type=float, default=LINGER, help=f"seconds a room's history outlives its last client (default {LINGER:g})"
+    )
     args = parser.parse_args(argv)
-    chat = Chat()
+    chat = Chat(linger=args.linger)
     config = uvicorn.Config(chat, host="127.0.0.1", port=args.port, log_level="info")
     try:
         ChatServer(config, chat).run()
@@ -476,13 +590,55 @@ function add(room, node) {
   if (atBottom) log.scrollTop = log.scrollHeight;
 }
 
+// Shows a message unless it was shown already: messages carry their number
+// in the room, n, and arrive in that order, from the history and live alike.
+function show(name, room, msg, live) {
+  if (msg.n <= room.last) return;
+  room.last = msg.n;
+  const li = el("li");
+  li.dataset.n = msg.n;
+  li.append(el("span", "user", msg.user + ":"), el("span", "text", msg.text));
+  add(room, li);
+  if (live && name !== current) { room.unread += 1; renderRoom(room); }
+}
+
+// The server sends "reload" first on every connection that is not an exact
+// resume from Last-Event-ID: the first one, and one after a gap (the server
+// restarted, or the room's history expired, or it lacks what we missed). The
+// stream is already subscribed when it arrives, so loading the history now and
+// holding back the live messages until it is shown misses nothing, and
+// show() drops what both contain.
+async function load(name, room) {
+  const generation = ++room.generation;
+  room.pending = [];
+  for (;;) {
+    try {
+      const response = await fetch("/rooms/" + name + "/history");
+      if (!response.ok) throw new Error(response.status + " " + response.statusText);
+      const body = await response.json();
+      if (generation !== room.generation) return;  // a newer reload took over
+      room.log.replaceChildren();
+      room.last = 0;
+      for (const msg of body.messages) show(name, room, msg, false);
+      const pending = room.pending;
+      room.pending = null;
+      for (const msg of pending) show(name, room, msg, true);
+      return;
+    } catch (err) {
+      if (generation !== room.generation) return;
+      showError("could not load #" + name + ": " + err.message);
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+      if (generation !== room.generation) return;
+    }
+  }
+}
+
 function join(name) {
   if (rooms.has(name)) { select(name); return; }
-  // "?last_event_id=0" asks for the room's recent history on the first
-  // connection. On every reconnection the browser sends a Last-Event-ID
-  // header (the id of the last message seen), which the server prefers, and
-  // replays only what was missed.
-  const source = new EventSource("/rooms/" + name + "/events?last_event_id=0");
+  // No id on the first connection: the server starts it with "reload". On a
+  // reconnection the browser sends the Last-Event-ID header (the id of the
+  // last message it got) and the server resumes from there.
+  const source = new EventSource("/rooms/" + name + "/events");
   const row = el("div", "room");
   const open = el("button", "open");
   open.append(el("span", "", "#" + name), el("span", "count", ""));
@@ -495,7 +651,9 @@ function join(name) {
   const log = el("ul", "log");
   log.hidden = true;
   $("logs").append(log);
-  const room = { source, row, log, count: 0, unread: 0, live: false };
+  // last: n of the last message shown; pending: live messages held back
+  // while the history loads (null otherwise); generation: counts loads.
+  const room = { source, row, log, count: 0, unread: 0, live: false, last: 0, pending: null, generation: 0 };
   rooms.set(name, room);
 
   source.addEventListener("open", () => { room.live = true; updateStatus(); });
@@ -505,13 +663,11 @@ function join(name) {
     room.live = false;
     updateStatus();
   });
+  source.addEventListener("reload", () => load(name, room));
   source.addEventListener("message", (e) => {
     const msg = JSON.parse(e.data);
-    const li = el("li");
-    li.title = "#" + e.lastEventId;
-    li.append(el("span", "user", msg.user + ":"), el("span", "text", msg.text));
-    add(room, li);
-    if (name !== current) { room.unread += 1; renderRoom(room); }
+    if (room.pending) room.pending.push(msg);
+    else show(name, room, msg, true);
   });
   source.addEventListener("presence", (e) => {
     room.count = JSON.parse(e.data).count;
@@ -525,6 +681,7 @@ function join(name) {
 function part(name) {
   const room = rooms.get(name);
   room.source.close();  // the server sees the disconnect and announces the new count
+  room.generation += 1;  // a load in progress stops
   room.row.remove(); room.log.remove();
   rooms.delete(name);
   if (current === name) select(rooms.size ? rooms.keys().next().value : null);
