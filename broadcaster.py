@@ -447,12 +447,18 @@ def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
 
 def _after(channel: _Channel, last_id: str) -> deque[_Entry] | None:
     """The retained entries after ``last_id``, or None if the channel cannot
-    tell what comes after it: an id of another epoch, not one it issued, or one
-    so old that some entry after it has been dropped already."""
+    tell what comes after it: an id it did not issue, or one so old that some
+    entry after it has been dropped already. Its own ids are found by their
+    number; ids given to ``send(id=...)`` by an exact match."""
     history = channel.history
     assert history is not None, "only channels with history resume"
     epoch, _, number = last_id.rpartition("-")
-    if epoch != channel.epoch or not (number.isascii() and number.isdigit()) or str(int(number)) != number:
+    if epoch != channel.epoch:
+        for index, entry in enumerate(history):
+            if entry.id == last_id:
+                return deque(itertools.islice(history, index + 1, None))
+        return None
+    if not (number.isascii() and number.isdigit()) or str(int(number)) != number:
         return None
     seq = int(number)
     oldest = channel.seq - len(history) + 1  # the sequence number of history[0]
@@ -707,6 +713,15 @@ class Broadcaster(Generic[K, T]):
             default) keeps none and assigns no ids.
         linger: with history, how many seconds a channel whose last stream
             left keeps its history for a reconnecting client before it goes.
+        on_change: called with a key each time it gains a channel (its first
+            subscribe) or loses it (last stream gone, linger over, ``remove``,
+            ``close``), so a bridge to another transport can follow exactly the
+            keys this process serves. It is a hint, not a log: it runs after
+            the change, in whichever thread made it (possibly inside the garbage
+            collector, finalizing a stream), and calls from several threads may
+            arrive out of order, so it should re-read the state (``key in b``)
+            on its own loop, e.g. through ``loop.call_soon_threadsafe``.
+            Exceptions it raises are logged and dropped.
 
     Raises:
         TypeError: an argument of the wrong type.
@@ -721,6 +736,7 @@ class Broadcaster(Generic[K, T]):
         *,
         history: int = 0,
         linger: float = 30.0,
+        on_change: Callable[[K], object] | None = None,
     ) -> None:
         self._buffer: Final = _check_int("buffer", buffer, 1)
         self._config: Final = (
@@ -728,6 +744,9 @@ class Broadcaster(Generic[K, T]):
         )
         self._history: Final = _check_int("history", history, 0)
         self._linger: Final = _check_seconds("linger", linger)
+        if on_change is not None and not callable(on_change):
+            raise TypeError(f"on_change must be callable or None, not {type(on_change).__name__}")
+        self._on_change: Final = on_change
         # Keyed by K; typed Hashable so a subscriber's key indexes it too.
         self._channels: dict[Hashable, _Channel] = {}
         self._closed = False
@@ -742,6 +761,9 @@ class Broadcaster(Generic[K, T]):
         self._lingering: dict[Hashable, _Channel] = {}
         # The running channel() responses, for close() to end.
         self._sources: set[_ChannelSource] = set()
+        # Keys whose channel appeared or went, for on_change (lock held to
+        # append; handed to on_change after the lock is released).
+        self._changed: deque[Any] = deque()  # of K
 
     # -- locking ------------------------------------------------------------
 
@@ -759,7 +781,28 @@ class Broadcaster(Generic[K, T]):
                 self._expire()
             self._lock.release()
             if not self._leaving or not self._lock.acquire(blocking=False):
+                break
+        if self._changed:
+            self._notify()
+
+    def _changes(self, key: Hashable) -> None:
+        # Lock held: the channel of ``key`` appeared or went.
+        if self._on_change is not None:
+            self._changed.append(key)
+
+    def _notify(self) -> None:
+        """Hand the changed keys to on_change, outside the lock."""
+        on_change = self._on_change
+        assert on_change is not None, "keys are recorded only for an on_change hook"
+        while self._changed:
+            try:
+                key = self._changed.popleft()
+            except IndexError:  # another releasing thread took the last one
                 return
+            try:
+                on_change(key)
+            except Exception:
+                logger.exception("Broadcaster on_change hook raised for key %r", key)
 
     def _leave(self, sub: _Subscriber) -> None:
         """Take ``sub`` out of its channel now, or as soon as the lock is free."""
@@ -779,6 +822,7 @@ class Broadcaster(Generic[K, T]):
             return
         if channel.history is None:
             del self._channels[sub.key]
+            self._changes(sub.key)
         else:
             channel.expires = time.monotonic() + self._linger
             self._lingering[sub.key] = channel
@@ -812,6 +856,7 @@ class Broadcaster(Generic[K, T]):
                 return
             del self._lingering[key]
             del self._channels[key]
+            self._changes(key)
 
     def _sweep(self) -> None:
         """Expire lingering channels now (for reads that take no lock otherwise)."""
@@ -857,6 +902,7 @@ class Broadcaster(Generic[K, T]):
                 channel = self._channels.get(key)
                 if channel is None:
                     channel = self._channels[key] = _Channel(self._history)
+                    self._changes(key)
                 elif channel.expires is not None:
                     channel.expires = None
                     del self._lingering[key]
@@ -874,7 +920,7 @@ class Broadcaster(Generic[K, T]):
             self._unlock()
         return BroadcastStream(sub, self._leave, self._history > 0, resumed)
 
-    def send(self, key: K, item: T) -> int:
+    def send(self, key: K, item: T, *, id: str | None = None) -> int:
         """Deliver ``item`` to every current subscriber of ``key``; never waits.
 
         Returns how many subscribers it addressed (0, creating nothing, for a key
@@ -884,10 +930,19 @@ class Broadcaster(Generic[K, T]):
 
         With history, the item is also retained under a new id, even when the
         key's channel has no stream left but still lingers; the deliveries then
-        go through every stream's loop, in id order.
+        go through every stream's loop, in id order. ``id`` replaces the
+        assigned id: for ids from elsewhere, such as a bridge relaying another
+        process's sends (they must increase; they are matched exactly on resume).
+
+        Raises:
+            ValueError: ``id`` without history, or holding CR, LF or NUL.
         """
         if self._history:
-            return self._send_with_history(key, item)
+            if id is not None:
+                _check_field("id", id)
+            return self._send_with_history(key, item, id)
+        if id is not None:
+            raise ValueError("send(id=...) needs a broadcaster with history")
         channel = self._channels.get(key)
         if channel is None:
             return 0
@@ -900,7 +955,7 @@ class Broadcaster(Generic[K, T]):
                 self._unlock()
         return _dispatch(groups, _deliver, (item, self._buffer), direct=True)
 
-    def _send_with_history(self, key: K, item: T) -> int:
+    def _send_with_history(self, key: K, item: T, id: str | None) -> int:
         self._lock.acquire()
         try:
             channel = self._channels.get(key)
@@ -908,7 +963,7 @@ class Broadcaster(Generic[K, T]):
                 return 0
             assert channel.history is not None, "a broadcaster with history gives every channel one"
             channel.seq += 1
-            entry = _Entry(f"{channel.epoch}-{channel.seq}", item)
+            entry = _Entry(f"{channel.epoch}-{channel.seq}" if id is None else id, item)
             channel.history.append(entry)
             groups = channel.groups if channel.groups is not None else _groups(channel)
             # Scheduled while the lock is held, so the deliveries of concurrent
@@ -930,6 +985,8 @@ class Broadcaster(Generic[K, T]):
         try:
             channel = self._channels.pop(key, None)
             self._lingering.pop(key, None)
+            if channel is not None:
+                self._changes(key)
         finally:
             self._unlock()
         if channel is not None:
@@ -948,6 +1005,8 @@ class Broadcaster(Generic[K, T]):
         try:
             self._closed = True
             channels = list(self._channels.values())
+            for key in self._channels:
+                self._changes(key)
             self._channels.clear()
             self._lingering.clear()
             sources, self._sources = self._sources, set()

@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, MutableMapping
 from itertools import pairwise
 from pathlib import Path
@@ -3958,3 +3959,123 @@ def test_close_skips_channel_responses_of_a_closed_loop() -> None:
     loop.close()
     b.close()
     assert b._sources == set()
+
+
+# ---------------------------------------------------------------------------
+# The bridge hooks: on_change and send(id=...)
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_on_change_reports_a_key_when_its_channel_appears_and_goes() -> None:
+    """on_change(key) runs when the first stream of a key subscribes and when
+    the last one leaves (by close or by garbage collection), and not between."""
+    changes: list[tuple[str, bool]] = []
+    b: Broadcaster[str, int] = Broadcaster(on_change=lambda key: changes.append((key, key in b)))
+    s1 = b.subscribe("k")
+    s2 = b.subscribe("k")
+    assert changes == [("k", True)]
+    s1.close()
+    assert changes == [("k", True)]
+    del s2
+    assert changes == [("k", True), ("k", False)]
+
+
+@async_test()
+async def test_on_change_reports_remove_close_and_expiry() -> None:
+    """remove(), close() and the end of a linger report their keys too."""
+    changes: list[str] = []
+    b: Broadcaster[str, int] = Broadcaster(on_change=changes.append)
+    streams = [b.subscribe(k) for k in ("a", "b", "c")]
+    changes.clear()
+    b.remove("a")
+    b.remove("a")
+    assert changes == ["a"]
+    b.close()
+    assert sorted(changes[1:]) == ["b", "c"]
+    lingering: list[str] = []
+    h: Broadcaster[str, int] = Broadcaster(history=2, linger=0.01, on_change=lingering.append)
+    h.subscribe("x").close()
+    assert lingering == ["x"], "a lingering channel still exists"
+    await asyncio.sleep(0.03)  # timing under test: the linger ends
+    assert "x" not in h and lingering == ["x", "x"]
+    for stream in streams:
+        stream.close()
+
+
+def test_on_change_runs_after_the_lock_is_released(caplog: pytest.LogCaptureFixture) -> None:
+    """The hook may call back into the broadcaster (it runs outside the lock),
+    and an exception in it is logged, never breaking the registry."""
+    seen: list[int] = []
+
+    def hook(key: str) -> None:
+        seen.append(b.subscriber_count(key))
+        raise RuntimeError("hook bug")
+
+    b: Broadcaster[str, int] = Broadcaster(on_change=hook)
+
+    async def main() -> None:
+        stream = b.subscribe("k")
+        stream.close()
+
+    asyncio.run(main())
+    assert seen == [1, 0] and len(b) == 0
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all("on_change hook raised for key 'k'" in r.getMessage() for r in errors)
+
+
+def test_on_change_must_be_callable() -> None:
+    """on_change must be callable or None."""
+    with pytest.raises(TypeError, match=r"^on_change must be callable or None, not int$"):
+        Broadcaster(on_change=5)  # type: ignore[arg-type]  # the error under test
+
+
+def test_on_change_calls_from_a_drained_queue_are_skipped() -> None:
+    """_notify returns quietly when another releasing thread took the last key
+    between its check and its pop (the race it tolerates)."""
+    calls: list[str] = []
+    b: Broadcaster[str, int] = Broadcaster(on_change=calls.append)
+
+    class Racing(deque[Any]):
+        def popleft(self) -> Any:
+            raise IndexError("taken by another thread")
+
+    b._changed = Racing(["k"])  # a test double: non-empty, yet popleft finds nothing
+    b._notify()
+    assert calls == []
+
+
+@async_test()
+async def test_send_with_an_explicit_id_is_written_and_resumed_exactly() -> None:
+    """send(id=...) stores the item under that id: responses write it and
+    subscribe(last_event_id=...) resumes after it by exact match."""
+    b: Broadcaster[str, Event] = Broadcaster(history=10, config=SseConfig(keep_alive=None))
+    s = b.subscribe("k")
+    for n in range(1, 5):
+        b.send("k", Event(f"m{n}"), id=f"1700000000000-{n}")
+    got = await history_read(s, 4)
+    assert [i for i, _ in got] == [f"1700000000000-{n}" for n in range(1, 5)]
+    resumed = b.subscribe("k", last_event_id="1700000000000-2")
+    assert resumed.resumed is True
+    assert [e.data for _, e in await history_read(resumed, 2)] == ["m3", "m4"]
+    assert b.subscribe("k", last_event_id="1700000000000-9").resumed is False
+    peer = AsgiPeer()
+    live = b.subscribe("k")
+    b.send("k", Event("m5"), id="1700000000000-5")
+    b.remove("k")
+    await b.response(live)(peer.scope, peer.receive, peer.send)
+    assert peer.bodies[1] == b"data: m5\nid: 1700000000000-5\n\n"
+    s.close()
+    resumed.close()
+
+
+@async_test()
+async def test_send_with_an_explicit_id_is_checked() -> None:
+    """An explicit id needs history and must be one line without NUL."""
+    plain: Broadcaster[str, int] = Broadcaster()
+    with pytest.raises(ValueError, match=r"^send\(id=\.\.\.\) needs a broadcaster with history$"):
+        plain.send("k", 1, id="x")
+    b: Broadcaster[str, int] = Broadcaster(history=2)
+    for bad in ("a\nb", "a\rb", "a\x00b"):
+        with pytest.raises(ValueError, match=r"^id must not contain CR, LF or NUL"):
+            b.send("k", 1, id=bad)
