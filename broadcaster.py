@@ -22,7 +22,8 @@ Life of a channel
     without being closed (a ``weakref.finalize`` on the stream; the registry never
     holds a stream, only its private delivery state). ``remove(key)`` ends every
     stream of the key once it has drained what was already delivered to it and
-    forgets the channel; ``close()`` does that for every key, for good.
+    forgets the channel; ``close()`` does that for every key, for good, and
+    also ends the running ``channel()`` responses (graceful shutdown).
 
 History and resume (opt-in: ``Broadcaster(history=N)``)
     Each channel then keeps its last N items, each with an id it assigns: an
@@ -35,6 +36,13 @@ History and resume (opt-in: ``Broadcaster(history=N)``)
     can reconnect; sends to it extend the history. SSE responses of such streams
     write each item's id on the wire. In this mode every delivery goes through
     the stream's event loop (``call_soon``), so every stream sees ids in order.
+
+Bridges
+    ``Broadcaster(on_change=fn)`` calls ``fn(key)`` whenever a key gains or
+    loses its channel, and ``send(key, item, id=...)`` retains an item under an
+    id from elsewhere: what a bridge to another transport (Redis, in
+    ``examples/redis_bridge.py``) needs to serve only the keys this process has
+    and to keep ids global.
 
 Threads and loops
     Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
@@ -419,6 +427,45 @@ class _Subscriber:
     waiter: asyncio.Future[None] | None = None
 
 
+class _Entry:
+    """An item with its id, as a channel with history retains and delivers it."""
+
+    __slots__ = ("id", "item", "frame")
+
+    def __init__(self, id: str, item: object) -> None:
+        self.id = id
+        self.item = item
+        # The id-carrying frame of ``item`` when it is an Event, made by the
+        # first response that writes it and shared by all the others.
+        self.frame: bytes | None = None
+
+    def with_id(self, frame: bytes) -> bytes:
+        """``frame`` with this entry's id as its last field. The last ``id:``
+        line of an event wins on the client, so it replaces any id of its own."""
+        return frame[:-1] + f"id: {self.id}\n\n".encode()
+
+
+class _Channel:
+    """The subscribers of one key, and its history when the broadcaster keeps one."""
+
+    __slots__ = ("members", "groups", "history", "epoch", "seq", "expires")
+
+    def __init__(self, history: int) -> None:
+        # Insertion-ordered set of the key's subscribers.
+        self.members: dict[_Subscriber, None] = {}
+        # ``members`` grouped by event loop, as immutable tuples for send() to
+        # iterate without a lock; None after any change (rebuilt lazily).
+        self.groups: tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...] | None = None
+        # The last ``history`` entries, oldest first; None without history.
+        self.history: deque[_Entry] | None = deque(maxlen=history) if history else None
+        # Ids are f"{epoch}-{seq}": the epoch is random per channel lifetime, so
+        # an id of another lifetime or process is never mistaken for one of ours.
+        self.epoch = secrets.token_hex(6) if history else ""
+        self.seq = 0
+        # time.monotonic() deadline of a lingering channel (no members); else None.
+        self.expires: float | None = None
+
+
 def _wake(sub: _Subscriber) -> None:
     waiter = sub.waiter
     if waiter is not None:
@@ -660,45 +707,6 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
         sub = self._sub
         state = "ended" if sub.ended else "open"
         return f"<BroadcastStream key={sub.key!r} {state} queued={self.queued} lagged={sub.lagged}>"
-
-
-class _Entry:
-    """An item with its id, as a channel with history retains and delivers it."""
-
-    __slots__ = ("id", "item", "frame")
-
-    def __init__(self, id: str, item: object) -> None:
-        self.id = id
-        self.item = item
-        # The id-carrying frame of ``item`` when it is an Event, made by the
-        # first response that writes it and shared by all the others.
-        self.frame: bytes | None = None
-
-    def with_id(self, frame: bytes) -> bytes:
-        """``frame`` with this entry's id as its last field. The last ``id:``
-        line of an event wins on the client, so it replaces any id of its own."""
-        return frame[:-1] + f"id: {self.id}\n\n".encode()
-
-
-class _Channel:
-    """The subscribers of one key, and its history when the broadcaster keeps one."""
-
-    __slots__ = ("members", "groups", "history", "epoch", "seq", "expires")
-
-    def __init__(self, history: int) -> None:
-        # Insertion-ordered set of the key's subscribers.
-        self.members: dict[_Subscriber, None] = {}
-        # ``members`` grouped by event loop, as immutable tuples for send() to
-        # iterate without a lock; None after any change (rebuilt lazily).
-        self.groups: tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...] | None = None
-        # The last ``history`` entries, oldest first; None without history.
-        self.history: deque[_Entry] | None = deque(maxlen=history) if history else None
-        # Ids are f"{epoch}-{seq}": the epoch is random per channel lifetime, so
-        # an id of another lifetime or process is never mistaken for one of ours.
-        self.epoch = secrets.token_hex(6) if history else ""
-        self.seq = 0
-        # time.monotonic() deadline of a lingering channel (no members); else None.
-        self.expires: float | None = None
 
 
 class Broadcaster(Generic[K, T]):

@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -113,7 +114,7 @@ import uvicorn
 # first, so the checkout wins over an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broadcaster import (  # noqa: E402
+from broadcaster import (
     Broadcaster,
     BroadcastStream,
     Event,
@@ -475,18 +476,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Multi-room SSE chat (broadcaster.py demo).")
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument(
-        "--linger", type=float, default=LINGER, help=f"seconds a room's history outlives its last client (default {LINGER:g})"
+        "--linger",
+        type=float,
+        default=LINGER,
+        help=f"seconds a room's history outlives its last client (default {LINGER:g})",
     )
     args = parser.parse_args(argv)
     chat = Chat(linger=args.linger)
     config = uvicorn.Config(chat, host="127.0.0.1", port=args.port, log_level="info")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
         ChatServer(config, chat).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
 
 
-PAGE: Final = """\
+PAGE: Final = b"""\
 <!doctype html>
 <html lang="en">
 <head>
@@ -551,7 +553,7 @@ PAGE: Final = """\
 "use strict";
 const $ = (id) => document.getElementById(id);
 const ROOM = /^[a-z0-9_-]{1,32}$/;
-const rooms = new Map();  // name -> {source, row, log, count, unread, live}
+const rooms = new Map();  // name -> the room object made in join()
 let current = null;
 
 const user = $("user");
@@ -737,7 +739,7 @@ select("general");
 </script>
 </body>
 </html>
-""".encode()
+"""
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ the standard library only: raw sockets for the streams (so the tests see the
 status line, the headers and every chunk of the chunked body byte for byte)
 and ``urllib.request`` for the plain requests.
 
+Message ids are the broadcaster's (``<epoch>-<n>``, the epoch random per room
+lifetime): a test learns the epoch from the first message frame it reads and
+then checks every frame byte for byte. The browser side of the page (loading
+the history, dropping what it got twice) is tested in ``test_browser.py``.
+
 Every socket read has a timeout, so a missing event fails a test in seconds
 instead of hanging it; the only polling is of the stats endpoint, waiting for
-the server to notice a client that went away.
+the server to notice a client that went away or a room's history to expire.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -53,9 +59,9 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Chat:
     """``examples/chat.py`` running as a subprocess on a free port."""
 
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(CHAT), "--port", "0"],
+            [sys.executable, str(CHAT), "--port", "0", *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -251,7 +257,9 @@ def request(port: int, method: str, path: str, body: bytes | None = None) -> tup
 
 
 def post(port: int, room: str, user: str, text: str) -> None:
-    status, _, body = request(port, "POST", f"/rooms/{room}/messages", json.dumps({"user": user, "text": text}).encode())
+    status, _, body = request(
+        port, "POST", f"/rooms/{room}/messages", json.dumps({"user": user, "text": text}).encode()
+    )
     assert (status, body) == (204, b"")
 
 
@@ -262,14 +270,50 @@ def stats(port: int, room: str) -> dict[str, Any]:
     return result
 
 
-def message(room: str, id: int, user: str, text: str) -> bytes:
+# The id the broadcaster gives each message: an epoch per room lifetime, a dash,
+# and the message's number in that lifetime.
+ID = re.compile(rb"\nid: ([0-9a-f]{12})-([0-9]+)\n")
+RELOAD = b"event: reload\ndata: \n\n"
+
+
+def message(room: str, n: int, user: str, text: str, id: str) -> bytes:
     """The exact frame of a chat message (compact JSON, UTF-8, LF line endings)."""
-    data = json.dumps({"room": room, "user": user, "text": text}, ensure_ascii=False, separators=(",", ":"))
+    data = json.dumps({"room": room, "n": n, "user": user, "text": text}, ensure_ascii=False, separators=(",", ":"))
     return f"event: message\nid: {id}\ndata: {data}\n\n".encode()
 
 
 def presence(room: str, count: int) -> bytes:
     return f'event: presence\ndata: {{"room":"{room}","count":{count}}}\n\n'.encode()
+
+
+def epoch(frame: bytes | None) -> str:
+    """The epoch of the id in a message frame."""
+    assert frame is not None
+    found = ID.search(frame)
+    assert found is not None, frame
+    return found[1].decode()
+
+
+def frames(conn: Connection, n: int) -> tuple[list[bytes], list[bytes]]:
+    """The next ``n`` frames of a stream, split into (messages, the others).
+    A resumed stream's replayed messages and its own join's presence event
+    are read concurrently by the server, so their interleaving is free."""
+    messages: list[bytes] = []
+    others: list[bytes] = []
+    for _ in range(n):
+        frame = conn.chunk()
+        assert frame is not None
+        (messages if frame.startswith(b"event: message\n") else others).append(frame)
+    return messages, others
+
+
+def history(port: int, room: str) -> list[dict[str, Any]]:
+    status, head, body = request(port, "GET", f"/rooms/{room}/history")
+    assert status == 200 and head["content-type"] == "application/json"
+    value: dict[str, Any] = json.loads(body)
+    assert value["room"] == room
+    messages: list[dict[str, Any]] = value["messages"]
+    return messages
 
 
 # ---------------------------------------------------------------------------
@@ -285,13 +329,16 @@ def test_page_is_served(chat: Chat) -> None:
     assert head["content-type"] == "text/html; charset=utf-8"
     assert int(head["content-length"]) == len(body)
     assert b"new EventSource(" in body and b"fetch(" in body and b"textContent" in body
+    assert b'addEventListener("reload"' in body and b'"/history"' in body
     assert b"innerHTML" not in body
     assert b"http://" not in body and b"https://" not in body and b"src=" not in body
 
 
 def test_stream_headers_then_first_chunk_before_any_message(clients: Clients) -> None:
     """The stream's headers and its first chunk (the retry frame) arrive at
-    once, before any message; then the client's own join."""
+    once, before any message; then, on a connection without Last-Event-ID,
+    the reload event (the page loads the history on it), then the client's
+    own join."""
     conn = clients.connect()
     conn.request("GET", "/rooms/hdr/events")
     status, head = conn.head()
@@ -301,55 +348,70 @@ def test_stream_headers_then_first_chunk_before_any_message(clients: Clients) ->
     assert head["x-accel-buffering"] == "no"
     assert head["transfer-encoding"] == "chunked"
     assert conn.chunk() == b"retry: 2000\n\n"
+    assert conn.chunk() == RELOAD
     assert conn.chunk() == presence("hdr", 1)
 
 
 def test_head_of_a_stream_subscribes_nobody(chat: Chat, clients: Clients) -> None:
-    """HEAD /rooms/x/events: the SSE headers, an empty body, no subscription."""
+    """HEAD /rooms/x/events: the SSE headers, an empty body, no subscription
+    (and no broadcast history either)."""
     conn = clients.connect()
     conn.request("HEAD", "/rooms/headonly/events")
     status, head = conn.head()
     assert status == 200 and head["content-type"] == "text/event-stream; charset=utf-8"
-    assert stats(chat.port, "headonly")["subscribers"] == 0
+    assert stats(chat.port, "headonly") == {"room": "headonly", "subscribers": 0, "channels": 0, "resumable": False}
 
 
 def test_message_reaches_two_streams_byte_exact(chat: Chat, clients: Clients) -> None:
     """A POSTed message arrives on both streams of the room as the same exact
-    frame, then more messages arrive in order with increasing ids."""
+    frame, with the id the broadcaster gave it (``<epoch>-1``); more messages
+    arrive in order with the next numbers of the same epoch."""
     a = clients.stream("two")
+    assert a.chunk() == RELOAD
     assert a.chunk() == presence("two", 1)
     b = clients.stream("two")
+    assert b.chunk() == RELOAD
     assert a.chunk() == b.chunk() == presence("two", 2)
 
     post(chat.port, "two", "ann", "héllo\nworld ✓")
-    frame = 'event: message\nid: 1\ndata: {"room":"two","user":"ann","text":"héllo\\nworld ✓"}\n\n'.encode()
-    assert a.chunk() == frame
+    frame = a.chunk()
+    run = epoch(frame)
+    assert frame == (
+        f'event: message\nid: {run}-1\ndata: {{"room":"two","n":1,"user":"ann","text":"héllo\\nworld ✓"}}\n\n'.encode()
+    )
     assert b.chunk() == frame
 
     for n in range(2, 6):
         post(chat.port, "two", "bob", f"message {n}")
+    expected = [message("two", n, "bob", f"message {n}", f"{run}-{n}") for n in range(2, 6)]
     for conn in (a, b):
-        assert [conn.chunk() for _ in range(2, 6)] == [message("two", n, "bob", f"message {n}") for n in range(2, 6)]
+        assert [conn.chunk() for _ in range(2, 6)] == expected
 
 
 def test_rooms_are_independent(chat: Chat, clients: Clients) -> None:
-    """A message to one room reaches that room's streams only."""
+    """A message to one room reaches that room's streams only; each room has
+    its own epoch and numbers its messages from 1."""
     a = clients.stream("left")
     b = clients.stream("right")
+    assert a.chunk() == b.chunk() == RELOAD
     assert a.chunk() == presence("left", 1) and b.chunk() == presence("right", 1)
     post(chat.port, "right", "ann", "to the right")
     post(chat.port, "left", "ann", "to the left")
-    assert a.chunk() == message("left", 1, "ann", "to the left")
-    assert b.chunk() == message("right", 1, "ann", "to the right")
+    left, right = a.chunk(), b.chunk()
+    assert epoch(left) != epoch(right)
+    assert left == message("left", 1, "ann", "to the left", f"{epoch(left)}-1")
+    assert right == message("right", 1, "ann", "to the right", f"{epoch(right)}-1")
 
 
 def test_presence_rises_and_falls(chat: Chat, clients: Clients) -> None:
     """Every join and every leave pushes the room's subscriber count."""
     a = clients.stream("pres")
-    assert a.chunk() == presence("pres", 1)
+    assert a.chunk() == RELOAD and a.chunk() == presence("pres", 1)
     b = clients.stream("pres")
+    assert b.chunk() == RELOAD
     assert a.chunk() == b.chunk() == presence("pres", 2)
     c = clients.stream("pres")
+    assert c.chunk() == RELOAD
     assert a.chunk() == b.chunk() == c.chunk() == presence("pres", 3)
     b.close()
     assert a.chunk() == c.chunk() == presence("pres", 2)
@@ -358,62 +420,159 @@ def test_presence_rises_and_falls(chat: Chat, clients: Clients) -> None:
     assert stats(chat.port, "pres")["subscribers"] == 1
 
 
+def test_presence_is_neither_numbered_nor_retained(chat: Chat, clients: Clients) -> None:
+    """Presence events carry no id and do not go through the broadcast
+    history: after joins and leaves the first message is still number 1, and
+    a client resuming after it gets no stale presence, only its own join."""
+    a = clients.stream("quiet")
+    assert a.chunk() == RELOAD and a.chunk() == presence("quiet", 1)
+    for _ in range(3):
+        b = clients.stream("quiet")
+        assert b.chunk() == RELOAD
+        assert a.chunk() == b.chunk() == presence("quiet", 2)
+        b.close()
+        assert a.chunk() == presence("quiet", 1)
+    post(chat.port, "quiet", "ann", "first")
+    first = a.chunk()
+    run = epoch(first)
+    assert first == message("quiet", 1, "ann", "first", f"{run}-1")
+
+    c = clients.stream("quiet", headers={"Last-Event-ID": f"{run}-1"})
+    assert a.chunk() == c.chunk() == presence("quiet", 2)  # no reload, nothing replayed
+    post(chat.port, "quiet", "ann", "second")
+    assert a.chunk() == c.chunk() == message("quiet", 2, "ann", "second", f"{run}-2")
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
 def test_closed_client_is_gone_from_the_registry_within_1s(chat: Chat, clients: Clients, reset: bool) -> None:
     """Closing (or resetting) a client's socket removes its subscription and,
-    being the last, the room's channel, within 1 s."""
-    conn = clients.stream("x")
-    assert conn.chunk() == presence("x", 1)
-    assert stats(chat.port, "x")["subscribers"] == 1
+    being the last, the room's live channel, within 1 s; the room's broadcast
+    history lingers on for a reconnection."""
+    room = f"x{int(reset)}"
+    conn = clients.stream(room)
+    assert conn.chunk() == RELOAD and conn.chunk() == presence(room, 1)
+    assert stats(chat.port, room)["subscribers"] == 1
     conn.close(reset=reset)
     deadline = time.monotonic() + 1.0
-    while (current := stats(chat.port, "x")) != {"room": "x", "subscribers": 0, "channels": 0}:
+    while (current := stats(chat.port, room)) != {"room": room, "subscribers": 0, "channels": 0, "resumable": True}:
         assert time.monotonic() < deadline, f"still registered after 1 s: {current}"
         time.sleep(0.02)
 
 
-def test_reconnect_with_last_event_id_replays_exactly_the_missed(chat: Chat, clients: Clients) -> None:
-    """A stream resumed with Last-Event-ID: n gets the messages after n, then
-    the live ones; the query parameter works when the header is absent, and
-    the header wins over it."""
+def test_reconnect_with_last_event_id_resumes_exactly(chat: Chat, clients: Clients) -> None:
+    """A stream resumed with Last-Event-ID gets exactly the messages after
+    that id, then the live ones, and no reload. Messages sent while the room
+    had no client at all are resumed too (its history lingers). The query
+    parameter works when the header is absent, and the header wins over it."""
     a = clients.stream("resume")
-    assert a.chunk() == presence("resume", 1)
+    assert a.chunk() == RELOAD and a.chunk() == presence("resume", 1)
+    got = []
     for n in (1, 2, 3):
         post(chat.port, "resume", "ann", f"m{n}")
-        assert a.chunk() == message("resume", n, "ann", f"m{n}")
+        got.append(a.chunk())
+    run = epoch(got[0])
+    ids = {n: f"{run}-{n}" for n in range(1, 8)}
+    assert got == [message("resume", n, "ann", f"m{n}", ids[n]) for n in (1, 2, 3)]
     a.close()
+    deadline = time.monotonic() + 1.0
+    while stats(chat.port, "resume")["subscribers"]:  # the room is empty now
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     for n in (4, 5):  # missed while disconnected
         post(chat.port, "resume", "ann", f"m{n}")
 
-    b = clients.stream("resume", headers={"Last-Event-ID": "3"})
-    assert b.chunk() == message("resume", 4, "ann", "m4")
-    assert b.chunk() == message("resume", 5, "ann", "m5")
-    assert b.chunk() == presence("resume", 1)  # then live
+    b = clients.stream("resume", headers={"Last-Event-ID": ids[3]})
+    assert frames(b, 3) == ([message("resume", n, "ann", f"m{n}", ids[n]) for n in (4, 5)], [presence("resume", 1)])
     post(chat.port, "resume", "ann", "m6")
-    assert b.chunk() == message("resume", 6, "ann", "m6")
+    assert b.chunk() == message("resume", 6, "ann", "m6", ids[6])
 
-    # The page's first connection: ?last_event_id=0 asks for the whole history.
-    c = clients.stream("resume", query="?last_event_id=0")
-    assert [c.chunk() for _ in range(6)] == [message("resume", n, "ann", f"m{n}") for n in range(1, 7)]
-    assert c.chunk() == b.chunk() == presence("resume", 2)
+    # The query parameter, for a client that cannot set headers.
+    c = clients.stream("resume", query=f"?last_event_id={ids[5]}")
+    assert frames(c, 2) == ([message("resume", 6, "ann", "m6", ids[6])], [presence("resume", 2)])
+    assert b.chunk() == presence("resume", 2)
 
     # A browser's reconnection sends the header, which wins over the query.
-    d = clients.stream("resume", query="?last_event_id=0", headers={"Last-Event-ID": "5"})
-    assert d.chunk() == message("resume", 6, "ann", "m6")
-    assert d.chunk() == c.chunk() == b.chunk() == presence("resume", 3)
+    d = clients.stream("resume", query=f"?last_event_id={ids[1]}", headers={"Last-Event-ID": ids[5]})
+    assert frames(d, 2) == ([message("resume", 6, "ann", "m6", ids[6])], [presence("resume", 3)])
+    assert b.chunk() == c.chunk() == presence("resume", 3)
 
-    # An id that is not one of ours replays nothing.
-    e = clients.stream("resume", headers={"Last-Event-ID": "not-an-id"})
-    assert e.chunk() == presence("resume", 4)
+    # An id that is not one of this room's lifetime: reload, nothing replayed.
+    for count, unknown in enumerate(["not-an-id", "0", "000000000000-3", f"{run}-99", f"{run}-03"], start=4):
+        e = clients.stream("resume", headers={"Last-Event-ID": unknown})
+        assert e.chunk() == RELOAD, unknown
+        assert e.chunk() == presence("resume", count)
+        for conn in (b, c, d):
+            assert conn.chunk() == presence("resume", count)
+    post(chat.port, "resume", "ann", "m7")
+    assert b.chunk() == message("resume", 7, "ann", "m7", ids[7])
 
 
-def test_history_keeps_the_last_100_messages(chat: Chat, clients: Clients) -> None:
-    """After 105 messages, a full replay starts at id 6."""
+def test_resume_reaches_back_100_messages(chat: Chat, clients: Clients) -> None:
+    """The broadcast history holds the last 100 messages: after 105, a client
+    that saw message 5 resumes with 6 to 105; one that saw only 4 gets the
+    reload event instead (its next message is gone)."""
+    a = clients.stream("hist")
+    assert a.chunk() == RELOAD and a.chunk() == presence("hist", 1)
     for n in range(1, 106):
         post(chat.port, "hist", "ann", str(n))
-    conn = clients.stream("hist", headers={"Last-Event-ID": "0"})
-    assert [conn.chunk() for _ in range(100)] == [message("hist", n, "ann", str(n)) for n in range(6, 106)]
-    assert conn.chunk() == presence("hist", 1)
+    run = epoch(a.chunk())
+    conn = clients.stream("hist", headers={"Last-Event-ID": f"{run}-5"})
+    replayed, others = frames(conn, 101)
+    assert replayed == [message("hist", n, "ann", str(n), f"{run}-{n}") for n in range(6, 106)]
+    assert others == [presence("hist", 2)]
+    old = clients.stream("hist", headers={"Last-Event-ID": f"{run}-4"})
+    assert old.chunk() == RELOAD
+    assert old.chunk() == presence("hist", 3)
+
+
+def test_history_endpoint_is_what_a_fresh_page_loads(chat: Chat, clients: Clients) -> None:
+    """GET /rooms/{room}/history: the last 100 messages, oldest first, in the
+    form of the message events (same ``n``, same order), including messages
+    posted while nobody was in the room (which no broadcast history keeps)."""
+    assert history(chat.port, "fresh") == []
+    post(chat.port, "fresh", "ann", "before anyone came")
+    assert stats(chat.port, "fresh")["resumable"] is False  # nobody: not retained for resuming
+    assert history(chat.port, "fresh") == [{"room": "fresh", "n": 1, "user": "ann", "text": "before anyone came"}]
+
+    # The page's order: connect, then load; a message in between is in both,
+    # with the same n, which is how the page drops the second copy.
+    conn = clients.stream("fresh")
+    assert conn.chunk() == RELOAD and conn.chunk() == presence("fresh", 1)
+    post(chat.port, "fresh", "bob", "while loading")
+    live = conn.chunk()
+    assert live == message("fresh", 2, "bob", "while loading", f"{epoch(live)}-1")
+    assert [m["n"] for m in history(chat.port, "fresh")] == [1, 2]
+
+    for n in range(3, 106):
+        post(chat.port, "fresh", "ann", f"m{n}")
+    recent = history(chat.port, "fresh")
+    assert [m["n"] for m in recent] == list(range(6, 106))
+    assert recent[-1] == {"room": "fresh", "n": 105, "user": "ann", "text": "m105"}
+
+
+def test_history_expires_after_linger(tmp_path: Path) -> None:
+    """With ``--linger 0.3`` a room's broadcast history goes 0.3 s after its
+    last client left: a reconnection then gets the reload event."""
+    server = Chat(tmp_path, "--linger", "0.3")
+    try:
+        clients = Clients(server.port)
+        a = clients.stream("brief")
+        assert a.chunk() == RELOAD and a.chunk() == presence("brief", 1)
+        post(server.port, "brief", "ann", "hi")
+        run = epoch(a.chunk())
+        a.close()
+        deadline = time.monotonic() + 3.0
+        while stats(server.port, "brief")["resumable"]:
+            assert time.monotonic() < deadline, "the room's history did not expire within 3 s"
+            time.sleep(0.05)
+        b = clients.stream("brief", headers={"Last-Event-ID": f"{run}-1"})
+        assert b.chunk() == RELOAD
+        assert b.chunk() == presence("brief", 1)
+        assert [m["text"] for m in history(server.port, "brief")] == ["hi"]  # the app's state stays
+        clients.close_all()
+        server.terminate()
+    finally:
+        server.kill()
 
 
 LONG = "x" * 33
@@ -440,8 +599,11 @@ BAD_REQUESTS = [
     ("GET", "/rooms/bad", None, 404),
     ("GET", "/rooms/bad/nope", None, 404),
     ("GET", "/rooms/bad/events/more", None, 404),
+    ("GET", "/rooms/bad/history/1", None, 404),
     ("GET", "/rooms/bad/messages", None, 405),
     ("POST", "/rooms/bad/events", b"{}", 405),
+    ("POST", "/rooms/bad/history", b"{}", 405),
+    ("PUT", "/rooms/bad/history", b"{}", 405),
     ("DELETE", "/rooms/bad/stats", None, 405),
     ("POST", "/", b"{}", 405),
 ]
@@ -458,13 +620,11 @@ def test_bad_request(chat: Chat, method: str, path: str, body: bytes | None, sta
         assert head["allow"] in ("POST", "GET, HEAD")
 
 
-def test_bad_posts_send_nothing_and_limits_are_inclusive(chat: Chat, clients: Clients) -> None:
+def test_bad_posts_send_nothing_and_limits_are_inclusive(chat: Chat) -> None:
     """A 32-character user and a 2000-character text are accepted; the bad
-    requests above sent nothing to their room."""
+    requests above stored nothing in their room."""
     post(chat.port, "bad", "u" * 32, "t" * 2000)
-    conn = clients.stream("bad", headers={"Last-Event-ID": "0"})
-    assert conn.chunk() == message("bad", 1, "u" * 32, "t" * 2000)
-    assert conn.chunk() == presence("bad", 1)
+    assert history(chat.port, "bad") == [{"room": "bad", "n": 1, "user": "u" * 32, "text": "t" * 2000}]
 
 
 def test_chunked_body_over_the_limit_is_413(chat: Chat, clients: Clients) -> None:
@@ -486,6 +646,7 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_within_3s(tmp_path: Path) -
         streams = Clients(server.port)
         for n, room in enumerate(["general", "random", "general", "random", "general"]):
             conn = streams.stream(room)
+            assert conn.chunk() == RELOAD
             assert conn.chunk() == presence(room, n // 2 + 1)
         idle = streams.connect()  # a keep-alive connection between requests
         idle.request("GET", "/rooms/general/stats")
