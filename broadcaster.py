@@ -428,16 +428,17 @@ class _Subscriber:
 
 
 class _Entry:
-    """An item with its id, as a channel with history retains and delivers it."""
+    """An item with its id, as a channel with history retains and delivers it.
 
-    __slots__ = ("id", "item", "frame")
+    An :class:`Event` item is stored as a copy whose ``id`` is the entry's, so
+    the id travels with the event through any wrapper of the stream (and the
+    copy is encoded once, for every subscriber)."""
+
+    __slots__ = ("id", "item")
 
     def __init__(self, id: str, item: object) -> None:
         self.id = id
-        self.item = item
-        # The id-carrying frame of ``item`` when it is an Event, made by the
-        # first response that writes it and shared by all the others.
-        self.frame: bytes | None = None
+        self.item: object = dataclasses.replace(item, id=id) if isinstance(item, Event) else item
 
     def with_id(self, frame: bytes) -> bytes:
         """``frame`` with this entry's id as its last field. The last ``id:``
@@ -1566,7 +1567,7 @@ class _SseApp:
         False if the client went away or send() failed. Source errors propagate."""
         loop = asyncio.get_running_loop()
         render = self._render
-        # A stream with history: its last entry gives each event's id.
+        # A stream with history: its last entry gives the id of each rendered item.
         ids = self._source if isinstance(self._source, BroadcastStream) and self._source._ids else None
         source = aiter(self._source)
         while True:
@@ -1578,15 +1579,10 @@ class _SseApp:
             if not isinstance(event, Event):
                 raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
             frame = event._frame
-            if ids is not None:
+            if ids is not None and render is not None:  # Event items carry their ids already
                 entry = ids._last
                 assert entry is not None, "a stream with history records the entry it yielded"
-                if render is not None:
-                    frame = entry.with_id(frame)
-                else:  # every response writes this same event: share the frame
-                    if entry.frame is None:
-                        entry.frame = entry.with_id(frame)
-                    frame = entry.frame
+                frame = entry.with_id(frame)
             async with writes.lock:
                 writes.sending_since = loop.time()
                 try:

@@ -3711,7 +3711,7 @@ def test_history_send_skips_a_closed_loop() -> None:
 @async_test()
 async def test_history_response_writes_each_items_id() -> None:
     """A response of a stream with history writes every event with its item's
-    id as the last field, and a browser sees that id."""
+    id (replacing an id of the event's own), and a browser sees that id."""
     b: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
     peer = AsgiPeer()
     stream = b.subscribe("k")
@@ -3723,8 +3723,8 @@ async def test_history_response_writes_each_items_id() -> None:
     epoch.close()
     frames = peer.bodies[1:-1]
     assert len(frames) == 2
-    assert re.fullmatch(rb"event: chat\ndata: one\nid: [0-9a-f]{12}-1\n\n", frames[0]), frames[0]
-    assert re.fullmatch(rb"id: their-own\ndata: two\ndata: lines\nid: [0-9a-f]{12}-2\n\n", frames[1]), frames[1]
+    assert re.fullmatch(rb"event: chat\nid: [0-9a-f]{12}-1\ndata: one\n\n", frames[0]), frames[0]
+    assert re.fullmatch(rb"id: [0-9a-f]{12}-2\ndata: two\ndata: lines\n\n", frames[1]), frames[1]
     parsed = parse_event_stream(b"".join(peer.bodies))
     assert [e.data for e in parsed.events] == ["one", "two\nlines"]
     assert parsed.events[1].last_event_id.endswith("-2"), "the broadcaster's id must win"
@@ -4064,7 +4064,7 @@ async def test_send_with_an_explicit_id_is_written_and_resumed_exactly() -> None
     b.send("k", Event("m5"), id="1700000000000-5")
     b.remove("k")
     await b.response(live)(peer.scope, peer.receive, peer.send)
-    assert peer.bodies[1] == b"data: m5\nid: 1700000000000-5\n\n"
+    assert peer.bodies[1] == b"id: 1700000000000-5\ndata: m5\n\n"
     s.close()
     resumed.close()
 
@@ -4079,3 +4079,24 @@ async def test_send_with_an_explicit_id_is_checked() -> None:
     for bad in ("a\nb", "a\rb", "a\x00b"):
         with pytest.raises(ValueError, match=r"^id must not contain CR, LF or NUL"):
             b.send("k", 1, id=bad)
+
+
+@async_test()
+async def test_history_event_items_carry_their_ids_through_wrappers() -> None:
+    """With history, a stream of Events yields copies whose id is the
+    broadcaster's, so a wrapper (replay, a merge) keeps the ids on the wire."""
+    b: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    stream = b.subscribe("k")
+    original = Event("x", event="chat", id="mine")
+    b.send("k", original)
+    event = await anext(stream)
+    assert event.id == stream.last_event_id and event.id != "mine"
+    assert (event.data, event.event) == ("x", "chat") and original.id == "mine"
+    peer = AsgiPeer()
+    live = b.subscribe("k")
+    b.send("k", Event("y"))
+    b.remove("k")
+    await b.response(replay([Event("first")], live))(peer.scope, peer.receive, peer.send)
+    assert peer.bodies[1] == b"data: first\n\n"
+    assert re.fullmatch(rb"id: [0-9a-f]{12}-2\ndata: y\n\n", peer.bodies[2]), peer.bodies[2]
+    stream.close()

@@ -5,6 +5,7 @@ or ``pip install -e '.[examples]'``)::
 
     python examples/chat.py            # http://127.0.0.1:8000/
     python examples/chat.py --port 0   # any free port; the printed URL says which
+    python examples/chat.py --linger 5 # rooms' resume history outlives their last client 5 s (default 60)
 
 and open the printed URL in two browser tabs.
 

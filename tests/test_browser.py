@@ -1,0 +1,783 @@
+"""Real clients against real servers: headless Chromium and httpx-sse.
+
+Every server is its own process on a free port of 127.0.0.1, stopped (SIGTERM,
+then checked for a prompt exit and a clean log) at the end of the module:
+
+* ``examples/chat.py``, driven in Chromium as a user would: two pages exchange
+  messages typed into the page's form, see each other's presence, reload, and
+  come back from an abrupt network reset (resumed from ``Last-Event-ID``) and
+  from a gap (more missed than the history keeps: the page reloads the room);
+* ``tests/sse_app.py``, a small app that sends prepared events to a key on
+  request: the browser's ``EventSource`` receives events with multi-line data,
+  unicode, empty data, leading spaces, custom names and ids exactly as sent;
+  and, with history, a stream cut mid-flow (server-side ``remove()``, a clean
+  server-side end, an abrupt TCP reset) while events keep being sent ends up,
+  in Chromium and through httpx-sse with a manual reconnect alike, with every
+  event exactly once and in order, the reconnection carrying ``Last-Event-ID``.
+
+Chromium is Debian's ``/usr/bin/chromium`` (``apt-get install chromium``),
+driven by Playwright for Python (``pip install playwright``; its wheel ships the
+driver, and ``playwright install`` is never needed). Without them, or without
+httpx-sse, these tests skip with the reason, except under ``CI=true``, where
+they fail: CI installs everything they need.
+
+Abrupt resets go through ``Proxy``, a TCP proxy in a thread of the test that
+closes both sides of every connection with ``SO_LINGER`` 0 (an RST, not a FIN),
+and can refuse new connections for a while. Waits are bounded: Playwright's
+``wait_for_function`` with a timeout for the page, socket timeouts for httpx,
+and polling with a deadline only for what another process does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import json
+import os
+import queue
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, cast
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = ROOT / "examples" / "chat.py"
+SSE_APP = Path(__file__).resolve().parent / "sse_app.py"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    # No connections of Chromium's own: the network here is closed.
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+HOST = "127.0.0.1"
+WAIT_MS = 10_000  # the most any wait in a page may take
+TIMEOUT = 10.0  # the same for everything else
+IN_CI = os.environ.get("CI") == "true"
+
+# Plain requests must not go through an http_proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def require(missing: str | None) -> None:
+    """Skip with the reason what is missing; under CI=true fail instead."""
+    if missing is None:
+        return
+    if IN_CI:
+        pytest.fail(f"{missing} (CI=true, where nothing may skip)")
+    pytest.skip(missing)
+
+
+def missing_browser() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "needs Playwright for Python: pip install playwright (the tests drive Debian's chromium)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"needs Chromium at {CHROMIUM}: apt-get install chromium"
+    return None
+
+
+def missing_httpx_sse() -> str | None:
+    if importlib.util.find_spec("httpx") is None or importlib.util.find_spec("httpx_sse") is None:
+        return "needs httpx and httpx-sse: pip install httpx httpx-sse"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Servers, requests, the proxy
+# ---------------------------------------------------------------------------
+
+
+class Server:
+    """A Python script serving on a free port, as a subprocess: it prints
+    ``<banner> http://127.0.0.1:PORT/`` once it listens."""
+
+    def __init__(self, script: Path, banner: str) -> None:
+        require(None if importlib.util.find_spec("uvicorn") else "the servers need uvicorn: pip install uvicorn")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--port", "0"],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        # Both pipes are drained all along, so a full pipe never blocks it.
+        self.stdout: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
+            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.port = self._wait_for(f"{banner} http://{HOST}:")
+        self.url = f"http://{HOST}:{self.port}"
+
+    def _log(self, line: str | None) -> None:
+        if line is not None:
+            self.stderr.append(line)
+
+    def _wait_for(self, prefix: str) -> int:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                pytest.fail(f"the server printed no URL within 15 s; stderr: {''.join(self.stderr)}")
+            if line is None:
+                self.proc.wait()
+                pytest.fail(f"the server exited with {self.proc.returncode}; stderr: {''.join(self.stderr)}")
+            if line.startswith(prefix):
+                return int(line[len(prefix) :].split("/")[0])
+
+    def stop(self) -> None:
+        """SIGTERM: it must exit within 5 s, and have logged no error."""
+        if self.proc.poll() is not None:
+            pytest.fail(f"the server died early ({self.proc.returncode}); stderr: {''.join(self.stderr)}")
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail("the server did not exit within 5 s of SIGTERM")
+        for thread in self._threads:
+            thread.join(timeout=5)
+        log = "".join(self.stderr)
+        assert "ERROR" not in log and "Traceback" not in log, log
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
+    for line in pipe:
+        put(line)
+    put(None)
+
+
+def call(url: str, method: str = "GET", body: object = None) -> Any:
+    """A plain request; the JSON it answers (None for an empty body)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with OPENER.open(req, timeout=TIMEOUT) as response:
+        payload = response.read()
+    return json.loads(payload) if payload else None
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Poll another process's state until ``check()``, for at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends an RST
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 to ``upstream``, run by one selector thread.
+
+    ``reset()`` closes both sides of every open connection with an RST, as a
+    dropped network or a crashed middlebox would; ``refuse(True)`` resets every
+    new connection at once until ``refuse(False)``. Both run on the proxy's
+    thread (no socket is closed under a thread reading it) and return once done.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server((HOST, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.url = f"http://{HOST}:{self.port}"
+        self._selector = selectors.DefaultSelector()
+        self._wake, self._waker = socket.socketpair()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._peers: dict[socket.socket, socket.socket] = {}
+        self._commands: queue.Queue[tuple[Callable[[], object], threading.Event]] = queue.Queue()
+        self._refusing = False
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        """Reset every open connection; there must be at least one."""
+        count: list[int] = []
+        self._do(lambda: count.append(self._reset_all()))
+        assert count[0] > 0, "no connection to reset"
+
+    def refuse(self, refusing: bool) -> None:
+        self._do(lambda: setattr(self, "_refusing", refusing))
+
+    def close(self) -> None:
+        if self._running:
+            self._do(self._stop)
+            self._thread.join(timeout=TIMEOUT)
+
+    def _do(self, fn: Callable[[], object]) -> None:
+        done = threading.Event()
+        self._commands.put((fn, done))
+        self._waker.send(b"x")
+        assert done.wait(TIMEOUT), "the proxy thread did not answer"
+
+    def _run(self) -> None:
+        while self._running:
+            for key, _ in self._selector.select():
+                sock = cast(socket.socket, key.fileobj)
+                if sock is self._listener:
+                    self._accept()
+                elif sock is self._wake:
+                    self._wake.recv(4096)
+                    while not self._commands.empty():
+                        fn, done = self._commands.get()
+                        fn()
+                        done.set()
+                elif sock in self._peers:  # not closed by an earlier key of this batch
+                    self._forward(sock)
+        for sock in (self._listener, self._wake, self._waker):
+            sock.close()
+        self._selector.close()
+
+    def _accept(self) -> None:
+        client, _ = self._listener.accept()
+        if self._refusing:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+            client.close()
+            return
+        try:
+            server = socket.create_connection((HOST, self.upstream), timeout=TIMEOUT)
+        except OSError:
+            client.close()
+            return
+        server.settimeout(None)
+        self._peers[client] = server
+        self._peers[server] = client
+        self._selector.register(client, selectors.EVENT_READ)
+        self._selector.register(server, selectors.EVENT_READ)
+
+    def _forward(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(65536)
+            if data:
+                self._peers[sock].sendall(data)
+                return
+        except OSError:
+            pass
+        self._drop(sock, reset=False)  # one side closed: close the other
+
+    def _drop(self, sock: socket.socket, *, reset: bool) -> None:
+        peer = self._peers.pop(sock)
+        del self._peers[peer]
+        for each in (sock, peer):
+            self._selector.unregister(each)
+            if reset:
+                with contextlib.suppress(OSError):
+                    each.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+            each.close()
+
+    def _reset_all(self) -> int:
+        count = 0
+        while self._peers:
+            self._drop(next(iter(self._peers)), reset=True)
+            count += 1
+        return count
+
+    def _stop(self) -> None:
+        self._reset_all()
+        self._running = False
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[[int], Proxy]]:
+    """Makes proxies to a port, and closes them at the end of the test."""
+    made: list[Proxy] = []
+
+    def make(upstream: int) -> Proxy:
+        made.append(Proxy(upstream))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for each in made:
+            each.close()
+
+
+@pytest.fixture(scope="module")
+def sse_app() -> Iterator[Server]:
+    server = Server(SSE_APP, "sse_app running on")
+    try:
+        yield server
+        server.stop()
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[Server]:
+    server = Server(CHAT, "chat running on")
+    try:
+        yield server
+        server.stop()
+    finally:
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    require(missing_browser())
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 (installed or not, the module must load)
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS, timeout=30_000
+        )
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def new_page(browser: Browser) -> Iterator[Callable[[], Page]]:
+    """Opens pages, each in a browser context of its own (its own cookies,
+    storage and connections, as another user's browser), and closes them at
+    the end of the test; a JavaScript error in any of them fails the test."""
+    contexts = []
+    errors: list[str] = []
+
+    def make() -> Page:
+        context = browser.new_context()
+        context.set_default_timeout(WAIT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        return page
+
+    try:
+        yield make
+    finally:
+        for context in contexts:
+            context.close()
+    assert errors == []
+
+
+# ---------------------------------------------------------------------------
+# a. The chat page
+# ---------------------------------------------------------------------------
+
+# The page's state, read through its own globals: `rooms` maps a room name to
+# {source, log, count, last, pending, generation, ...} (see chat.py's page).
+TEXTS = "(room) => [...rooms.get(room).log.querySelectorAll('li .text')].map((e) => e.textContent)"
+# Connected, and the history loaded since the last reload event.
+READY = (
+    "([room, loads]) => { const r = rooms.get(room);"
+    " return r && r.source.readyState === 1 && r.pending === null && r.generation === loads; }"
+)
+
+
+def texts(page: Page, room: str) -> list[str]:
+    result: list[str] = page.evaluate(TEXTS, room)
+    return result
+
+
+def wait_texts(page: Page, room: str, expected: list[str]) -> None:
+    """Wait until the room's log shows exactly ``expected``."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: PLC0415
+
+    same = f"([room, expected]) => JSON.stringify(({TEXTS})(room)) === JSON.stringify(expected)"
+    try:
+        page.wait_for_function(same, arg=[room, expected])
+    except PlaywrightTimeout:
+        assert texts(page, room) == expected  # fails, showing the difference
+        raise
+
+
+def join(page: Page, room: str) -> None:
+    """Join a room through the page's form and wait until it is loaded."""
+    page.fill("#room", room)
+    page.click("#join button")
+    page.wait_for_function(READY, arg=[room, 1])
+
+
+def post(chat: Server, room: str, text: str) -> None:
+    assert call(f"{chat.url}/rooms/{room}/messages", "POST", {"user": "test", "text": text}) is None
+
+
+def test_chat_two_pages_exchange_messages_and_see_presence(chat: Server, new_page: Callable[[], Page]) -> None:
+    """Two users' pages: a message typed and sent in one appears once in both,
+    presence counts follow joins and leaves, and a reloaded page shows the
+    room's messages from the history, each once."""
+    a, b = new_page(), new_page()
+    a.goto(chat.url)
+    a.wait_for_function(READY, arg=["general", 1])
+    b.goto(chat.url)
+    for page in (a, b):
+        page.wait_for_function(READY, arg=["general", 1])
+        page.wait_for_function(READY, arg=["random", 1])
+        page.wait_for_function("rooms.get('general').count === 2 && rooms.get('random').count === 2")
+        page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    assert (a.text_content(".room.active .count") or "").endswith("2 here")
+
+    a.fill("#text", "hello from A ✓ <b>not bold</b>")
+    a.click("#send button")
+    b.wait_for_function(f"({TEXTS})('general').length > 0")
+    b.fill("#text", "reply from B")
+    b.click("#send button")
+    # B's reply was sent after A's message reached B, so once the reply is
+    # shown, a second copy of A's message would have been shown before it.
+    expected = ["hello from A ✓ <b>not bold</b>", "reply from B"]
+    for page in (a, b):
+        wait_texts(page, "general", expected)
+        assert texts(page, "random") == []
+        assert page.input_value("#text") == ""
+    assert a.locator(".log b").count() == 0  # user text is never HTML
+    users = "[...rooms.get('general').log.querySelectorAll('li .user')].map((e) => e.textContent)"
+    assert b.evaluate(users) == [a.input_value("#user") + ":", b.input_value("#user") + ":"]
+
+    b.context.close()
+    a.wait_for_function("rooms.get('general').count === 1 && rooms.get('random').count === 1")
+
+    a.reload()
+    a.wait_for_function(READY, arg=["general", 1])
+    post(chat, "general", "after the reload")
+    wait_texts(a, "general", [*expected, "after the reload"])
+
+
+def test_chat_page_resumes_after_a_network_reset(
+    chat: Server, new_page: Callable[[], Page], proxy: Callable[[int], Proxy]
+) -> None:
+    """The page's connection is reset (RST) and messages are posted while it is
+    down: the browser reconnects with Last-Event-ID and the server resumes it,
+    so every message is shown once, in order, without reloading the room."""
+    through = proxy(chat.port)
+    page = new_page()
+    page.goto(through.url)
+    join(page, "resets")
+    for n in (1, 2, 3):
+        post(chat, "resets", f"m{n}")
+    wait_texts(page, "resets", ["m1", "m2", "m3"])
+
+    through.reset()
+    for n in (4, 5, 6):
+        post(chat, "resets", f"m{n}")
+    wait_texts(page, "resets", [f"m{n}" for n in range(1, 7)])
+    post(chat, "resets", "m7")
+    wait_texts(page, "resets", [f"m{n}" for n in range(1, 8)])
+    # Resumed, not reloaded: one load only, and the note of the drop is still
+    # in the log (a reload clears it).
+    assert page.evaluate("rooms.get('resets').generation") == 1
+    assert page.evaluate("rooms.get('resets').log.querySelector('.note').textContent").startswith("connection lost")
+
+
+# Replaces the page's fetch() so that a request of the room's history waits
+# until the test calls window.held[i]().
+HOLD_HISTORY = """(room) => {
+  window.held = [];
+  const fetch = window.fetch;
+  window.fetch = (url, ...rest) => String(url).endsWith("/rooms/" + room + "/history")
+    ? new Promise((resolve) => window.held.push(() => resolve(fetch(url, ...rest))))
+    : fetch(url, ...rest);
+}"""
+
+
+def test_chat_page_reloads_the_room_after_a_gap(
+    chat: Server, new_page: Callable[[], Page], proxy: Callable[[int], Proxy]
+) -> None:
+    """The page is cut off while 105 messages are posted, more than the 100
+    the broadcaster keeps: its Last-Event-ID cannot be resumed, the server
+    says reload, and the page shows the room's last 100 messages from the
+    history endpoint, then the live ones. Messages that arrive live while the
+    history request is held back are in both, and shown once."""
+    through = proxy(chat.port)
+    page = new_page()
+    page.goto(through.url)
+    join(page, "gaps")
+    post(chat, "gaps", "m1")
+    wait_texts(page, "gaps", ["m1"])
+
+    # The page's history requests wait (in the page) until the test lets them go.
+    page.evaluate(HOLD_HISTORY, "gaps")
+    through.refuse(True)
+    through.reset()
+    for n in range(2, 107):
+        post(chat, "gaps", f"m{n}")
+    page.wait_for_function("rooms.get('gaps').source.readyState === 0")  # reconnecting
+    through.refuse(False)
+    # The reload event came (a second load started) and its history request
+    # is held: live messages now wait in `pending`.
+    page.wait_for_function("window.held.length === 1 && rooms.get('gaps').pending !== null")
+    for n in range(107, 111):
+        post(chat, "gaps", f"m{n}")
+    page.wait_for_function("rooms.get('gaps').pending.length === 4")
+    page.evaluate("window.held[0]()")  # the request goes now: its answer includes the four
+    page.wait_for_function(READY, arg=["gaps", 2])
+    post(chat, "gaps", "m111")
+    # m1 to m110 are numbers 1 to 110: the broadcast history keeps 7 to 106
+    # when the page comes back, so the page, which saw 1, cannot resume. The
+    # history endpoint gives the last 100, m11 to m110, which include the four
+    # held back: each is shown once; then m111 live.
+    wait_texts(page, "gaps", [f"m{n}" for n in range(11, 112)])
+
+
+# ---------------------------------------------------------------------------
+# b. Exactness: what EventSource receives is what was sent
+# ---------------------------------------------------------------------------
+
+# (the Event's fields, what the browser dispatches: (type, data, lastEventId)
+# or None for a frame that dispatches nothing), in sending order: the last
+# event id carries over from one event to the next.
+EXACT: list[tuple[dict[str, Any], tuple[str, str, str] | None]] = [
+    ({"data": "plain"}, ("message", "plain", "")),
+    ({"data": "two\nlines"}, ("message", "two\nlines", "")),
+    # Every line break is a data line; the browser joins them with LF.
+    ({"data": "crlf\r\nline"}, ("message", "crlf\nline", "")),
+    ({"data": "cr\rline"}, ("message", "cr\nline", "")),
+    ({"data": "mixed\r\n\r\n\n\rend"}, ("message", "mixed\n\n\n\nend", "")),
+    ({"data": "trailing\n"}, ("message", "trailing\n", "")),
+    ({"data": "\n"}, ("message", "\n", "")),
+    ({"data": "\r\n\r\n"}, ("message", "\n\n", "")),
+    ({"data": ""}, ("message", "", "")),
+    ({"data": " one leading space"}, ("message", " one leading space", "")),
+    ({"data": "  two\n   three"}, ("message", "  two\n   three", "")),
+    ({"data": "tab\tand trailing \t "}, ("message", "tab\tand trailing \t ", "")),
+    (
+        {"data": ": not a comment\ndata: not a field\nid: not an id"},
+        ("message", ": not a comment\ndata: not a field\nid: not an id", ""),
+    ),
+    (
+        {"data": "emoji 😀 👍🏽 👨\u200d👩\u200d👧 flags 🇫🇷"},
+        ("message", "emoji 😀 👍🏽 👨\u200d👩\u200d👧 flags 🇫🇷", ""),
+    ),
+    ({"data": "RTL שלום עולם مرحبا \u202eoverride"}, ("message", "RTL שלום עולם مرحبا \u202eoverride", "")),
+    # Only CR and LF break lines: U+2028, U+2029, NEL, VT and FF stay inside.
+    ({"data": "a\u2028b\u2029c\x85d\x0be\x0cf"}, ("message", "a\u2028b\u2029c\x85d\x0be\x0cf", "")),
+    ({"data": "\ufeffBOM inside the stream"}, ("message", "\ufeffBOM inside the stream", "")),
+    ({"data": "NUL\x00inside"}, ("message", "NUL\x00inside", "")),
+    ({"data": "é" * 50_000}, ("message", "é" * 50_000, "")),
+    ({"data": "custom", "event": "chat"}, ("chat", "custom", "")),
+    ({"data": "unicode name", "event": "ünïcödé-😀"}, ("ünïcödé-😀", "unicode name", "")),
+    ({"data": "spaced name", "event": "with space"}, ("with space", "spaced name", "")),
+    ({"data": "empty name", "event": ""}, ("message", "empty name", "")),
+    ({"data": "named message", "event": "message"}, ("message", "named message", "")),
+    ({"data": "with id", "id": "42"}, ("message", "with id", "42")),
+    ({"data": "keeps the id"}, ("message", "keeps the id", "42")),
+    ({"data": "unicode id", "id": "é-ü-😀"}, ("message", "unicode id", "é-ü-😀")),
+    ({"data": "spaces in id", "id": " a b "}, ("message", "spaces in id", " a b ")),
+    ({"id": "set by a frame without data"}, None),
+    ({"data": "after it"}, ("message", "after it", "set by a frame without data")),
+    ({"data": "reset", "id": ""}, ("message", "reset", "")),
+    (
+        {"data": "all fields", "event": "chat", "id": "7", "retry": 100, "comment": "c1\nc2"},
+        ("chat", "all fields", "7"),
+    ),
+    ({"comment": "a comment only"}, None),
+    ({"event": "named, no data"}, None),
+    ({"retry": 100}, None),
+    ({"data": "the end", "event": "end"}, ("end", "the end", "7")),
+]
+
+
+def test_event_source_receives_exactly_what_was_sent(sse_app: Server, new_page: Callable[[], Page]) -> None:
+    """Events with multi-line data (LF, CRLF, CR), unicode, empty data,
+    leading spaces, custom names and ids reach a browser's EventSource exactly
+    as sent; frames without data dispatch nothing but still set the last id."""
+    expected = [list(dispatched) for _, dispatched in EXACT if dispatched is not None]
+    types = sorted({kind for kind, _, _ in expected})
+    page = new_page()
+    page.goto(
+        f"{sse_app.url}/page?" + urllib.parse.urlencode({"src": "/plain/exact/events", "types": json.dumps(types)})
+    )
+    page.wait_for_function("window.log.some((e) => e[0] === 'open')")
+
+    sent = call(f"{sse_app.url}/plain/exact/send", "POST", [fields for fields, _ in EXACT])
+    assert sent == [1] * len(EXACT)
+    page.wait_for_function("window.log.some((e) => e[0] === 'event' && e[1] === 'end')")
+    log: list[list[Any]] = page.evaluate("window.log")
+    assert log[0] == ["open"]
+    received = [entry[1:] for entry in log if entry[0] == "event"]
+    assert len(received) == len(expected)
+    for got, want in zip(received, expected, strict=True):
+        assert got == want
+    assert ["error", 0] not in log and ["error", 2] not in log  # the stream never dropped
+
+
+# ---------------------------------------------------------------------------
+# c, d. Resume: a stream cut mid-flow, in Chromium and through httpx-sse
+# ---------------------------------------------------------------------------
+
+PUMPED = 150  # events sent, one every 4 ms, while the stream is cut
+CUT_AFTER = 30  # events received before the cut
+CUTS = ["end", "reset", "remove"]
+
+
+def cut_stream(how: str, sse_app: Server, through: Proxy, key: str) -> None:
+    if how == "end":  # a clean end by the server; the history stays
+        assert call(f"{sse_app.url}/history/{key}/end", "POST") == {"ended": 1}
+    elif how == "remove":  # a clean end by the server that drops the history
+        call(f"{sse_app.url}/history/{key}/remove", "POST")
+    else:  # the network drops
+        through.reset()
+
+
+def stream_requests(sse_app: Server, key: str) -> list[dict[str, Any]]:
+    requests: list[dict[str, Any]] = call(f"{sse_app.url}/requests")
+    return [r for r in requests if r["key"] == key]
+
+
+def pumped(sse_app: Server, key: str) -> int:
+    """How many events the key's pump has sent so far."""
+    return len(call(f"{sse_app.url}/history/{key}/pumped")["sent"])
+
+
+def pumped_past(sse_app: Server, key: str, count: int) -> bool:
+    return pumped(sse_app, key) >= count
+
+
+def finish(sse_app: Server, key: str) -> list[int]:
+    """Wait for the client's second connection and for the pump to finish, then
+    send the last event, ``end``; return what each pumped send returned."""
+    wait_until("the reconnection", lambda: len(stream_requests(sse_app, key)) >= 2)
+    wait_until("the pump", lambda: bool(call(f"{sse_app.url}/history/{key}/pumped")["done"]))
+    sent: list[int] = call(f"{sse_app.url}/history/{key}/pumped")["sent"]
+    assert len(sent) == PUMPED
+    assert call(f"{sse_app.url}/history/{key}/send", "POST", [{"data": "end"}]) == [1]
+    return sent
+
+
+def check_resumed(
+    how: str, events: list[tuple[str, str, str]], last_before: str, requests: list[dict[str, Any]], sent: list[int]
+) -> None:
+    """Every event exactly once and in order, with the broadcaster's ids; the
+    reconnection carried the id of the last event received before it.
+
+    ``remove()`` drops the key's history at once, so after it nothing can be
+    resumed: the reconnection gets the ``gap`` event and then live events, and
+    the events sent between the removal and the reconnection, to a key that
+    no longer had a channel, were retained nowhere (their ``send`` returned 0).
+    """
+    assert [r["last_event_id"] for r in requests] == [None, last_before]
+    assert all(kind in ("message", "gap") for kind, _, _ in events)
+    epoch = events[0][2].rpartition("-")[0]
+    if how != "remove":
+        assert requests[1]["resumed"] is True
+        # Some were sent while the key had no stream, only its lingering history.
+        assert 0 in sent
+        assert [data for _, data, _ in events] == [*map(str, range(1, PUMPED + 1)), "end"]
+        assert [id for _, _, id in events] == [f"{epoch}-{n}" for n in range(1, PUMPED + 2)]
+        return
+    assert requests[1]["resumed"] is False
+    kinds = [kind for kind, _, _ in events]
+    assert kinds.count("gap") == 1
+    gap = kinds.index("gap")
+    before, after = events[:gap], events[gap + 1 :]
+    assert before[-1][2] == last_before
+    assert [data for _, data, _ in before] == [str(n) for n in range(1, len(before) + 1)]
+    assert [id for _, _, id in before] == [f"{epoch}-{n}" for n in range(1, len(before) + 1)]
+    # Delivered: every event whose send reached a subscriber, in order.
+    delivered = [str(n) for n in range(1, PUMPED + 1) if sent[n - 1] > 0]
+    assert [data for _, data, _ in before + after] == [*delivered, "end"]
+    second = after[0][2].rpartition("-")[0]
+    assert second != epoch  # a new channel lifetime
+    assert [id for _, _, id in after] == [f"{second}-{n}" for n in range(1, len(after) + 1)]
+
+
+@pytest.mark.parametrize("how", CUTS)
+def test_event_source_resumes_a_cut_stream(
+    how: str, sse_app: Server, new_page: Callable[[], Page], proxy: Callable[[int], Proxy]
+) -> None:
+    """Chromium's EventSource, through the proxy, on a key with history: the
+    stream is cut after 30 of 150 events sent 4 ms apart. The browser reconnects
+    100 ms later (``retry: 100``) with ``Last-Event-ID`` and ends up with every
+    event exactly once, in order (after ``remove()``: what remained deliverable,
+    after the gap event)."""
+    key = f"browser-{how}"
+    through = proxy(sse_app.port)
+    page = new_page()
+    query = urllib.parse.urlencode({"src": f"/history/{key}/events", "types": '["message", "gap"]'})
+    page.goto(f"{through.url}/page?{query}")
+    page.wait_for_function("window.log.some((e) => e[0] === 'open')")
+    call(f"{sse_app.url}/history/{key}/pump?count={PUMPED}&interval=0.004", "POST")
+    page.wait_for_function(f"window.log.filter((e) => e[0] === 'event').length >= {CUT_AFTER}")
+    cut_stream(how, sse_app, through, key)
+    sent = finish(sse_app, key)
+    page.wait_for_function("window.log.some((e) => e[0] === 'event' && e[2] === 'end')")
+
+    log: list[list[Any]] = page.evaluate("window.log")
+    assert [entry[0] for entry in log if entry[0] != "event"] == ["open", "error", "open"]
+    drop = next(i for i, entry in enumerate(log) if entry[0] == "error")
+    last_before = next(entry[3] for entry in reversed(log[:drop]) if entry[0] == "event")
+    events = [(entry[1], entry[2], entry[3]) for entry in log if entry[0] == "event"]
+    check_resumed(how, events, last_before, stream_requests(sse_app, key), sent)
+
+
+@pytest.mark.parametrize("how", CUTS)
+def test_httpx_sse_resumes_a_cut_stream(how: str, sse_app: Server, proxy: Callable[[int], Proxy]) -> None:
+    """The same through httpx + httpx-sse, reconnecting by hand with the
+    ``Last-Event-ID`` header after the stream ends or fails."""
+    require(missing_httpx_sse())
+    import httpx  # noqa: PLC0415 (installed or not, the module must load)
+    from httpx_sse import connect_sse  # noqa: PLC0415
+
+    key = f"httpx-{how}"
+    through = proxy(sse_app.port)
+    events: list[tuple[str, str, str]] = []
+    last_id: str | None = None
+    last_before = ""
+    sent: list[int] = []
+    connections = 0
+    with httpx.Client(base_url=through.url, timeout=TIMEOUT, trust_env=False) as client:
+        while not events or events[-1][1] != "end":
+            connections += 1
+            assert connections <= 2, "a second reconnection"
+            headers = {} if last_id is None else {"Last-Event-ID": last_id}
+            try:
+                with connect_sse(client, "GET", f"/history/{key}/events", headers=headers) as source:
+                    assert source.response.status_code == 200
+                    if connections == 1:
+                        call(f"{sse_app.url}/history/{key}/pump?count={PUMPED}&interval=0.004", "POST")
+                    else:
+                        sent = finish(sse_app, key)
+                    for sse in source.iter_sse():
+                        if sse.event == "message" and sse.data == "":
+                            continue  # httpx-sse yields the `retry: 100` frame as an empty message
+                        events.append((sse.event, sse.data, sse.id))
+                        last_id = sse.id or None
+                        if len(events) == CUT_AFTER and connections == 1:
+                            cut_stream(how, sse_app, through, key)
+                        if sse.data == "end":
+                            break
+            except httpx.TransportError:
+                assert how == "reset"
+            if connections == 1:
+                last_before = events[-1][2]
+                # Away for a while, as a browser waits `retry` ms: events go on
+                # being sent meanwhile.
+                wait_until("10 more events", functools.partial(pumped_past, sse_app, key, pumped(sse_app, key) + 10))
+    check_resumed(how, events, last_before, stream_requests(sse_app, key), sent)
