@@ -1,0 +1,187 @@
+"""The ASGI app that ``tests/test_servers.py`` runs under every server.
+
+Not a test module (pytest collects ``test_*.py`` only): each server imports it
+as ``sse_servers_app:app``, with ``tests/`` as its working directory or on
+``sys.path``. It is a plain ASGI app around one ``Broadcaster[str, Event]``,
+written the way ``examples/shutdown.py`` recommends for the server command
+lines: ``close_on_signals(b, wait=inflight.wait)`` at lifespan startup (uvicorn,
+granian) and at the first request (daphne, which sends no lifespan events; the
+second call is a no-op), and every SSE response run through ``inflight``.
+
+Environment:
+
+``SSE_KEEP_ALIVE``
+    seconds of ``SseConfig.keep_alive`` (default 15).
+``SSE_SIGNAL_HOOK``
+    ``1`` (default) installs ``close_on_signals``; ``0`` leaves shutdown to a
+    launcher (``serve_hypercorn.py``, ``serve_uvicorn.py``, ``serve_daphne.py``).
+
+Endpoints (``{key}`` is any path segment):
+
+``GET|HEAD /events/{key}``
+    ``b.response(b.subscribe(key))``.
+``GET|HEAD /channel/{key}``
+    ``b.channel(fn)``: ``fn`` sends ``Event("started", event="status")``, then
+    sleeps until it is cancelled. Its start, cancellation and end are counted
+    per key, and each cancellation is logged at INFO as
+    ``channel closure cancelled: {key}``.
+``POST /publish/{key}``
+    body: one JSON object, or a list of them, with the fields of ``Event``
+    (``data``, ``event``, ``id``, ``retry``, ``comment``); each is sent with
+    ``b.send(key, Event(**fields))`` in order. Answers ``{"delivered": [n, ...]}``.
+``GET /stats/{key}``
+    ``{"subscribers": b.subscriber_count(key), "present": key in b,
+    "channels": len(b), "inflight": n, "channel": {"started", "running",
+    "cancelled", "ended"}, "hooked": [signal names], "pid": pid}``.
+``POST /log-error/{marker}``
+    logs ``marker`` at ERROR level (the tests check that they would see one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+# The checkout's broadcaster.py, and examples/shutdown.py as an app would copy it.
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+
+from shutdown import InFlight, close_on_signals  # noqa: E402
+
+from broadcaster import Broadcaster, Event, Sender, SseConfig  # noqa: E402
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+if not logging.getLogger().handlers:  # every record carries its level name
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+log: Final = logging.getLogger("sse_servers_app")
+
+KEEP_ALIVE: Final = float(os.environ.get("SSE_KEEP_ALIVE", "15"))
+SIGNAL_HOOK = os.environ.get("SSE_SIGNAL_HOOK", "1") == "1"
+EVENT_FIELDS: Final = frozenset({"data", "event", "id", "retry", "comment"})
+
+b: Final[Broadcaster[str, Event]] = Broadcaster(config=SseConfig(keep_alive=KEEP_ALIVE))
+inflight: Final = InFlight()
+channel_stats: Final[dict[str, dict[str, int]]] = {}
+hooked: list[str] = []  # the signals close_on_signals chained
+_hook_tried = False
+
+
+def hook() -> None:
+    """The recommended shutdown hook, if this process should install it."""
+    global _hook_tried  # noqa: PLW0603
+    if _hook_tried or not SIGNAL_HOOK:
+        return
+    _hook_tried = True
+    for sig in close_on_signals(b, wait=inflight.wait):
+        hooked.append(sig.name)
+        log.info("close_on_signals: chained %s", sig.name)
+
+
+def stats_of(key: str) -> dict[str, int]:
+    return channel_stats.setdefault(key, {"started": 0, "running": 0, "cancelled": 0, "ended": 0})
+
+
+def closure(key: str) -> Callable[[Sender], Awaitable[None]]:
+    async def fn(sender: Sender) -> None:
+        counts = stats_of(key)
+        counts["started"] += 1
+        counts["running"] += 1
+        try:
+            await sender.send(Event("started", event="status"))
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            counts["cancelled"] += 1
+            log.info("channel closure cancelled: %s", key)
+            raise
+        finally:
+            counts["running"] -= 1
+            counts["ended"] += 1
+
+    return fn
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive: Receive) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return body
+        body += bytes(message.get("body", b""))
+        if not message.get("more_body", False):
+            return body
+
+
+def event_of(fields: object) -> Event:
+    if not isinstance(fields, dict) or not set(fields) <= EVENT_FIELDS:
+        raise ValueError(f"not an event: {fields!r}")
+    return Event(**fields)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            hook()  # uvicorn, granian: their signal handlers are installed by now
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            b.close()  # too late for open streams (see examples/shutdown.py), harmless
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        await lifespan(receive, send)
+        return
+    if scope["type"] != "http":
+        return
+    hook()  # daphne: no lifespan, so at the first request
+    method = scope["method"]
+    parts = scope["path"].split("/")
+    if len(parts) != 3:
+        await respond(send, 404, b"{}")
+        return
+    _, kind, key = parts
+    key = unquote(key)
+    if kind == "events" and method in ("GET", "HEAD"):
+        await inflight.run(b.response(b.subscribe(key)), scope, receive, send)
+    elif kind == "channel" and method in ("GET", "HEAD"):
+        await inflight.run(b.channel(closure(key)), scope, receive, send)
+    elif kind == "publish" and method == "POST":
+        payload = json.loads(await read_body(receive))
+        events = [event_of(fields) for fields in (payload if isinstance(payload, list) else [payload])]
+        delivered = [b.send(key, event) for event in events]
+        await respond(send, 200, json.dumps({"delivered": delivered}).encode())
+    elif kind == "stats" and method == "GET":
+        stats = {
+            "subscribers": b.subscriber_count(key),
+            "present": key in b,
+            "channels": len(b),
+            "inflight": inflight.count,
+            "channel": stats_of(key),
+            "hooked": hooked,
+            "pid": os.getpid(),
+        }
+        await respond(send, 200, json.dumps(stats).encode())
+    elif kind == "log-error" and method == "POST":
+        log.error("%s", key)
+        await respond(send, 200, b"{}")
+    else:
+        await respond(send, 404, b"{}")
