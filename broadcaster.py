@@ -438,7 +438,9 @@ class _Entry:
 
     def __init__(self, id: str, item: object) -> None:
         self.id = id
-        self.item: object = dataclasses.replace(item, id=id) if isinstance(item, Event) else item
+        if isinstance(item, Event) and item.id != id:
+            item = dataclasses.replace(item, id=id)
+        self.item = item
 
     def with_id(self, frame: bytes) -> bytes:
         """``frame`` with this entry's id as its last field. The last ``id:``

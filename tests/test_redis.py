@@ -1,0 +1,1076 @@
+"""Tests of the Redis scale-out: ``examples/redis_bridge.py`` and the demo app
+``examples/redis_app.py``, against a real ``redis-server``.
+
+A fixture starts ``redis-server`` on a free port (no persistence, loopback
+only) and stops it at the end; the app runs as real uvicorn processes
+(``sys.executable examples/redis_app.py --port 0 --redis URL``) whose port is
+read from the line they print, with stdout and stderr drained all along, and
+which are stopped with SIGTERM and a bounded wait. Module-scoped: one Redis and
+three workers for the fan-out, resume and unsubscribe tests (worker A has a
+per-worker history, B and C do not, so both resume paths meet); the outage test
+has a Redis and two workers of its own, since it stops that Redis.
+
+The SSE clients speak HTTP/1.1 on raw sockets (the tests see the status, the
+headers and the chunked body): an asyncio client that parses frame by frame,
+and for the 300-client fan-out one thread reading every socket in bulk under a
+selector (an asyncio client per stream would cost the small CI machine more
+CPU than the three workers). Plain requests go through urllib. Every read has
+a timeout and every wait a deadline. The unit tests at the end drive the
+bridge in-process against the same Redis.
+
+Without ``redis-server``, redis-py or uvicorn these tests skip with the reason,
+except under ``CI=true``, where a skip would hide a broken setup: they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import queue
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, cast
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+APP = EXAMPLES / "redis_app.py"
+HOST = "127.0.0.1"
+TIMEOUT = 10.0  # the most any single read may take
+REDIS_SERVER = shutil.which("redis-server")
+MISSING = [name for name in ("redis", "uvicorn") if importlib.util.find_spec(name) is None]
+
+if TYPE_CHECKING or not MISSING:
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(1, str(EXAMPLES))
+    import redis
+    from redis_bridge import BridgeStream, BridgeUnavailable, RedisBridge, decode_event, encode_event, parse_id
+
+    from broadcaster import Event
+
+# Plain requests must not go through an http_proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def require() -> None:
+    """Skip (fail under CI=true) unless redis-server, redis-py and uvicorn are there."""
+    missing = list(MISSING)
+    if REDIS_SERVER is None:
+        missing.append("redis-server (Debian package redis-server)")
+    if not missing:
+        return
+    reason = f"the Redis tests need {', '.join(missing)}: pip install --group test; apt-get install redis-server"
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (CI=true: a skipped test is a failure)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
+    """Poll ``condition`` every 20 ms until it holds; the seconds it took. Fails at the deadline."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+# ---------------------------------------------------------------------------
+# Processes: redis-server and the demo app
+# ---------------------------------------------------------------------------
+
+
+def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
+    for line in pipe:
+        put(line)
+    put(None)
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, without persistence; it can be
+    stopped and started again on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self.url = f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", "."],
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        threading.Thread(target=_drain, args=(self.proc.stdout, self._log), daemon=True).start()
+        wait_for(self._pings, f"redis-server answering on port {self.port}")
+
+    def _log(self, line: str | None) -> None:
+        if line is not None:
+            self.log.append(line)
+
+    def _pings(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"redis-server exited with {self.proc.returncode}: {''.join(self.log)}")
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def call(self, *args: object) -> Any:
+        """One command through a fresh redis-py connection."""
+        client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
+        try:
+            execute: Callable[..., Any] = client.execute_command  # typed loosely across redis-py versions
+            return execute(*args)
+        finally:
+            client.close()
+
+    def shard_subscribers(self, channel: str) -> int:
+        reply = self.call("PUBSUB", "SHARDNUMSUB", channel)
+        return int(reply[1])
+
+    def xrange_calls(self) -> int:
+        info = self.call("INFO", "commandstats")
+        stats = info.get("cmdstat_xrange", {})
+        return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
+class Worker:
+    """``examples/redis_app.py`` as a subprocess on a free port."""
+
+    def __init__(self, cwd: Path, redis_url: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APP), "--port", "0", "--redis", redis_url, *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
+        self.stdout: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
+            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self.port = 0
+
+    def _log(self, line: str | None) -> None:
+        if line is not None:
+            self.stderr.append(line)
+
+    def wait_ready(self) -> Worker:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                pytest.fail(f"redis_app.py printed no URL within 20 s; stderr: {''.join(self.stderr)}")
+            if line is None:
+                self.proc.wait()
+                pytest.fail(f"redis_app.py exited with {self.proc.returncode}; stderr: {''.join(self.stderr)}")
+            if line.startswith("redis_app running on http://127.0.0.1:"):
+                self.port = int(line.split(":")[2].split("/")[0])
+                return self
+
+    def terminate(self) -> None:
+        """SIGTERM; it must exit within 10 s, killed by the re-raised SIGTERM,
+        with no traceback in its log."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail("redis_app.py did not exit within 10 s of SIGTERM")
+        for thread in self._threads:
+            thread.join(timeout=5)
+        log = "".join(self.stderr)
+        assert self.proc.returncode == -signal.SIGTERM, log
+        assert "Traceback" not in log, log
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_workers(cwd: Path, redis_url: str, *argss: tuple[str, ...]) -> list[Worker]:
+    """Start the workers in parallel, then wait for each to listen."""
+    workers = [Worker(cwd, redis_url, *args) for args in argss]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    require()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+LINGER = 1.0  # --linger of worker A (the one with a per-worker history)
+
+
+@pytest.fixture(scope="module")
+def workers(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Worker]]:
+    """A (per-worker history of 100, linger 1 s), B and C, on one Redis."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    started = start_workers(cwd, redis_server.url, ("--local-history", "100", "--linger", str(LINGER)), (), ())
+    try:
+        yield started
+        for worker in started:
+            worker.terminate()
+    finally:
+        for worker in started:
+            worker.kill()
+
+
+# ---------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method)
+    try:
+        with OPENER.open(req, timeout=TIMEOUT) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+def publish(port: int, key: str, text: str) -> str:
+    status, body = request(port, "POST", f"/publish/{key}", text.encode())
+    assert status == 200, body
+    ident: str = json.loads(body)["id"]
+    return ident
+
+
+def stats(port: int, path: str = "/stats") -> dict[str, Any]:
+    status, body = request(port, "GET", path)
+    assert status == 200, body
+    value: dict[str, Any] = json.loads(body)
+    return value
+
+
+Frame = dict[str, str]
+
+
+def parse_frame(frame: bytes) -> Frame:
+    """The fields of one SSE frame (``comment`` for ``:`` lines; data lines joined)."""
+    fields: Frame = {}
+    for line in frame.decode().split("\n"):
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        key = name or "comment"
+        fields[key] = f"{fields[key]}\n{value}" if key in fields else value
+    return fields
+
+
+class SseClient:
+    """One SSE stream on a raw asyncio connection: parses the chunked body into frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.raw = bytearray()  # unparsed chunked body
+        self.text = bytearray()  # event-stream text not yet split into frames
+        self.ended = False
+
+    @classmethod
+    async def open(cls, port: int, path: str, last_event_id: str | None = None) -> SseClient:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        extra = "" if last_event_id is None else f"Last-Event-ID: {last_event_id}\r\n"
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n{extra}\r\n".encode())
+        client = cls(reader, writer)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        status = head.split(b" ", 2)[1]
+        assert status == b"200", head
+        assert b"transfer-encoding: chunked" in head.lower(), head
+        first = await client.frame()
+        assert first == {"retry": "1000"}, first
+        return client
+
+    async def _chunk(self) -> bytes | None:
+        """The next chunk of the body; None for the last one."""
+        while True:
+            end = self.raw.find(b"\r\n")
+            if end >= 0:
+                size = int(self.raw[:end], 16)
+                if len(self.raw) >= end + 4 + size:
+                    data = bytes(self.raw[end + 2 : end + 2 + size])
+                    assert self.raw[end + 2 + size : end + 4 + size] == b"\r\n"
+                    del self.raw[: end + 4 + size]
+                    return data if size else None
+            more = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+            if not more:
+                raise EOFError("the server closed the connection mid-body")
+            self.raw += more
+
+    async def frame(self) -> Frame | None:
+        """The next SSE frame; None at the clean end of the body."""
+        while True:
+            end = self.text.find(b"\n\n")
+            if end >= 0:
+                frame = bytes(self.text[:end])
+                del self.text[: end + 2]
+                return parse_frame(frame)
+            chunk = await self._chunk()
+            if chunk is None:
+                assert not self.text, self.text
+                self.ended = True
+                return None
+            self.text += chunk
+
+    async def messages(self, n: int) -> list[tuple[str, str]]:
+        """The next ``n`` events with data, as (id, data); fails at the end of the body."""
+        got: list[tuple[str, str]] = []
+        while len(got) < n:
+            frame = await self.frame()
+            assert frame is not None, f"the stream ended after {len(got)} of {n} messages"
+            if "data" in frame:
+                got.append((frame.get("id", ""), frame["data"]))
+        return got
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def sse(port: int, path: str, last_event_id: str | None = None) -> AsyncIterator[SseClient]:
+    client = await SseClient.open(port, path, last_event_id)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+class BulkStreams:
+    """Many SSE streams read in bulk by one thread: plain sockets under a
+    selector, read every 20 ms (so the kernel batches many frames into one
+    read), parsed once all the expected messages are there. Far cheaper than
+    an asyncio client per stream, which matters with 300 of them on a small
+    machine; the other tests use the frame-by-frame ``SseClient``."""
+
+    MARKER = b"\ndata: "
+
+    def __init__(self) -> None:
+        self.socks: list[socket.socket] = []
+        self.raw: dict[socket.socket, bytearray] = {}
+
+    def open(self, port: int, path: str) -> None:
+        """One more stream; returns once its response has started (200, chunked)."""
+        sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
+        self.socks.append(sock)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        raw = bytearray()
+        while b"\r\n\r\n" not in raw:
+            more = sock.recv(65536)
+            assert more, "the server closed the connection"
+            raw += more
+        head, _, rest = bytes(raw).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower(), head
+        sock.setblocking(False)
+        self.raw[sock] = bytearray(rest)
+
+    def read(self, n: int, timeout: float) -> None:
+        """Read until every stream holds ``n`` messages (fails at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        counts = {sock: [0, 0] for sock in self.socks}  # messages found, scan position
+        with selectors.DefaultSelector() as selector:
+            for sock in self.socks:
+                selector.register(sock, selectors.EVENT_READ)
+            pending = set(self.socks)
+            while True:
+                for sock in list(pending):
+                    raw, found = self.raw[sock], counts[sock]
+                    while (at := raw.find(self.MARKER, found[1])) >= 0:
+                        found[0] += 1
+                        found[1] = at + len(self.MARKER)
+                    if found[0] >= n:
+                        pending.discard(sock)
+                        selector.unregister(sock)
+                if not pending:
+                    return
+                assert time.monotonic() < deadline, f"{len(pending)} streams did not get {n} messages in {timeout} s"
+                time.sleep(0.02)
+                for ready, _ in selector.select(timeout=1):
+                    sock = cast("socket.socket", ready.fileobj)
+                    more = sock.recv(1 << 20)
+                    assert more, f"a stream ended after {counts[sock][0]} messages: {bytes(self.raw[sock][-200:])!r}"
+                    self.raw[sock] += more
+
+    def messages(self, sock: socket.socket) -> list[tuple[str, str]]:
+        """The (id, data) of the messages of one stream (frames ``id: ...\\ndata: ...``)."""
+        raw, body, pos = bytes(self.raw[sock]), bytearray(), 0
+        while pos < len(raw):  # de-chunk
+            end = raw.index(b"\r\n", pos)
+            size = int(raw[pos:end], 16)
+            assert size, "the body ended"
+            body += raw[end + 2 : end + 2 + size]
+            pos = end + 4 + size
+        frames = bytes(body).split(b"\n\n")
+        assert frames[0] == b"retry: 1000" and frames[-1] == b"", frames[:1] + frames[-1:]
+        got: list[tuple[str, str]] = []
+        for frame in frames[1:-1]:
+            head, _, data = frame.partition(self.MARKER)
+            assert head.startswith(b"id: ") and b"\n" not in head, frame
+            got.append((head[4:].decode(), data.decode()))
+        return got
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+
+
+class Publisher:
+    """POSTs over one keep-alive connection (the publish endpoint of one worker)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Publisher:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        return cls(reader, writer)
+
+    async def publish(self, key: str, text: str) -> tuple[int, bytes]:
+        body = text.encode()
+        self.writer.write(
+            f"POST /publish/{key} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        status = int(head.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        return status, await asyncio.wait_for(self.reader.readexactly(length), TIMEOUT)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run(coro: Awaitable[None]) -> None:
+    async def main() -> None:
+        await coro
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------
+# Across processes
+# ---------------------------------------------------------------------------
+
+
+def test_fan_out_300_clients_on_3_workers_1000_messages(workers: list[Worker]) -> None:
+    """300 clients, 100 per worker, one key; 1,000 messages published round
+    robin through the three workers (three concurrent publishers, each in
+    order): every client gets every message exactly once, all in the same
+    order, which is the order of the global ids and keeps each publisher's
+    order; the ids are the ones the publish endpoint returned."""
+    key = "fan"
+    per_worker, total = 100, 1000
+
+    async def publish_all() -> list[tuple[str, str]]:
+        publishers = [await Publisher.open(w.port) for w in workers]
+
+        async def publish_from(index: int) -> list[tuple[str, str]]:
+            sent: list[tuple[str, str]] = []
+            for n in range(index, total, len(publishers)):
+                text = f"p{index}:{n}"
+                status, body = await publishers[index].publish(key, text)
+                assert status == 200, body
+                sent.append((json.loads(body)["id"], text))
+            return sent
+
+        try:
+            return [item for batch in await asyncio.gather(*map(publish_from, range(3))) for item in batch]
+        finally:
+            for publisher in publishers:
+                publisher.close()
+
+    streams = BulkStreams()
+    try:
+        for worker in workers:
+            for _ in range(per_worker):
+                streams.open(worker.port, f"/events/{key}")
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                streams.read(total, timeout=60)
+            except BaseException as exc:
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            sent = asyncio.run(publish_all())
+        finally:
+            reader.join(timeout=70)
+        assert not reader.is_alive()
+        if errors:
+            raise errors[0]
+        received = [streams.messages(sock) for sock in streams.socks]
+    finally:
+        streams.close()
+
+    expected = sorted(sent, key=lambda item: parse_id(item[0]) or (0, 0))
+    assert len({ident for ident, _ in sent}) == total
+    for got in received:
+        assert got == expected  # every message once, in id order
+    for index in range(3):  # which is each publisher's own order
+        mine = [int(text.split(":")[1]) for _, text in expected if text.startswith(f"p{index}:")]
+        assert mine == list(range(index, total, 3))
+
+
+def test_resume_on_another_worker_while_publishing(workers: list[Worker], redis_server: RedisServer) -> None:
+    """A client cut off from worker A reconnects to worker B with its
+    Last-Event-ID while messages keep coming: it gets exactly what it missed,
+    then the rest, as a client that stayed connected on C saw them. Across
+    workers the missed messages come from Redis (XRANGE)."""
+    a, b, c = workers
+    key = "resume"
+    total = 300
+
+    async def main() -> None:
+        async with sse(c.port, f"/events/{key}") as observer:
+            cut = await SseClient.open(a.port, f"/events/{key}")
+            publisher = await Publisher.open(b.port)
+
+            async def publish_all() -> None:
+                for n in range(total):
+                    status, _ = await publisher.publish(key, f"m{n}")
+                    assert status == 200
+                    await asyncio.sleep(0.002)
+
+            task = asyncio.ensure_future(publish_all())
+            try:
+                first = await cut.messages(50)
+                cut.close()  # cut off mid-stream
+                await asyncio.sleep(0.1)  # messages keep coming meanwhile
+                xranges = redis_server.xrange_calls()
+                async with sse(b.port, f"/events/{key}", last_event_id=first[-1][0]) as resumed:
+                    assert redis_server.xrange_calls() > xranges  # B asked Redis what was missed
+                    rest = await resumed.messages(total - 50)
+                everything = await observer.messages(total)
+                await task
+            finally:
+                task.cancel()
+                publisher.close()
+        assert [data for _, data in everything] == [f"m{n}" for n in range(total)]
+        assert first + rest == everything
+
+    run(main())
+
+
+def test_resume_on_the_same_worker_from_its_own_history(workers: list[Worker], redis_server: RedisServer) -> None:
+    """Worker A keeps a per-worker history: a client reconnecting to A resumes
+    from it, exactly, without asking Redis."""
+    a, b, _ = workers
+    key = "same"
+
+    async def main() -> None:
+        async with sse(a.port, f"/events/{key}") as client:
+            ids = [publish(b.port, key, f"s{n}") for n in range(10)]
+            first = await client.messages(4)
+        xranges = redis_server.xrange_calls()
+        async with sse(a.port, f"/events/{key}", last_event_id=first[-1][0]) as again:
+            ids += [publish(b.port, key, f"s{n}") for n in range(10, 12)]
+            rest = await again.messages(8)
+        assert redis_server.xrange_calls() == xranges
+        assert first + rest == [(ident, f"s{n}") for n, ident in enumerate(ids)]
+
+    run(main())
+
+
+def test_an_id_that_cannot_be_resumed_gets_reload_first(workers: list[Worker]) -> None:
+    """An unknown or malformed Last-Event-ID: the reload event first, then live."""
+    _, b, c = workers
+
+    async def main() -> None:
+        for worker, last in ((b, "1-0"), (c, "garbage"), (workers[0], "1-0")):
+            async with sse(worker.port, "/events/gap", last_event_id=last) as client:
+                assert await client.frame() == {"event": "reload", "data": ""}
+                ident = publish(c.port, "gap", "live")
+                assert await client.messages(1) == [(ident, "live")]
+
+    run(main())
+
+
+def test_last_subscriber_leaving_unsubscribes_the_worker(workers: list[Worker], redis_server: RedisServer) -> None:
+    """One Redis subscription per worker serving a key (PUBSUB SHARDNUMSUB),
+    whatever its number of local streams, and none once the last one left;
+    with a per-worker history, only after the linger."""
+    a, b, c = workers
+    key = "lonely"
+    channel = f"sse:{key}"
+    count = redis_server.shard_subscribers
+
+    async def main() -> None:
+        assert count(channel) == 0
+        b1 = await SseClient.open(b.port, f"/events/{key}")
+        assert count(channel) == 1  # confirmed before the response started
+        b2 = await SseClient.open(b.port, f"/events/{key}")
+        c1 = await SseClient.open(c.port, f"/events/{key}")
+        assert count(channel) == 2
+        assert stats(b.port, f"/stats/{key}") == {"key": key, "subscribers": 2, "subscribed": True}
+        b1.close()
+        b2.close()
+        await asyncio.to_thread(wait_for, lambda: count(channel) == 1, "B unsubscribed", 5)
+        assert stats(b.port, f"/stats/{key}") == {"key": key, "subscribers": 0, "subscribed": False}
+        publish(c.port, key, "still there")
+        assert (await c1.messages(1))[0][1] == "still there"
+        c1.close()
+        await asyncio.to_thread(wait_for, lambda: count(channel) == 0, "C unsubscribed", 5)
+
+        a1 = await SseClient.open(a.port, f"/events/{key}")
+        assert count(channel) == 1
+        a1.close()
+        took = await asyncio.to_thread(wait_for, lambda: count(channel) == 0, "A unsubscribed", LINGER + 5)
+        assert took >= LINGER * 0.8  # its history lingered first
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------
+# Redis stops, and comes back
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, list[Worker]]]:
+    """A Redis of its own (this test stops it) and two workers."""
+    require()
+    server = RedisServer(tmp_path_factory.mktemp("redis-outage"))
+    server.start()
+    started: list[Worker] = []
+    try:
+        started = start_workers(tmp_path_factory.mktemp("cwd"), server.url, (), ())
+        yield server, started
+        for worker in started:
+            worker.terminate()
+    finally:
+        for worker in started:
+            worker.kill()
+        server.stop()
+
+
+def test_redis_stops_and_comes_back(outage: tuple[RedisServer, list[Worker]]) -> None:
+    """Redis stops: open streams end cleanly (final chunk) within seconds,
+    publishing answers 503 with the reason, a new stream ends at once (so an
+    EventSource retries). Redis comes back on the same port: the workers
+    reconnect and resubscribe by themselves, and delivery resumes; an id from
+    before the restart (Redis kept no data) gets the reload event."""
+    server, (w1, w2) = outage
+    key = "outage"
+
+    async def main() -> None:
+        s1 = await SseClient.open(w1.port, f"/events/{key}")
+        s2 = await SseClient.open(w2.port, f"/events/{key}")
+        before = publish(w2.port, key, "before")
+        assert await s1.messages(1) == await s2.messages(1) == [(before, "before")]
+
+        server.stop()
+        start = time.monotonic()
+        for client in (s1, s2):
+            assert await client.frame() is None  # the clean end of the body
+            client.close()
+        assert time.monotonic() - start < 5
+
+        status, body = request(w1.port, "POST", f"/publish/{key}", b"lost?")
+        assert status == 503
+        assert json.loads(body)["error"].startswith("Redis unavailable: publishing to 'outage' failed")
+        assert stats(w2.port)["redis"] is False
+        async with sse(w2.port, f"/events/{key}") as refused:
+            assert await refused.frame() == {"comment": "redis unavailable: reconnect later"}
+            assert await refused.frame() is None
+
+        server.start()
+
+        def reconnected() -> bool:
+            return all(stats(worker.port)["redis"] for worker in (w1, w2))
+
+        await asyncio.to_thread(wait_for, reconnected, "both workers reconnected", 15)
+        async with sse(w1.port, f"/events/{key}", last_event_id=before) as s3, sse(w2.port, f"/events/{key}") as s4:
+            assert await s3.frame() == {"event": "reload", "data": ""}
+            assert server.shard_subscribers(f"sse:{key}") == 2
+            after = publish(w1.port, key, "after")
+            assert await s3.messages(1) == await s4.messages(1) == [(after, "after")]
+
+    run(main())
+    log = "".join(w1.stderr)
+    assert "Redis unavailable" in log and "Redis is back" in log, log
+
+
+# ---------------------------------------------------------------------------
+# The bridge in-process
+# ---------------------------------------------------------------------------
+
+
+def test_codec_round_trip() -> None:
+    """encode_event/decode_event carry every field; the global id replaces the event's own."""
+    require()
+    events = [
+        Event("plain"),
+        Event("multi\nline\r\ndata ✓ \u2028", event="chat", id="own", retry=1500, comment="a\nb"),
+        Event(comment="only a comment"),
+        Event("", event="reload"),
+        Event(retry=0),
+    ]
+    for event in events:
+        data = encode_event(event)
+        assert decode_event(data, None) == event
+        assert decode_event(data, None).encode() == event.encode()
+        assert decode_event(data, "5-1") == Event(
+            event.data, event=event.event, id="5-1", retry=event.retry, comment=event.comment
+        )
+    assert encode_event(Event("x", event="e")) == b'{"d":"x","e":"e"}'
+    for bad in (b"[]", b'{"z": 1}', b'{"d": 5}', b'{"r": "1"}', b"{}"):
+        with pytest.raises(ValueError, match=r"encoded Event|at least one"):
+            decode_event(bad, None)
+
+
+def test_stream_ids_compare_as_numbers() -> None:
+    require()
+    assert parse_id("10-0") == (10, 0)
+    assert parse_id("9-5") < parse_id("10-0")  # type: ignore[operator]
+    assert parse_id("5-9") < parse_id("5-10")  # type: ignore[operator]
+    for bad in (None, "", "5", "5-", "-5", "05-1", "a-1", "1-1-1", " 1-1", "1-1\n"):
+        assert parse_id(bad) is None
+
+
+def bridge_test(body: Callable[[RedisBridge], Awaitable[None]], url: str, **options: Any) -> None:
+    """Run ``body(bridge)`` with a started bridge of a fresh key prefix."""
+
+    async def main() -> None:
+        async with RedisBridge(url, prefix=f"t{uuid.uuid4().hex[:8]}:", **options) as bridge:
+            assert await bridge.wait_available(5)
+            await body(bridge)
+
+    asyncio.run(main())
+
+
+async def take(stream: BridgeStream, n: int) -> list[tuple[str | None, str | None]]:
+    return [(event.id, event.data) for event in [await asyncio.wait_for(anext(stream), TIMEOUT) for _ in range(n)]]
+
+
+def test_replay_boundary_drops_live_duplicates(redis_server: RedisServer) -> None:
+    """A resumed stream yields what Redis has after the client's id, then live
+    events with a higher id only: live copies of replayed events, and of the
+    client's own last one, are dropped."""
+
+    async def body(bridge: RedisBridge) -> None:
+        ids = [await bridge.publish("k", Event(f"m{n}")) for n in range(10)]
+        stream = await bridge.subscribe("k", ids[3])
+        assert stream.resumed is True
+        local = bridge.broadcaster
+        for n in (2, 3, 9):  # late live copies, as from a slow listener
+            local.send("k", Event(f"m{n}", id=ids[n]))
+        new = await bridge.publish("k", Event("m10"))
+        got = await take(stream, 7)
+        assert got == [(ids[n], f"m{n}") for n in range(4, 10)] + [(new, "m10")]
+        assert stream.last_event_id == new
+        # Resuming from the newest id: nothing to replay, the next one is live.
+        stream2 = await bridge.subscribe("k", new)
+        assert stream2.resumed is True
+        newer = await bridge.publish("k", Event("m11"))
+        assert await take(stream2, 1) == await take(stream, 1) == [(newer, "m11")]
+        stream.close()
+        stream2.close()
+
+    bridge_test(body, redis_server.url)
+
+
+def test_unknown_trimmed_and_malformed_ids_are_gaps(redis_server: RedisServer) -> None:
+    """resumed is False for an id Redis never had, one it trimmed, and one that
+    is not a stream id; the stream then goes on live."""
+
+    async def body(bridge: RedisBridge) -> None:
+        ids = [await bridge.publish("k", Event(f"m{n}")) for n in range(250)]
+        assert redis_server.call("XLEN", f"{bridge._prefix}k") < 250  # MAXLEN ~ 5 trimmed whole nodes
+        for last in ("1-0", ids[0], "nonsense", "99999999999999-0"):
+            assert last is not None
+            stream = await bridge.subscribe("k", last)
+            assert stream.resumed is False, last
+            live = await bridge.publish("k", Event("live"))
+            assert await take(stream, 1) == [(live, "live")]
+            stream.close()
+        stream = await bridge.subscribe("k", ids[-1])
+        assert stream.resumed is True
+        stream.close()
+
+    bridge_test(body, redis_server.url, history=5)
+
+
+def test_subscriptions_follow_local_channels(redis_server: RedisServer) -> None:
+    """The bridge subscribes a key with its first local stream and unsubscribes
+    it with its last, also when streams come and go faster than Redis answers."""
+
+    async def body(bridge: RedisBridge) -> None:
+        channel = f"{bridge._prefix}k"
+
+        def subscribers() -> int:
+            return redis_server.shard_subscribers(channel)
+
+        first = await bridge.subscribe("k")
+        assert bridge.subscribed("k") and subscribers() == 1
+        second = await bridge.subscribe("k")
+        first.close()
+        assert subscribers() == 1
+        for _ in range(5):  # leave and come back at once: in flight both ways
+            second.close()
+            second = await bridge.subscribe("k")
+            assert bridge.subscribed("k")
+        assert subscribers() == 1
+        event = Event("through")
+        ident = await bridge.publish("k", event)
+        assert await take(second, 1) == [(ident, "through")]
+        second.close()
+        await asyncio.to_thread(wait_for, lambda: subscribers() == 0, "unsubscribed", 5)
+        assert not bridge.subscribed("k")
+
+        many = [await bridge.subscribe(f"key{n}") for n in range(50)]
+        assert all(redis_server.shard_subscribers(f"{bridge._prefix}key{n}") == 1 for n in range(0, 50, 7))
+        for stream in many:
+            stream.close()
+        await asyncio.to_thread(
+            wait_for, lambda: redis_server.shard_subscribers(f"{bridge._prefix}key49") == 0, "unsubscribed", 5
+        )
+        assert len(bridge.broadcaster) == 0
+
+    bridge_test(body, redis_server.url)
+
+
+def test_plain_pub_sub_without_history_or_sharding(redis_server: RedisServer) -> None:
+    """history=0: no stream, no ids, no resume; sharded=False: PUBLISH/SUBSCRIBE."""
+
+    async def body(bridge: RedisBridge) -> None:
+        stream = await bridge.subscribe("k", "1-0")
+        assert stream.resumed is False
+        assert redis_server.call("PUBSUB", "NUMSUB", f"{bridge._prefix}k")[1] == 1
+        assert await bridge.publish("k", Event("x", id="mine")) is None
+        assert await take(stream, 1) == [("mine", "x")]
+        assert redis_server.call("EXISTS", f"{bridge._prefix}k") == 0
+        stream.close()
+
+    bridge_test(body, redis_server.url, history=0, sharded=False)
+
+
+def test_lost_connection_ends_streams_and_reconnects(redis_server: RedisServer) -> None:
+    """CLIENT KILL of the listener's connection: the local streams end, and the
+    bridge reconnects by itself and serves again."""
+
+    async def body(bridge: RedisBridge) -> None:
+        stream = await bridge.subscribe("k")
+        redis_server.call("CLIENT", "KILL", "TYPE", "pubsub")
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), TIMEOUT)
+        assert await bridge.wait_available(5)
+        again = await bridge.subscribe("k")
+        ident = await bridge.publish("k", Event("back"))
+        assert await take(again, 1) == [(ident, "back")]
+        again.close()
+
+    bridge_test(body, redis_server.url, backoff=(0.05, 0.2))
+
+
+def test_unresponsive_redis_is_detected_by_ping(redis_server: RedisServer) -> None:
+    """A Redis that stops answering (CLIENT PAUSE) without closing the
+    connection: the watchdog's PING gets no reply in time, the streams end."""
+
+    async def body(bridge: RedisBridge) -> None:
+        stream = await bridge.subscribe("k")
+        await asyncio.sleep(0.3)  # idle: the watchdog pings
+        redis_server.call("CLIENT", "PAUSE", "1500", "ALL")
+        start = time.monotonic()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), TIMEOUT)
+        assert time.monotonic() - start < 1.5
+        assert await bridge.wait_available(5)
+
+    bridge_test(body, redis_server.url, ping_interval=0.2, ping_timeout=0.4, backoff=(0.05, 0.2))
+
+
+def test_redis_unreachable(tmp_path: Path) -> None:
+    """No Redis at all: publish and subscribe raise BridgeUnavailable at once,
+    and the response is a stream that ends at once."""
+    require()
+    url = f"redis://{HOST}:{free_port()}/0"
+
+    async def main() -> None:
+        async with RedisBridge(url, backoff=(0.05, 0.1)) as bridge:
+            assert not await bridge.wait_available(0.2)
+            with pytest.raises(BridgeUnavailable, match="Redis unavailable: publishing to 'k' failed"):
+                await bridge.publish("k", Event("x"))
+            with pytest.raises(BridgeUnavailable, match="Redis unavailable"):
+                await bridge.subscribe("k")
+            sent: list[dict[str, Any]] = []
+
+            async def receive() -> dict[str, Any]:
+                await asyncio.sleep(10)
+                return {"type": "http.disconnect"}
+
+            async def send(message: Any) -> None:
+                sent.append(dict(message))
+
+            scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+            await asyncio.wait_for(bridge.response("k")(scope, receive, send), TIMEOUT)
+            assert sent[0]["status"] == 200
+            assert [m.get("body") for m in sent[1:]] == [b":\n\n", b": redis unavailable: reconnect later\n\n", b""]
+            assert len(bridge.broadcaster) == 0
+
+    asyncio.run(main())
+
+
+def test_local_history_resumes_without_redis(redis_server: RedisServer) -> None:
+    """With local_history, a reconnect to the same process resumes from its own
+    history (the global ids), never calling XRANGE."""
+
+    async def body(bridge: RedisBridge) -> None:
+        stream = await bridge.subscribe("k")
+        ids = [await bridge.publish("k", Event(f"m{n}")) for n in range(5)]
+        got = await take(stream, 2)
+        stream.close()
+
+        async def no_xrange(key: str, last_id: str) -> Any:
+            raise AssertionError("asked Redis")
+
+        bridge._missed = no_xrange  # type: ignore[method-assign]
+        again = await bridge.subscribe("k", got[-1][0])
+        assert again.resumed is True
+        assert await take(again, 3) == [(ids[n], f"m{n}") for n in range(2, 5)]
+        again.close()
+
+    bridge_test(body, redis_server.url, local_history=10, linger=5.0)
+
+
+def test_options_are_checked() -> None:
+    require()
+    with pytest.raises(ValueError, match="local_history needs history"):
+        RedisBridge("redis://127.0.0.1:1/0", history=0, local_history=10)
+    with pytest.raises(ValueError, match="history"):
+        RedisBridge("redis://127.0.0.1:1/0", history=-1)
+    with pytest.raises(ValueError, match="ping_timeout"):
+        RedisBridge("redis://127.0.0.1:1/0", ping_timeout=0)
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisBridge(redis.asyncio.Redis(decode_responses=True))
+    with pytest.raises(TypeError, match="redis must be"):
+        RedisBridge(42)  # type: ignore[arg-type]
+
+
+def test_a_burst_from_redis_does_not_overflow_the_local_buffers(redis_server: RedisServer) -> None:
+    """Hundreds of messages arriving at once (all in the listener's socket
+    buffer) reach a reader whose buffer holds 2, without a loss: the listener
+    lets the local readers run after each message it hands out."""
+
+    async def body(bridge: RedisBridge) -> None:
+        stream = await bridge.subscribe("k")
+        got: list[str | None] = []
+
+        async def read() -> None:
+            async for event in stream:
+                got.append(event.data)
+                if len(got) == 300:
+                    return
+
+        reader = asyncio.ensure_future(read())
+        client = redis.asyncio.Redis(host=HOST, port=redis_server.port)
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for n in range(300):  # one round trip: Redis sends them back to back
+                    pipe.execute_command("SPUBLISH", f"{bridge._prefix}k", b"\n" + encode_event(Event(f"m{n}")))
+                await pipe.execute()
+        finally:
+            await client.aclose()
+        await asyncio.wait_for(reader, TIMEOUT)
+        assert got == [f"m{n}" for n in range(300)]
+        assert stream._stream.lagged == 0
+
+    bridge_test(body, redis_server.url, buffer=2)
+
+
+def test_a_redis_that_accepts_but_never_answers() -> None:
+    """A server that accepts connections and never answers: the bridge does
+    not hang (neither connecting, nor publishing, nor closing) and says why."""
+    require()
+    with socket.create_server((HOST, 0)) as silent:  # the kernel accepts; nobody answers
+        url = f"redis://{HOST}:{silent.getsockname()[1]}/0"
+
+        async def main() -> None:
+            bridge = RedisBridge(
+                url, connect_timeout=0.2, ping_timeout=0.2, command_timeout=0.3, sharded=True, backoff=(0.05, 0.1)
+            )
+            await bridge.start()
+            start = time.monotonic()
+            try:
+                assert not await bridge.wait_available(1.0)
+                with pytest.raises(BridgeUnavailable, match="Redis unavailable: publishing to 'k' failed"):
+                    await bridge.publish("k", Event("x"))
+                with pytest.raises(BridgeUnavailable, match=r"did not answer|Timeout|not connected"):
+                    await bridge.subscribe("k")
+            finally:
+                await bridge.aclose()
+            assert time.monotonic() - start < 3
+
+        asyncio.run(main())
