@@ -1396,13 +1396,15 @@ class _ChannelSource:
             return
         self._owner._disown(self)
         task.cancel()
-        await asyncio.wait((task,))
-        # An error the closure raised that the response never read (it ended
-        # first, e.g. on disconnect) is still reported, once. Sending after the
-        # client left is how a closure learns it left: not an error.
-        error, sender._error = sender._error, None
-        if error is not None and not isinstance(error, ClientDisconnected):
-            logger.error("SSE channel closure raised after the response ended", exc_info=error)
+        try:
+            await _settle(task)
+        finally:
+            # An error the closure raised that the response never read (it ended
+            # first, e.g. on disconnect) is still reported, once. Sending after the
+            # client left is how a closure learns it left: not an error.
+            error, sender._error = sender._error, None
+            if error is not None and not isinstance(error, ClientDisconnected):
+                logger.error("SSE channel closure raised after the response ended", exc_info=error)
 
 
 _FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
@@ -1411,7 +1413,7 @@ _FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
 class _Writes:
     """What the event pump tells the supervisor of a response (one loop, no lock)."""
 
-    __slots__ = ("lock", "sending_since", "last_write")
+    __slots__ = ("lock", "sending_since", "last_write", "stopping")
 
     def __init__(self, now: float) -> None:
         # Serialises the pump's event writes with the supervisor's keep-alives.
@@ -1420,6 +1422,9 @@ class _Writes:
         self.sending_since: float | None = None
         # Loop time at which the last write ended: keep-alive silence starts there.
         self.last_write = now
+        # Set by the supervisor before it cancels the helpers: a CancelledError
+        # they see before that is not ours but the source's, send()'s or receive()'s.
+        self.stopping = False
 
 
 class _SseApp:
@@ -1515,14 +1520,15 @@ class _SseApp:
         loop = asyncio.get_running_loop()
         writes = _Writes(loop.time())
         pump = loop.create_task(self._pump(send, writes))
-        watch = loop.create_task(_watch(receive))
+        watch = loop.create_task(_watch(receive, writes))
         finish = False
         try:
             finish = await self._supervise(send, writes, pump, watch)
         finally:
+            writes.stopping = True
             pump.cancel()
             watch.cancel()
-            await asyncio.wait((pump, watch))
+            await _settle(pump, watch)
             finish = _report(pump, watch) and finish
         if finish:
             await self._send(send, dict(_FINAL))
@@ -1577,6 +1583,10 @@ class _SseApp:
                 item = await anext(source)
             except StopAsyncIteration:
                 return True
+            except asyncio.CancelledError as exc:
+                if writes.stopping:
+                    raise
+                raise RuntimeError(f"the SSE event source raised {exc!r}") from exc
             event = item if render is None else render(item)
             if not isinstance(event, Event):
                 raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
@@ -1595,8 +1605,28 @@ class _SseApp:
                 except Exception:
                     logger.exception("ASGI send() failed; ending the SSE response")
                     return False
+                except asyncio.CancelledError:
+                    if writes.stopping:
+                        raise
+                    logger.exception("ASGI send() failed; ending the SSE response")
+                    return False
                 writes.sending_since = None
                 writes.last_write = loop.time()
+
+
+async def _settle(*tasks: asyncio.Task[Any]) -> None:
+    """Wait until every task is done, even through cancellations of the caller
+    (anyio's cancel scopes repeat them); then re-raise the last one."""
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+            continue
+        break
+    if cancelled is not None:
+        raise cancelled
 
 
 async def _within(timeout: float, awaitable: Awaitable[None]) -> None:
@@ -1613,13 +1643,13 @@ async def _within(timeout: float, awaitable: Awaitable[None]) -> None:
     finally:
         if not task.done():
             task.cancel()
-            await asyncio.wait((task,))
+            await _settle(task)
     if not done:
         raise asyncio.TimeoutError
     task.result()
 
 
-async def _watch(receive: Receive) -> None:
+async def _watch(receive: Receive, writes: _Writes) -> None:
     """Return when the client disconnects (``http.disconnect``, or an OSError
     from ``receive``). Request body messages are read and dropped; anything
     else is a protocol error."""
@@ -1629,6 +1659,10 @@ async def _watch(receive: Receive) -> None:
             message = await receive()
         except OSError:
             return
+        except asyncio.CancelledError as exc:
+            if writes.stopping:
+                raise
+            raise RuntimeError(f"ASGI receive() raised {exc!r}") from exc
         kind = message["type"]
         if kind == "http.disconnect":
             return
