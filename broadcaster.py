@@ -499,7 +499,9 @@ def _after(channel: _Channel, last_id: str) -> deque[_Entry] | None:
     """The retained entries after ``last_id``, or None if the channel cannot
     tell what comes after it: an id it did not issue, or one so old that some
     entry after it has been dropped already. Its own ids are found by their
-    number; ids given to ``send(id=...)`` by an exact match."""
+    number (``<epoch>-0`` means "before the first item", so it replays the
+    whole history while nothing has been dropped); ids given to
+    ``send(id=...)`` by an exact match."""
     history = channel.history
     assert history is not None, "only channels with history resume"
     epoch, _, number = last_id.rpartition("-")

@@ -15,8 +15,10 @@ import dataclasses
 import functools
 import gc
 import inspect
+import itertools
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -38,9 +40,19 @@ from collections.abc import (
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import broadcaster
 from broadcaster import (
@@ -5557,3 +5569,1052 @@ async def test_leak_5000_asgi_responses_torn_down_by_disconnect_leave_nothing() 
     assert len(plain) == len(untimed) == 0 and not plain._sources, "a response's subscription or source outlived it"
     assert len(history) == 1, "the history channel should linger, alone"
     leak_report(f"{total} ASGI responses", delta, growth, top)
+
+
+# ===========================================================================
+# Property-based tests of broadcaster.py (issue 5, deliverable 1), to be
+# appended to test_broadcaster.py.
+#
+# Three parts:
+#
+# * the web-platform-tests ``eventsource/format-*`` streams, byte for byte as
+#   the WPT server sends them, through the reference parser ``parse_event_stream``;
+# * encoder properties (hypothesis): every valid ``Event`` round-trips through
+#   that parser, every invalid one raises the documented exception;
+# * registry state machines (``hypothesis.stateful``): a ``Broadcaster``, with and
+#   without history, driven through random interleavings of subscribe / send /
+#   read / close / drop-and-collect / remove / close-all against a plain model,
+#   compared after every step.
+#
+# Budgets: the default settings keep this part under ~6 s on two cores. For a
+# long run, ``HYPOTHESIS_PROFILE=soak`` multiplies every example budget by 50
+# (and the state machines' step count by 2), e.g.
+# ``HYPOTHESIS_PROFILE=soak python -m pytest -q -k property``.
+
+
+# The harness of the unit suite (drop this import when appending to it).
+
+# ---------------------------------------------------------------------------
+# Hypothesis budgets
+# ---------------------------------------------------------------------------
+
+# HYPOTHESIS_PROFILE=soak: 50 times the examples, twice the state-machine steps.
+_PROFILES: dict[str, tuple[int, int]] = {"default": (1, 1), "soak": (50, 2)}
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default")
+if _PROFILE not in _PROFILES:
+    raise RuntimeError(f"HYPOTHESIS_PROFILE must be one of {sorted(_PROFILES)}, got {_PROFILE!r}")
+_EXAMPLES_SCALE, _STEPS_SCALE = _PROFILES[_PROFILE]
+
+
+def _budget(examples: int, steps: int = 50) -> settings:
+    """``examples`` examples (``steps`` steps each for a state machine), no
+    deadline, no example database. (Under CI=true hypothesis also derandomizes:
+    every run then tries the same examples.)"""
+    return settings(
+        max_examples=examples * _EXAMPLES_SCALE,
+        stateful_step_count=steps * _STEPS_SCALE,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+# ---------------------------------------------------------------------------
+# The web-platform-tests eventsource/format-* streams, byte for byte
+# ---------------------------------------------------------------------------
+#
+# Each case is what a browser receives in the WPT test, rebuilt from the test
+# and its server script, and what the test asserts about the events:
+#
+# * ``resources/message.py`` serves ``message + b"\n\n" + b"\n"``, or
+#   ``message + b"\n"`` with ``newline=none``;
+# * ``resources/last-event-id.py`` serves ``data: <Last-Event-ID>\n\n`` when the
+#   request carries one, else ``id: <idvalue>\nretry: 200\ndata: hello\n\n``
+#   (idvalue ``…`` unless given);
+# * the tests that reconnect (``format-field-id``, ``-id-2``, ``-id-null``,
+#   ``-data-before-final-empty-line``) are run as the browser runs them: one
+#   parse per connection, a fresh parser each time, the last event ID string
+#   carried over (and sent to the server as Last-Event-ID). The carried string
+#   is given to the next parse as a leading ``id: <string>\n\n`` block, which
+#   dispatches nothing and leaves the parser exactly in that state.
+#
+# format-mime-trailing-semicolon (and the other format-mime-* tests) check the
+# Content-Type check of the client, not the parser: not applicable here.
+
+
+def _wpt_message_py(message: str, *, newline: bool = True) -> Callable[[str], bytes]:
+    """The server of ``resources/message.py?message=...`` (it ignores Last-Event-ID)."""
+    body = message.encode() + (b"\n\n" if newline else b"") + b"\n"
+    return lambda _last_event_id: body
+
+
+def _wpt_last_event_id_py(idvalue: str = "\u2026") -> Callable[[str], bytes]:
+    """The server of ``resources/last-event-id.py?idvalue=...``: it echoes the
+    request's Last-Event-ID as data, or sends an event with id ``idvalue``."""
+
+    def serve(last_event_id: str) -> bytes:
+        if last_event_id:
+            return b"data: " + last_event_id.encode() + b"\n\n"
+        return b"id: " + idvalue.encode() + b"\nretry: 200\ndata: hello\n\n"
+
+    return serve
+
+
+class _WptCase(NamedTuple):
+    name: str
+    server: Callable[[str], bytes]
+    connections: int
+    events: list[SseMessage]
+    retry: int | None
+
+
+def _browser_session(server: Callable[[str], bytes], connections: int) -> tuple[list[SseMessage], int | None]:
+    """The events a browser dispatches over ``connections`` connections to
+    ``server``, and the reconnection time it ends with."""
+    events: list[SseMessage] = []
+    last_event_id, retry = "", None
+    for _ in range(connections):
+        carried = b"id: " + last_event_id.encode() + b"\n\n" if last_event_id else b""
+        parsed = parse_event_stream(carried + server(last_event_id))
+        events += parsed.events
+        last_event_id = parsed.last_event_id
+        retry = parsed.retry if parsed.retry is not None else retry
+    return events, retry
+
+
+def _messages(*datas: str) -> list[SseMessage]:
+    return [SseMessage("message", data, "") for data in datas]
+
+
+_WPT_LONG = "x" * 2048
+_WPT_CASES = [
+    _WptCase(
+        "format-field-parsing",
+        _wpt_message_py(
+            "data:\0\ndata:  2\rData:1\ndata\0:2\ndata:1\r\0data:4\nda-ta:3\r"
+            "data_5\ndata:3\rdata:\r\n data:32\ndata:4\n",
+            newline=False,
+        ),
+        1,
+        _messages("\0\n 2\n1\n3\n\n4"),
+        None,
+    ),
+    _WptCase(
+        "format-comments",
+        _wpt_message_py(
+            f"data:1\r:\0\n:\r\ndata:2\n:{_WPT_LONG}\rdata:3\n:data:fail\r:{_WPT_LONG}\ndata:4\n", newline=False
+        ),
+        1,
+        _messages("1\n2\n3\n4"),
+        None,
+    ),
+    _WptCase(
+        "format-leading-space", _wpt_message_py("data:\ttest\rdata: \ndata:test"), 1, _messages("\ttest\n\ntest"), None
+    ),
+    _WptCase("format-bom", _wpt_message_py("\ufeffdata:1\n\n\ufeffdata:2\n\ndata:3"), 1, _messages("1", "3"), None),
+    _WptCase("format-bom-2", _wpt_message_py("\ufeff\ufeffdata:1\n\ndata:2\n\ndata:3"), 1, _messages("2", "3"), None),
+    _WptCase(
+        "format-newlines",
+        _wpt_message_py("data:test\r\ndata\ndata:test\r\n\r", newline=False),
+        1,
+        _messages("test\n\ntest"),
+        None,
+    ),
+    _WptCase("format-null-character", _wpt_message_py("data:\0\n\n"), 1, _messages("\0"), None),
+    _WptCase(
+        "format-field-id",
+        _wpt_last_event_id_py(),
+        2,
+        [SseMessage("message", "hello", "\u2026"), SseMessage("message", "\u2026", "\u2026")],
+        200,
+    ),
+    _WptCase(
+        "format-field-id-2",
+        _wpt_last_event_id_py(),
+        3,
+        [
+            SseMessage("message", "hello", "\u2026"),
+            SseMessage("message", "\u2026", "\u2026"),
+            SseMessage("message", "\u2026", "\u2026"),
+        ],
+        200,
+    ),
+    # An id holding NUL is ignored: lastEventId stays "", so the reconnection
+    # sends no Last-Event-ID and gets "hello" again.
+    _WptCase("format-field-id-null", _wpt_last_event_id_py("\0\0"), 2, _messages("hello", "hello"), 200),
+    _WptCase(
+        "format-field-data", _wpt_message_py("data:\n\ndata\ndata\n\ndata:test"), 1, _messages("", "\n", "test"), None
+    ),
+    _WptCase(
+        "format-field-event",
+        _wpt_message_py("event:test\ndata:x\n\ndata:x"),
+        1,
+        [SseMessage("test", "x", ""), SseMessage("message", "x", "")],
+        None,
+    ),
+    _WptCase("format-field-event-empty", _wpt_message_py("event: \ndata:data"), 1, _messages("data"), None),
+    _WptCase("format-field-retry", _wpt_message_py("retry:03000\ndata:x"), 1, _messages("x"), 3000),
+    _WptCase("format-field-retry-bogus", _wpt_message_py("retry:3000\nretry:1000x\ndata:x"), 1, _messages("x"), 3000),
+    _WptCase("format-field-retry-empty", _wpt_message_py("retry\ndata:test"), 1, _messages("test"), None),
+    _WptCase(
+        "format-field-unknown",
+        _wpt_message_py("data:test\n data\ndata\nfoobar:xxx\njustsometext\n:thisisacommentyay\ndata:test"),
+        1,
+        _messages("test\n\ntest"),
+        None,
+    ),
+    # The second connection's first event is again "test1", with an empty
+    # lastEventId: the unterminated block (and its id) was discarded at EOF.
+    _WptCase(
+        "format-data-before-final-empty-line",
+        _wpt_message_py("retry:1000\ndata:test1\n\nid:test\ndata:test2", newline=False),
+        2,
+        _messages("test1", "test1"),
+        1000,
+    ),
+    # Served with ``charset=windows-1252``: the stream is UTF-8 regardless.
+    _WptCase("format-utf-8", _wpt_message_py("data:ok\u2026"), 1, _messages("ok\u2026"), None),
+]
+
+
+@pytest.mark.parametrize("case", _WPT_CASES, ids=[case.name for case in _WPT_CASES])
+def test_sse_parser_wpt_format_stream_exact(case: _WptCase) -> None:
+    """The exact bytes of each WPT eventsource/format-* test give the events (type, data, lastEventId)
+    and the retry it asserts."""
+    events, retry = _browser_session(case.server, case.connections)
+    assert (events, retry) == (case.events, case.retry), f"{case.name}: got {events}, retry {retry}"
+
+
+# ---------------------------------------------------------------------------
+# Encoder properties
+# ---------------------------------------------------------------------------
+
+# Fragments a generic text strategy rarely produces: every line break of the
+# format and their mixes, NUL, leading spaces and colons, BOMs, the Unicode
+# separators that must NOT split a line, field-like text, and field lines or
+# blank lines after a line break (injection attempts).
+_SPECIALS = (
+    "\r",
+    "\n",
+    "\r\n",
+    "\n\r",
+    "\r\r\n",
+    "\x00",
+    " ",
+    "  ",
+    "\t",
+    ":",
+    ": ",
+    "\ufeff",
+    "\u2028",
+    "\u2029",
+    "\x85",
+    "\x0b",
+    "\x0c",
+    "\ufffd",
+    "\xe9",
+    "\U0001f600",
+    "data: x",
+    "id: 7",
+    "event: e",
+    "retry: 1",
+    # Leading spaces at the start of a line (a client drops exactly one).
+    " x",
+    "\n  x",
+    # Attempts to inject a field or end the frame early, whatever the break.
+    "\rdata: x",
+    "\nid: 7",
+    "\r\nevent: e",
+    "\rretry: 1",
+    "\r\r",
+    "\n\n",
+    "\r\n\r\n",
+)
+# Every code point except the surrogates (which UTF-8 cannot encode).
+_CHARS = st.characters(codec="utf-8")
+_TEXT = st.lists(st.one_of(st.text(_CHARS, max_size=6), st.sampled_from(_SPECIALS)), max_size=6).map("".join)
+_FORBIDDEN_IN_LINE = re.compile(r"[\r\n\x00]")
+# A valid one-line field (event, id): no CR, LF or NUL.
+_LINE = _TEXT.map(lambda text: _FORBIDDEN_IN_LINE.sub("", text))
+_RETRY = st.integers(min_value=0)
+
+
+def _writes_a_field(kwargs: dict[str, Any]) -> bool:
+    """Whether Event(**kwargs) writes at least one field (else it is invalid)."""
+    return any(kwargs.get(name) is not None for name in ("data", "id", "retry", "comment")) or bool(kwargs.get("event"))
+
+
+# Keyword arguments of a valid Event: each field present or not (None).
+_EVENT_KWARGS = st.fixed_dictionaries(
+    {}, optional={"data": _TEXT, "event": _LINE, "id": _LINE, "retry": _RETRY, "comment": _TEXT}
+)
+_VALID_EVENT_KWARGS = _EVENT_KWARGS.filter(_writes_a_field)
+
+
+def _normalised(data: str) -> str:
+    """``data`` with every line break (CRLF, CR, LF) as LF."""
+    return re.sub(r"\r\n?", "\n", data)
+
+
+def _client_view(kwargs: dict[str, Any]) -> SseParse:
+    """What a conformant client makes of the frame of Event(**kwargs) alone."""
+    data, event_id = kwargs.get("data"), kwargs.get("id")
+    events = [] if data is None else [SseMessage(kwargs.get("event") or "message", _normalised(data), event_id or "")]
+    return SseParse(events, event_id or "", kwargs.get("retry"))
+
+
+@_budget(100)
+@given(_VALID_EVENT_KWARGS)
+def test_property_event_round_trips_through_the_whatwg_parser(kwargs: dict[str, Any]) -> None:
+    """For any valid fields the client recovers data (breaks as LF), type (or "message"), last event id and retry."""
+    event = Event(**kwargs)
+    assert parse_event_stream(b":\n\n" + event.encode()) == _client_view(kwargs), f"{event!r} -> {event.encode()!r}"
+
+
+@_budget(50)
+@given(_TEXT)
+def test_property_event_comment_only_dispatches_nothing(comment: str) -> None:
+    """A comment-only event, whatever its text (NUL, line breaks, field-like lines), fires nothing and sets nothing."""
+    frame = Event(comment=comment).encode()
+    assert parse_event_stream(b":\n\n" + frame) == SseParse([], "", None), f"{comment!r} -> {frame!r}"
+
+
+@_budget(60)
+@given(st.lists(_VALID_EVENT_KWARGS, min_size=1, max_size=5))
+def test_property_event_frames_concatenate_without_bleeding(frames: list[dict[str, Any]]) -> None:
+    """A body of several frames parses to each frame's event in order, with the client's
+    last event id and retry carried across frames: no field of one frame leaks into another."""
+    body = b":\n\n" + b"".join(Event(**kwargs).encode() for kwargs in frames)
+    events: list[SseMessage] = []
+    last_id, retry = "", None
+    for kwargs in frames:
+        if kwargs.get("id") is not None:
+            last_id = kwargs["id"]
+        if kwargs.get("retry") is not None:
+            retry = kwargs["retry"]
+        if kwargs.get("data") is not None:
+            events.append(SseMessage(kwargs.get("event") or "message", _normalised(kwargs["data"]), last_id))
+    assert parse_event_stream(body) == SseParse(events, last_id, retry)
+
+
+def _inserted(text: st.SearchStrategy[str], inside: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """``text`` with one string of ``inside`` inserted somewhere."""
+    return st.tuples(text, inside, text).map("".join)
+
+
+_SURROGATE = st.characters(categories=["Cs"])
+_NOT_A_STR = st.one_of(
+    st.binary(max_size=4),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.lists(st.text(max_size=2), max_size=2),
+    st.tuples(st.text(max_size=2)),
+    st.builds(object),
+)
+_NOT_AN_INT = st.one_of(st.booleans(), st.floats(), st.text(max_size=3), st.binary(max_size=3), st.builds(object))
+
+
+class _Flaw(NamedTuple):
+    """One invalid field value and what Event must raise for it."""
+
+    field: str
+    value: object
+    error: type[Exception]
+    message: str  # a regex the error message must match from its start
+
+
+def _flaws() -> st.SearchStrategy[_Flaw]:
+    def flaw(fields: list[str], values: st.SearchStrategy[Any], error: type[Exception], message: str) -> Any:
+        return st.tuples(st.sampled_from(fields), values).map(
+            lambda fv: _Flaw(fv[0], fv[1], error, message.format(field=fv[0]))
+        )
+
+    # The injection flaws first (hypothesis favours the first branches), NUL
+    # first among them (the subtlest: a browser ignores an id holding one).
+    return st.one_of(
+        flaw(
+            ["id", "event"],
+            _inserted(_LINE, st.sampled_from(["\x00", "\r", "\n", "\r\n"])),
+            ValueError,
+            "{field} must not contain CR, LF or NUL: ",
+        ),
+        flaw(["data", "comment"], _inserted(_TEXT, _SURROGATE), ValueError, "Event contains a lone surrogate: "),
+        flaw(["event", "id"], _inserted(_LINE, _SURROGATE), ValueError, "Event contains a lone surrogate: "),
+        flaw(["data", "comment", "event", "id"], _NOT_A_STR, TypeError, "{field} must be a str, not "),
+        flaw(["retry"], _NOT_AN_INT, TypeError, "retry must be an int, not "),
+        flaw(["retry"], st.integers(max_value=-1), ValueError, r"retry must be >= 0, got -"),
+    )
+
+
+@_budget(100)
+@given(_EVENT_KWARGS, _flaws())
+def test_property_event_invalid_field_raises_the_documented_error(kwargs: dict[str, Any], flaw: _Flaw) -> None:
+    """One invalid field among valid ones (CR/LF/NUL in event or id, a lone surrogate
+    anywhere, a non-str text field, a bad retry) raises the documented exception, naming it."""
+    kwargs = {**kwargs, flaw.field: flaw.value}
+    with pytest.raises(flaw.error, match="^" + flaw.message):
+        event = Event(**kwargs)
+        raise AssertionError(f"Event(**{kwargs!r}) returned {event!r}")
+
+
+@_budget(60)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "data": st.one_of(_TEXT, _inserted(_TEXT, _SURROGATE), _NOT_A_STR),
+            "event": st.one_of(_LINE, _inserted(_TEXT, st.sampled_from(["\r", "\n", "\x00"])), _NOT_A_STR),
+            "id": st.one_of(_LINE, _inserted(_TEXT, st.sampled_from(["\r", "\n", "\x00"])), _NOT_A_STR),
+            "retry": st.one_of(_RETRY, st.integers(max_value=-1), _NOT_AN_INT),
+            "comment": st.one_of(_TEXT, _inserted(_TEXT, _SURROGATE), _NOT_A_STR),
+        },
+    )
+)
+def test_property_event_any_input_is_an_exact_event_or_a_documented_error(kwargs: dict[str, Any]) -> None:
+    """For any mix of valid and invalid fields, Event either raises TypeError or
+    ValueError (never anything else), or all fields were valid and it round-trips."""
+    try:
+        event = Event(**kwargs)
+    except (TypeError, ValueError):
+        valid = False
+    else:
+        valid = True
+        assert parse_event_stream(b":\n\n" + event.encode()) == _client_view(kwargs)
+
+    def ok_text(value: object) -> bool:
+        return isinstance(value, str) and not re.search(r"[\ud800-\udfff]", value)
+
+    expected_valid = (
+        _writes_a_field(kwargs)
+        and all(ok_text(kwargs[f]) for f in ("data", "comment") if kwargs.get(f) is not None)
+        and all(
+            ok_text(kwargs[f]) and not _FORBIDDEN_IN_LINE.search(kwargs[f])
+            for f in ("event", "id")
+            if kwargs.get(f) is not None
+        )
+        and (kwargs.get("retry") is None or (type(kwargs["retry"]) is int and kwargs["retry"] >= 0))
+    )
+    assert valid == expected_valid, f"Event(**{kwargs!r}) {'returned' if valid else 'raised'}"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_TEXT, children, max_size=4),
+    max_leaves=16,
+)
+
+
+@_budget(60)
+@given(_JSON, st.none() | _LINE)
+def test_property_event_json_round_trips_any_json_value(value: object, event_type: str | None) -> None:
+    """json.loads of the data a client parses from Event.json(value) gives back value, under the event type."""
+    event = Event.json(value, event=event_type)
+    (message,) = parse_event_stream(b":\n\n" + event.encode()).events
+    assert message.type == (event_type or "message")
+    assert json.loads(message.data) == value, f"{value!r} -> {event.encode()!r}"
+
+
+@_budget(25)
+@given(_JSON, _inserted(_TEXT, _SURROGATE))
+def test_property_event_json_with_a_lone_surrogate_raises_value_error(value: object, bad: str) -> None:
+    """A lone surrogate anywhere in a JSON value (here: beside it in a list) raises ValueError."""
+    with pytest.raises(ValueError, match=r"^Event contains a lone surrogate: "):
+        Event.json([value, {bad: bad}])
+
+
+# ---------------------------------------------------------------------------
+# The registry: a model and state machines
+# ---------------------------------------------------------------------------
+
+_KEYS = ("a", "b", "c")
+# At most this many open streams at a time (closed ones stay held, and are
+# read, closed again and dropped like the others).
+_MAX_OPEN = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """The model's name of a history id: key, channel lifetime, sequence number."""
+
+    key: str
+    lifetime: int
+    seq: int
+
+
+_Queued = tuple[int, "_Tag | None"]  # an item, and its tag with history
+
+
+@dataclasses.dataclass
+class _StreamModel:
+    key: str
+    policy: LagPolicy
+    resumed: bool | None
+    queue: deque[_Queued] = dataclasses.field(default_factory=deque)  # bounded by hand: drop oldest
+    backlog: deque[_Queued] = dataclasses.field(default_factory=deque)  # replayed on resume, unbounded
+    lagged: int = 0
+    reported: int = 0
+    ended: bool = False
+    member: bool = False  # in its key's current channel
+    seen_end: bool = False  # a read returned the end (after which reads keep returning it)
+    last: _Tag | None = None  # the tag of the last item read (history)
+
+
+@dataclasses.dataclass
+class _ChannelModel:
+    lifetime: int
+    members: dict[int, None]
+    history: deque[tuple[_Tag, int]] | None
+    seq: int = 0
+
+
+_Outcome = tuple[str, object]  # ("item", item) | ("lagged", missed) | ("end", None)
+
+
+class _RegistryModel:
+    """The documented semantics of a Broadcaster, in plain Python."""
+
+    def __init__(self, buffer: int, history: int) -> None:
+        self.buffer = buffer
+        self.history = history
+        self.channels: dict[str, _ChannelModel] = {}
+        self.streams: dict[int, _StreamModel] = {}
+        self.closed = False
+        self._lifetimes = itertools.count()
+
+    def subscribe(self, sid: int, key: str, policy: LagPolicy, has_id: bool, tag: _Tag | None) -> _StreamModel:
+        stream = self.streams[sid] = _StreamModel(key, policy, resumed=False if has_id else None)
+        if self.closed:
+            stream.ended = True
+            return stream
+        channel = self.channels.get(key)
+        if channel is None:
+            history = deque[tuple[_Tag, int]](maxlen=self.history) if self.history else None
+            channel = self.channels[key] = _ChannelModel(next(self._lifetimes), {}, history)
+        channel.members[sid] = None
+        stream.member = True
+        if has_id and channel.history is not None and tag is not None:
+            # Exact resume: an id of this channel lifetime, not older than what it retains.
+            oldest = channel.seq - len(channel.history) + 1
+            if (tag.key, tag.lifetime) == (key, channel.lifetime) and oldest - 1 <= tag.seq <= channel.seq:
+                stream.backlog.extend((item, t) for t, item in channel.history if t.seq > tag.seq)
+                stream.resumed = True
+        return stream
+
+    def send(self, key: str, item: int) -> int:
+        channel = self.channels.get(key)
+        if channel is None:
+            return 0
+        tag = None
+        if channel.history is not None:
+            channel.seq += 1
+            tag = _Tag(key, channel.lifetime, channel.seq)
+            channel.history.append((tag, item))
+        for sid in channel.members:
+            stream = self.streams[sid]
+            assert not stream.ended, "model: a member is never ended"
+            if len(stream.queue) == self.buffer:
+                stream.queue.popleft()
+                stream.lagged += 1
+            stream.queue.append((item, tag))
+        return len(channel.members)
+
+    @staticmethod
+    def available(stream: _StreamModel) -> bool:
+        """Whether a read returns at once (an item, Lagged or the end)."""
+        return stream.lagged != stream.reported or bool(stream.backlog) or bool(stream.queue) or stream.ended
+
+    def read(self, sid: int) -> _Outcome:
+        stream = self.streams[sid]
+        assert self.available(stream), "model: read of an empty stream"
+        if stream.lagged != stream.reported:
+            missed, stream.reported = stream.lagged - stream.reported, stream.lagged
+            if stream.policy is LagPolicy.ERROR:
+                return ("lagged", missed)
+            if stream.policy is LagPolicy.END:
+                self.close(sid)
+        if stream.backlog:
+            item, tag = stream.backlog.popleft()
+        elif stream.queue:
+            item, tag = stream.queue.popleft()
+        else:
+            stream.seen_end = True
+            return ("end", None)
+        if tag is not None:
+            stream.last = tag
+        return ("item", item)
+
+    def close(self, sid: int) -> None:
+        stream = self.streams[sid]
+        stream.ended = True
+        stream.queue.clear()
+        stream.backlog.clear()
+        self._leave(sid)
+
+    def drop(self, sid: int) -> None:
+        self._leave(sid)
+        del self.streams[sid]
+
+    def _leave(self, sid: int) -> None:
+        stream = self.streams[sid]
+        if not stream.member:
+            return
+        stream.member = False
+        channel = self.channels[stream.key]
+        del channel.members[sid]
+        if not channel.members and channel.history is None:
+            del self.channels[stream.key]
+        # With history the channel lingers (the machines use a linger far
+        # longer than a test), keeping its history and key.
+
+    def remove(self, key: str) -> None:
+        channel = self.channels.pop(key, None)
+        if channel is not None:
+            for sid in channel.members:
+                stream = self.streams[sid]
+                stream.ended, stream.member = True, False
+
+    def close_all(self) -> None:
+        self.closed = True
+        for key in list(self.channels):
+            self.remove(key)
+
+
+R = TypeVar("R")
+
+
+async def _read(stream: BroadcastStream[int]) -> _Outcome:
+    """One ``anext(stream)`` as an outcome (no exception object outlives it).
+    The machines read only when the model says the read returns at once; a
+    read still waiting after a second is an outcome (a failure), not a hang."""
+    task: asyncio.Future[int] = asyncio.ensure_future(anext(stream))
+    done, _ = await asyncio.wait((task,), timeout=1.0)
+    if not done:
+        task.cancel()
+        await asyncio.wait((task,))
+        return ("still waiting after 1 s", None)
+    return _task_outcome(task)
+
+
+def _task_outcome(task: asyncio.Future[int]) -> _Outcome:
+    error = task.exception()
+    if isinstance(error, Lagged):
+        return ("lagged", error.missed)
+    if isinstance(error, StopAsyncIteration):
+        return ("end", None)
+    if error is not None:
+        return ("raised", repr(error))
+    return ("item", task.result())
+
+
+class _BroadcasterMachine(RuleBasedStateMachine):
+    """Rules shared by both machines; subclasses make the broadcaster and the
+    model in an ``@initialize`` rule. Everything runs on one event loop owned
+    by the machine, registry calls inside a coroutine on it as in an app (so
+    that, without history, deliveries and ends are synchronous).
+
+    Hypothesis favours low values and the first rules in its order (by
+    number of arguments, then name), so: arguments that pick a stream or a key
+    are indices into lists ordered by interest (a loss to report first, keys
+    with subscribers first), reaching every stream and key; the rules that
+    feed the registry take one argument, and the ones that end streams are
+    named to come last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self._broadcaster: Broadcaster[str, int] | None = None
+        self._model: _RegistryModel | None = None
+        self.streams: dict[int, BroadcastStream[int]] = {}
+        self.sids = itertools.count()
+        self.items = itertools.count()
+        # With history: the epoch of each channel lifetime, and every id seen.
+        self.epochs: dict[int, str] = {}
+        self.seen: list[tuple[str, _Tag]] = []
+
+    def teardown(self) -> None:
+        self.streams.clear()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+    @property
+    def b(self) -> Broadcaster[str, int]:
+        assert self._broadcaster is not None, "initialized first"
+        return self._broadcaster
+
+    @property
+    def model(self) -> _RegistryModel:
+        assert self._model is not None, "initialized first"
+        return self._model
+
+    def start(
+        self, broadcaster: Broadcaster[str, int], model: _RegistryModel, streams: list[tuple[str, LagPolicy]]
+    ) -> None:
+        self._broadcaster, self._model = broadcaster, model
+        for key, policy in streams:
+            self.add_stream(key, policy, None, None)
+
+    # -- helpers --------------------------------------------------------------
+
+    def on_loop(self, fn: Callable[[], R]) -> R:
+        """``fn()`` called on the machine's loop, and its result."""
+
+        async def call() -> R:
+            return fn()
+
+        return self.loop.run_until_complete(call())
+
+    def run(self, coroutine: Coroutine[Any, Any, R]) -> R:
+        return self.loop.run_until_complete(coroutine)
+
+    def settle(self) -> None:
+        """With history, run the deliveries and ends queued on the loop (call_soon)."""
+        if self.model.history:
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def key(self, index: int) -> str:
+        """A key by index, those with subscribers first."""
+        channels = self.model.channels
+        return sorted(_KEYS, key=lambda k: k not in channels or not channels[k].members)[index]
+
+    def pick(self, index: int, sids: list[int]) -> int:
+        return sids[index % len(sids)]
+
+    def readable(self) -> list[int]:
+        """Streams a read returns from at once: a loss to report first, then a
+        resumed backlog, then an item, then only the end (until a read returned
+        it: runs are not spent re-reading ended streams)."""
+        model = self.model
+
+        def rank(sid: int) -> int:
+            stream = model.streams[sid]
+            if stream.lagged != stream.reported:
+                return 0
+            return 1 if stream.backlog else 2 if stream.queue else 3 if not stream.seen_end else 4
+
+        ranked = sorted((rank(sid), sid) for sid in self.streams if model.available(model.streams[sid]))
+        return [sid for r, sid in ranked if r < 4]
+
+    def waiting(self) -> list[int]:
+        """Streams a read waits on: open, nothing buffered, no loss to report."""
+        return [sid for sid in sorted(self.streams) if not self.model.available(self.model.streams[sid])]
+
+    def open_streams(self) -> int:
+        return sum(not self.model.streams[sid].ended for sid in self.streams)
+
+    def id_of(self, tag: _Tag) -> str:
+        return f"{self.epochs[tag.lifetime]}-{tag.seq}"
+
+    def observe(self, event_id: str | None, tag: _Tag) -> None:
+        """Check the id a stream reports for ``tag``, and learn its epoch."""
+        assert event_id is not None, f"no last_event_id for {tag}"
+        epoch, _, number = event_id.rpartition("-")
+        assert re.fullmatch(r"[0-9a-f]{12}", epoch) and number == str(tag.seq), f"id {event_id!r} for {tag}"
+        known = self.epochs.setdefault(tag.lifetime, epoch)
+        assert known == epoch, f"channel lifetime {tag.lifetime} changed epoch: {known} then {epoch}"
+        assert list(self.epochs.values()).count(epoch) == 1, f"epoch {epoch} reused by another channel lifetime"
+        if (event_id, tag) not in self.seen:
+            self.seen.append((event_id, tag))
+
+    def add_stream(self, key: str, policy: LagPolicy, last_event_id: str | None, tag: _Tag | None) -> int:
+        sid = next(self.sids)
+        self.streams[sid] = self.on_loop(lambda: self.b.subscribe(key, last_event_id=last_event_id)).on_lag(policy)
+        expected = self.model.subscribe(sid, key, policy, last_event_id is not None, tag)
+        assert self.streams[sid].resumed == expected.resumed, (
+            f"subscribe({key!r}, last_event_id={last_event_id!r}): resumed {self.streams[sid].resumed}, "
+            f"model {expected.resumed}"
+        )
+        return sid
+
+    def send_items(self, key: str, count: int) -> None:
+        for _ in range(count):
+            item = next(self.items)
+            got = self.on_loop(lambda: self.b.send(key, item))  # noqa: B023 (called at once)
+            expected = self.model.send(key, item)
+            assert got == expected, f"send({key!r}, {item}) addressed {got}, model {expected}"
+        self.settle()
+
+    def check_read(self, sid: int, got: _Outcome, expected: _Outcome) -> None:
+        assert got == expected, f"stream {sid}: read {got}, model {expected}"
+        tag = self.model.streams[sid].last
+        if expected[0] == "item" and tag is not None:
+            self.observe(self.streams[sid].last_event_id, tag)
+
+    # -- rules ----------------------------------------------------------------
+
+    @precondition(lambda self: self.open_streams() < _MAX_OPEN)
+    @rule(spec=st.tuples(st.sampled_from(_KEYS), st.sampled_from(LagPolicy), st.sampled_from([None, "x-1"])))
+    def subscribe(self, spec: tuple[str, LagPolicy, str | None]) -> None:
+        """Subscribe (key, policy, last_event_id: none, or one no channel issued)."""
+        key, policy, last_event_id = spec
+        self.add_stream(key, policy, last_event_id, None)
+
+    # Five items first: more than any buffer holds, so losses are common.
+    @rule(batch=st.tuples(st.integers(0, len(_KEYS) - 1), st.sampled_from([5, 1, 2, 3, 4, 6])))
+    def send(self, batch: tuple[int, int]) -> None:
+        """Send (key index, count) items, one at a time."""
+        key_index, count = batch
+        self.send_items(self.key(key_index), count)
+
+    @precondition(lambda self: self.readable())
+    @rule(pick=st.integers(0, 15))
+    def read(self, pick: int) -> None:
+        """Read a stream that has something for its reader: an item, Lagged, or the end."""
+        sid = self.pick(pick, self.readable())
+        expected = self.model.read(sid)
+        self.check_read(sid, self.run(_read(self.streams[sid])), expected)
+
+    @precondition(lambda self: self.waiting())
+    @rule(pick=st.integers(0, 15), then_send=st.booleans())
+    def read_waiting(self, pick: int, then_send: bool) -> None:
+        """A read of an empty open stream waits. Cancelled, it changes nothing
+        (the invariant checks the stream is as it was); or a send to its key
+        wakes it with that item."""
+        sid = self.pick(pick, self.waiting())
+        key, item = self.model.streams[sid].key, next(self.items)
+        if then_send:
+            expected_count = self.model.send(key, item)
+            expected = self.model.read(sid)
+        stream = self.streams[sid]
+
+        async def go() -> tuple[_Outcome | None, int, _Outcome]:
+            task: asyncio.Future[int] = asyncio.ensure_future(anext(stream))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            early = _task_outcome(task) if task.done() else None
+            if not then_send or early is not None:
+                task.cancel()
+                await asyncio.wait((task,))
+                return early, 0, ("cancelled", None)
+            count = self.b.send(key, item)
+            done, _ = await asyncio.wait((task,), timeout=1.0)
+            if not done:
+                task.cancel()
+                await asyncio.wait((task,))
+                return None, count, ("still waiting 1 s after the send", None)
+            return None, count, _task_outcome(task)
+
+        early, count, got = self.run(go())
+        assert early is None, f"stream {sid}: a read of an empty stream returned at once: {early}"
+        if then_send:
+            assert count == expected_count, f"send({key!r}, {item}) addressed {count}, model {expected_count}"
+            self.check_read(sid, got, expected)
+
+    @precondition(lambda self: self.streams)
+    @rule(pick=st.integers(0, 15), policy=st.sampled_from(LagPolicy))
+    def switch_lag_policy(self, pick: int, policy: LagPolicy) -> None:
+        """stream.on_lag(policy): the policy of the next reads."""
+        sid = self.pick(pick, sorted(self.streams))
+        assert self.streams[sid].on_lag(policy) is self.streams[sid]
+        self.model.streams[sid].policy = policy
+
+    @precondition(lambda self: self.streams)
+    @rule(pick=st.integers(0, 15), drop=st.booleans())
+    def unsubscribe(self, pick: int, drop: bool) -> None:
+        """Close a stream (again: a no-op), or drop the last reference to it
+        without closing it and collect garbage."""
+        sid = self.pick(pick, sorted(self.streams))
+        if drop:
+            # A stream is in no reference cycle, so it goes with its last
+            # reference; collect the young generation anyway, and everything
+            # if it is still alive (a full collection costs milliseconds).
+            ref = weakref.ref(self.streams.pop(sid))
+            gc.collect(0)
+            if ref() is not None:
+                gc.collect()
+            assert ref() is None, f"stream {sid} outlived its last reference and gc: {gc.get_referrers(ref())}"
+            self.model.drop(sid)
+        else:
+            self.on_loop(self.streams[sid].close)
+            self.model.close(sid)
+
+    @rule(key_index=st.integers(0, len(_KEYS) - 1), how=st.sampled_from(["remove"] * 7 + ["close_all"]))
+    def remove_or_close_all(self, key_index: int, how: str) -> None:
+        """``remove(key)`` (of a key with subscribers, or not), or, rarely
+        (it is final), ``close()``."""
+        if how == "remove":
+            key = self.key(key_index)
+            self.on_loop(lambda: self.b.remove(key))
+            self.model.remove(key)
+        else:
+            self.on_loop(self.b.close)
+            self.model.close_all()
+        self.settle()
+
+    # -- the comparison after every step --------------------------------------
+
+    @invariant()
+    def registry_matches_the_model(self) -> None:
+        b, model = self.b, self.model
+        for key in _KEYS:
+            channel = model.channels.get(key)
+            members = 0 if channel is None else len(channel.members)
+            assert b.subscriber_count(key) == members, (
+                f"subscriber_count({key!r}) {b.subscriber_count(key)}, model {members}"
+            )
+            assert (key in b) == (channel is not None), f"{key!r} in b is {key in b}, model {channel is not None}"
+        assert len(b) == len(model.channels), f"len(b) {len(b)}, model {len(model.channels)}"
+        for sid, stream in self.streams.items():
+            m = model.streams[sid]
+            state = (stream.key, stream.lagged, stream.queued, stream.closed, stream.resumed)
+            expected = (m.key, m.lagged, len(m.queue) + len(m.backlog), m.ended, m.resumed)
+            assert state == expected, f"stream {sid} (key, lagged, queued, closed, resumed) {state}, model {expected}"
+            last = None if m.last is None else self.id_of(m.last)
+            assert stream.last_event_id == last, f"stream {sid} last_event_id {stream.last_event_id!r}, model {last!r}"
+
+
+# The streams a run starts with (more come from the subscribe rules).
+_INITIAL_STREAMS = st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(LagPolicy)), min_size=1, max_size=4)
+
+
+class _RegistryMachine(_BroadcasterMachine):
+    """Broadcaster(buffer=1..4), no history: deliveries are synchronous."""
+
+    @initialize(buffer=st.integers(1, 4), streams=_INITIAL_STREAMS)
+    def make(self, buffer: int, streams: list[tuple[str, LagPolicy]]) -> None:
+        note(f"Broadcaster(buffer={buffer})")
+        self.start(Broadcaster(buffer), _RegistryModel(buffer, 0), streams)
+
+
+_RESUME_KINDS = ("last", "retained", "evicted", "seen", "unissued", "leading-zero")
+
+
+class _HistoryMachine(_BroadcasterMachine):
+    """Broadcaster(buffer=1..4, history=1..4): ids, resume, lingering channels
+    (with a linger far longer than the test, so none expires)."""
+
+    @initialize(buffer=st.integers(1, 4), history=st.integers(1, 4), streams=_INITIAL_STREAMS)
+    def make(self, buffer: int, history: int, streams: list[tuple[str, LagPolicy]]) -> None:
+        note(f"Broadcaster(buffer={buffer}, history={history})")
+        self.start(Broadcaster(buffer, history=history, linger=3600), _RegistryModel(buffer, history), streams)
+
+    def resume_ids(self, kind: str) -> list[tuple[str, str, _Tag | None]]:
+        """Ids of one kind to resume from, as (key, id, tag); tag None for an id
+        no channel issues. The ids made up for a key need the epoch of its
+        current channel lifetime, known once a stream read one of its items.
+
+        last: the last id each stream read; seen: any id a stream read;
+        retained: the id of a retained item, or the one just before the oldest
+        (which replays the whole history); evicted: the one before that (too
+        old by one); unissued: the next id; leading-zero: the newest id spelled
+        "-0<n>"."""
+        if kind == "last":
+            lasts = [self.model.streams[sid].last for sid in sorted(self.streams)]
+            return [(tag.key, self.id_of(tag), tag) for tag in lasts if tag is not None]
+        if kind == "seen":
+            return [(tag.key, event_id, tag) for event_id, tag in self.seen]
+        ids: list[tuple[str, str, _Tag | None]] = []
+        for key, channel in sorted(self.model.channels.items()):
+            epoch = self.epochs.get(channel.lifetime)
+            if epoch is None or channel.history is None:
+                continue
+            if kind == "leading-zero":
+                ids.append((key, f"{epoch}-0{channel.seq}", None))
+                continue
+            oldest = channel.seq - len(channel.history) + 1
+            seqs = {
+                "retained": range(oldest - 1, channel.seq + 1),
+                "evicted": [oldest - 2],
+                "unissued": [channel.seq + 1],
+            }[kind]
+            # (no 0: it would be "before the first id", which no client has)
+            ids += [
+                (key, self.id_of(_Tag(key, channel.lifetime, seq)), _Tag(key, channel.lifetime, seq))
+                for seq in seqs
+                if seq >= 1
+            ]
+        return ids
+
+    def read_all(self, sid: int) -> None:
+        """Read what a stream has (items, losses) up to its end, checking each read."""
+        model = self.model
+        while model.available(model.streams[sid]) and not model.streams[sid].seen_end:
+            expected = model.read(sid)
+            self.check_read(sid, self.run(_read(self.streams[sid])), expected)
+
+    @precondition(
+        lambda self: not self.model.closed and any(self.model.streams[sid].last is not None for sid in self.streams)
+    )
+    @rule(
+        spec=st.tuples(
+            st.integers(0, 15),
+            st.booleans(),
+            st.sampled_from([2, 0, 1, 3, 5]),
+            st.sampled_from([1, 0, 2]),
+            st.sampled_from(["read", "later"]),
+        )
+    )
+    def reconnect(self, spec: tuple[int, bool, int, int, str]) -> None:
+        """A client reconnecting (spec: pick, close_old, missed, live, then): a
+        stream that read an item is closed (or not), ``missed`` items are sent
+        to its key, a new stream subscribes with the stream's last id, and
+        ``live`` more items are sent: the new stream has exactly the retained
+        items after the id then the live ones (no gap, no duplicate), or says
+        it cannot resume (evicted, channel removed) and has the live ones;
+        then all it has is read (or left to later steps)."""
+        pick, close_old, sends, live, then = spec
+        sid = self.pick(pick, [sid for sid in sorted(self.streams) if self.model.streams[sid].last is not None])
+        old, tag = self.model.streams[sid], self.model.streams[sid].last
+        assert tag is not None
+        if close_old:
+            self.on_loop(self.streams[sid].close)
+            self.model.close(sid)
+        self.send_items(old.key, sends)
+        new = self.add_stream(old.key, old.policy, self.id_of(tag), tag)
+        self.send_items(old.key, live)
+        if then == "read":
+            self.read_all(new)
+
+    @precondition(lambda self: self.open_streams() < _MAX_OPEN)
+    @rule(
+        spec=st.tuples(
+            st.sampled_from([*_RESUME_KINDS, "garbage"]),
+            st.integers(0, 15),
+            st.sampled_from([None, *_KEYS]),
+            st.sampled_from(LagPolicy),
+            st.sampled_from(["send-then-read", "read", "later"]),
+        )
+    )
+    def subscribe_resume(self, spec: tuple[str, int, str | None, LagPolicy, str]) -> None:
+        """Subscribe with a last event id (spec: kind, pick, other_key, policy,
+        then): an id of that kind (see resume_ids; else of the next kind that
+        has one; else garbage), to its own key or to ``other_key``. Then: send an item to the key
+        and read all the stream has (the backlog, exactly the model's retained
+        items after the id with their ids, then the live item: no gap, no
+        duplicate); or read all it has at once; or leave it to later steps."""
+        kind, pick, other_key, policy, then = spec
+        ids = []
+        if kind != "garbage":
+            start = _RESUME_KINDS.index(kind)
+            for other in _RESUME_KINDS[start:] + _RESUME_KINDS[:start]:
+                ids = self.resume_ids(other)
+                if ids:
+                    break
+        key, event_id, tag = ids[pick % len(ids)] if ids else ("a", "not-an-id", None)
+        key = other_key or key
+        note(f"resume {key!r} from {event_id!r} = {tag}")
+        sid = self.add_stream(key, policy, event_id, tag)
+        if then == "send-then-read":
+            self.send_items(key, 1)
+        if then != "later":
+            self.read_all(sid)
+
+
+def test_property_registry_state_machine() -> None:
+    """Random interleavings of subscribe / send / read / a waiting read
+    (cancelled, or woken by a send) / on_lag / close / drop-and-collect /
+    remove / close-all on a Broadcaster with buffers 1-4, three keys and every
+    LagPolicy match the model after every step: items and their order, Lagged
+    counts, silent skips, ends, lagged, queued, closed, send()'s count,
+    subscriber_count, len() and key membership."""
+    run_state_machine_as_test(_RegistryMachine, settings=_budget(100, steps=40))
+
+
+def test_property_history_state_machine() -> None:
+    """The same with history 1-4 (deliveries through the loop): ids in order
+    per channel lifetime (a new epoch for each), exact resume from the last id a
+    stream saw or any retained one (the backlog is the model's retained items
+    after it, then live items, no gap, no duplicate), resumed False for evicted,
+    unissued, malformed, foreign or other-lifetime ids, and channels that
+    linger with their history after their last stream."""
+    run_state_machine_as_test(_HistoryMachine, settings=_budget(80, steps=40))
