@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -6618,3 +6619,727 @@ def test_property_history_state_machine() -> None:
     unissued, malformed, foreign or other-lifetime ids, and channels that
     linger with their history after their last stream."""
     run_state_machine_as_test(_HistoryMachine, settings=_budget(80, steps=40))
+
+
+# ===========================================================================
+# Tests that kill the mutants of broadcaster.py that the unit suite let survive
+# (issue 5, deliverable 2; MUTATION.md lists each mutant and the test that kills it).
+
+
+# ---------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------
+
+
+def test_lagged_args_hold_the_missed_count() -> None:
+    """Lagged(n) carries n as its only argument, so its repr and pickling keep the count."""
+    error = Lagged(3)
+    assert error.args == (3,), f"wrong args: {error.args}"
+    assert repr(error) == "Lagged(3)", f"wrong repr: {error!r}"
+
+
+@async_test()
+async def test_sender_send_after_close_raises_client_disconnected_with_its_message() -> None:
+    """Sender.send() on a finished response raises ClientDisconnected saying why."""
+    sender = Sender(1)
+    sender._close()
+    with pytest.raises(ClientDisconnected) as info:
+        await sender.send(Event("x"))
+    assert str(info.value) == "the client is gone or the response is over", f"wrong message: {info.value}"
+
+
+# ---------------------------------------------------------------------------
+# channel() responses
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_channel_response_that_ended_is_forgotten_by_its_broadcaster() -> None:
+    """A channel() response that ended (closure returned, or client gone) leaves no source registered."""
+    b = Broadcaster[str, Event]()
+
+    async def returns(tx: Sender) -> None:
+        await tx.send(Event("one"))
+
+    peer = AsgiPeer()
+    await asgi_ended(asgi_serve(b.channel(returns), peer))
+    assert peer.sent[-1] == ASGI_FINAL, f"the response did not end cleanly: {peer.sent}"
+    assert not b._sources, f"a finished response is still registered: {b._sources}"
+
+    async def waits(tx: Sender) -> None:
+        await asyncio.Event().wait()
+
+    peer = AsgiPeer()
+    task = asgi_serve(b.channel(waits), peer)
+    await peer.wait_for_bodies(1)
+    peer.disconnect()
+    await asgi_ended(task)
+    assert not b._sources, f"a disconnected response is still registered: {b._sources}"
+
+
+def test_channel_closure_ended_by_a_foreign_cancellation_is_logged_as_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A closure that ends by a cancellation it did not get from the response is an
+    ERROR: a RuntimeError naming the CancelledError, which is its cause."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    event = Event("before")
+
+    async def closure(tx: Sender) -> None:
+        await tx.send(event)
+        cancelled = asyncio.get_running_loop().create_future()
+        cancelled.cancel()
+        await cancelled
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(Broadcaster[str, Event]().channel(closure), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode()), ASGI_FINAL], (
+            f"wrong messages: {peer.sent}"
+        )
+
+    scenario()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["SSE event source raised; ending the response"], (
+        f"wrong ERROR records: {[r.getMessage() for r in errors]}"
+    )
+    assert errors[0].exc_info is not None, "no traceback logged"
+    error = errors[0].exc_info[1]
+    assert isinstance(error, RuntimeError), f"wrong error: {error!r}"
+    assert str(error) == "the channel closure exited with CancelledError()", f"wrong message: {error}"
+    assert isinstance(error.__cause__, asyncio.CancelledError), f"wrong cause: {error.__cause__!r}"
+
+
+@async_test()
+async def test_channel_closure_is_ended_by_close_before_close_returns() -> None:
+    """Broadcaster.close() called on the response's loop closes its Sender at once, not a tick later."""
+    b = Broadcaster[str, Event]()
+    senders: list[Sender] = []
+    started = asyncio.Event()
+
+    async def closure(tx: Sender) -> None:
+        senders.append(tx)
+        started.set()
+        await asyncio.Event().wait()
+
+    peer = AsgiPeer()
+    task = asgi_serve(b.channel(closure), peer)
+    await started.wait()
+    b.close()
+    assert senders[0].closed, "close() left the running channel() response open until the next tick"
+    await asgi_ended(task)
+    assert peer.sent[-1] == ASGI_FINAL, f"the response did not end cleanly: {peer.sent}"
+
+
+@async_test()
+async def test_channel_source_cancelled_before_its_closure_started_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A channel() source closed before its closure's task ever ran ends silently (no error to report)."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+    ran: list[str] = []
+
+    async def closure(tx: Sender) -> None:
+        ran.append("started")
+
+    source = _ChannelSource(closure, 1, Broadcaster[str, Event]())
+    reader = asyncio.ensure_future(anext(source))
+    await asyncio.sleep(0)  # the read starts the closure's task, which has not run yet
+    reader.cancel()
+    await source.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert ran == [], "the closure ran; the scenario needs it cancelled before its first step"
+    records = [r.getMessage() for r in caplog.records if r.name == "broadcaster"]
+    assert records == [], f"unexpected log records: {records}"
+
+
+@async_test()
+async def test_sender_reader_cancelled_while_waiting_leaves_the_sender_usable() -> None:
+    """A response reader cancelled (and finished) while waiting for an event leaves
+    the Sender able to queue and hand out the next event."""
+    sender = Sender(2)
+    reader = asyncio.ensure_future(sender._get())
+    await asyncio.sleep(0)  # the reader is now waiting on its future
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await sender.send(Event("a"))
+    assert await sender._get() == Event("a")
+
+
+# ---------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_remove_and_close_end_streams_before_they_return_without_history() -> None:
+    """Without history, remove() and close() called on the streams' loop end them at once."""
+    b = Broadcaster[str, int]()
+    a, c = b.subscribe("a"), b.subscribe("c")
+    b.remove("a")
+    assert a.closed, "remove() left the stream open until the next tick"
+    b.close()
+    assert c.closed, "close() left the stream open until the next tick"
+
+
+@async_test()
+async def test_on_change_reports_remove_of_a_live_key_only() -> None:
+    """remove() reports a key that had a channel, and never one that had none."""
+    changes: list[str] = []
+    b = Broadcaster[str, int](on_change=changes.append)
+    stream = b.subscribe("k")
+    changes.clear()
+    b.remove("k")
+    assert changes == ["k"], f"remove of a live key reported {changes}"
+    b.remove("unknown")
+    assert changes == ["k"], f"remove of a key without a channel reported {changes}"
+    stream.close()
+
+
+def test_on_change_hook_error_is_logged_with_its_key(caplog: pytest.LogCaptureFixture) -> None:
+    """An on_change hook that raises is logged as an ERROR naming the key, with its traceback."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    def hook(key: str) -> None:
+        raise ValueError(key)
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, int](on_change=hook)
+        b.subscribe("k").close()
+
+    scenario()
+    records = [r for r in caplog.records if r.name == "broadcaster"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.ERROR, "Broadcaster on_change hook raised for key 'k'"),
+        (logging.ERROR, "Broadcaster on_change hook raised for key 'k'"),
+    ], f"wrong records: {[r.getMessage() for r in records]}"
+    assert all(r.exc_info is not None and r.exc_info[0] is ValueError for r in records), "no traceback"
+
+
+# ---------------------------------------------------------------------------
+# The supervisor: send timeouts and keep-alives
+# ---------------------------------------------------------------------------
+
+
+def test_response_send_timeout_on_an_event_is_logged_with_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """An event send() that hangs past send_timeout is logged once at INFO, naming the timeout."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, Event](config=SseConfig(send_timeout=0.1))
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(stream), peer)
+        await peer.wait_for_bodies(1)
+        peer.send_hangs = True
+        b.send("k", Event("stuck"))
+        await asgi_ended(task)
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"wrong messages: {peer.sent}"
+
+    scenario()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "broadcaster"]
+    assert records == [(logging.INFO, "SSE client did not accept a write within 0.1 s; ending the response")], (
+        f"wrong records: {records}"
+    )
+
+
+def test_response_slow_event_send_within_the_timeout_outlasts_a_keep_alive_wake(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An event send() slower than keep_alive but within send_timeout does not end the
+    response when the supervisor wakes for a keep-alive in the middle of it."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, Event](config=SseConfig(keep_alive=0.05, send_timeout=5.0))
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        slow = Event("slow")
+
+        async def send(message: AsgiMessage) -> None:
+            if message.get("body") == slow.encode():
+                await asyncio.sleep(0.2)  # the slow client under test: 4 keep-alive periods
+            await peer.send(message)
+
+        task = asgi_serve(b.response(stream), peer, send)
+        await peer.wait_for_bodies(1)
+        b.send("k", slow)
+        await peer.wait_until(lambda: slow.encode() in peer.bodies)
+        b.remove("k")
+        await asgi_ended(task)
+        assert peer.ended, f"the response did not end cleanly: {peer.sent}"
+
+    scenario()
+    records = [r.getMessage() for r in caplog.records if r.name == "broadcaster" and r.levelno >= logging.INFO]
+    assert records == [], f"the slow send was treated as a timeout: {records}"
+
+
+def count_supervisor_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the supervisor's sleeps (its ``asyncio.wait`` for the first of two tasks);
+    returns a one-element list holding the count."""
+    count = [0]
+    wait = asyncio.wait
+
+    async def counting_wait(fs: Any, *, timeout: float | None = None, return_when: str = asyncio.ALL_COMPLETED) -> Any:
+        if return_when == asyncio.FIRST_COMPLETED:  # only the supervisor waits for the first of two tasks
+            count[0] += 1
+        return await wait(fs, timeout=timeout, return_when=return_when)
+
+    monkeypatch.setattr(asyncio, "wait", counting_wait)
+    return count
+
+
+@async_test()
+async def test_response_send_that_hangs_midway_through_a_wait_times_out_without_spinning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A send() that starts hanging while the supervisor sleeps times out send_timeout
+    after it began, and the supervisor sleeps (never polls) until then."""
+    supervisor_waits = count_supervisor_waits(monkeypatch)
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.1))
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(1)
+    await asyncio.sleep(0.05)  # timing under test: the send starts halfway through the supervisor's wait
+    peer.send_hangs = True
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    b.send("k", Event("stuck"))
+    await asgi_ended(task, within=2.0)
+    assert loop.time() - began >= 0.09, f"ended after {loop.time() - began:.3f} s, before send_timeout"
+    assert peer.sent == [asgi_start(), ASGI_FIRST], f"wrong messages: {peer.sent}"
+    assert supervisor_waits[0] <= 10, f"the supervisor polled: {supervisor_waits[0]} waits for one timeout"
+
+
+@async_test()
+async def test_response_keep_alives_are_written_without_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between keep-alives the supervisor sleeps until the next one is due (never polls)."""
+    supervisor_waits = count_supervisor_waits(monkeypatch)
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=0.05, send_timeout=None))
+    stream = b.subscribe("k")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(3)  # the first chunk and two keep-alives
+    b.remove("k")
+    await asgi_ended(task)
+    assert peer.bodies[1:3] == [b":\n\n", b":\n\n"], f"wrong bodies: {peer.bodies}"
+    assert supervisor_waits[0] <= 10, f"the supervisor polled: {supervisor_waits[0]} waits for two keep-alives"
+
+
+# ---------------------------------------------------------------------------
+# The pump
+# ---------------------------------------------------------------------------
+
+
+def test_response_item_that_is_not_an_event_is_an_error_naming_its_type(caplog: pytest.LogCaptureFixture) -> None:
+    """A source item that is no Event (and no render) ends the response with an ERROR: a
+    TypeError naming the item's type."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def source() -> AsyncIterator[Any]:
+        yield "not an event"
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(Broadcaster[str, Event]().response(source()), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["SSE event source raised; ending the response"], (
+        f"wrong ERROR records: {[r.getMessage() for r in errors]}"
+    )
+    assert errors[0].exc_info is not None, "no traceback logged"
+    error = errors[0].exc_info[1]
+    assert isinstance(error, TypeError), f"wrong error: {error!r}"
+    assert str(error) == "SSE events must be Event objects, got str", f"wrong message: {error}"
+
+
+@pytest.mark.parametrize("position", ASGI_SEND_POSITIONS)
+def test_response_send_oserror_is_logged_at_debug_with_the_error(
+    position: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An OSError from send() at any position is logged once, at DEBUG, with the error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        await asgi_fail_send(position, OSError("connection reset"))
+
+    scenario()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "broadcaster"]
+    assert records == [(logging.DEBUG, "SSE client disconnected: OSError('connection reset')")], (
+        f"wrong records: {records}"
+    )
+
+
+@pytest.mark.parametrize("position", ASGI_SEND_POSITIONS)
+def test_response_send_failure_is_logged_with_its_message(position: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-OSError from send() at any position is logged once as an ERROR saying the response ends."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        await asgi_fail_send(position, RuntimeError("server bug"))
+
+    scenario()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "broadcaster"]
+    assert records == [(logging.ERROR, "ASGI send() failed; ending the SSE response")], f"wrong records: {records}"
+
+
+# ---------------------------------------------------------------------------
+# The watcher and how a response's end is reported
+# ---------------------------------------------------------------------------
+
+
+def test_response_client_disconnect_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """An http.disconnect ends the response with one DEBUG record and nothing more sent."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, Event]()
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(b.subscribe("k")), peer)
+        await peer.wait_for_bodies(1)
+        peer.disconnect()
+        await asgi_ended(task)
+        assert peer.sent == [asgi_start(), ASGI_FIRST], f"wrong messages: {peer.sent}"
+
+    scenario()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "broadcaster"]
+    assert records == [(logging.DEBUG, "SSE client disconnected")], f"wrong records: {records}"
+
+
+def test_response_second_request_message_after_a_body_without_more_body_is_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An http.request without ``more_body`` ends the request body: another http.request after
+    it is a protocol error, logged as an ERROR, and the response ends cleanly."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, Event]()
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(b.subscribe("k")), peer)
+        await peer.wait_for_bodies(1)
+        peer.push({"type": "http.request", "body": b""})
+        peer.push({"type": "http.request", "body": b""})
+        await asgi_ended(task, within=1.0)
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    records = [r for r in caplog.records if r.name == "broadcaster"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.ERROR, "ASGI receive() failed; ending the SSE response")
+    ], f"wrong records: {[r.getMessage() for r in records]}"
+    assert records[0].exc_info is not None, "no traceback logged"
+    error = records[0].exc_info[1]
+    assert isinstance(error, RuntimeError), f"wrong error: {error!r}"
+    assert str(error) == "unexpected ASGI message while streaming: 'http.request'", f"wrong message: {error}"
+
+
+def test_response_lag_is_logged_as_a_warning_with_the_count(caplog: pytest.LogCaptureFixture) -> None:
+    """A stream that lagged ends its response with one WARNING stating how many items it missed."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, Event](buffer=1)
+        stream = b.subscribe("k")
+        b.send("k", Event("one"))
+        b.send("k", Event("two"))
+        b.send("k", Event("three"))
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "broadcaster"]
+    assert records == [(logging.WARNING, "SSE stream ended: subscriber lagged behind and missed 2 item(s)")], (
+        f"wrong records: {records}"
+    )
+
+
+def test_response_send_timeout_on_the_start_is_logged_with_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    """A send() of the response start that hangs past send_timeout is logged once at INFO, naming the timeout."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b = Broadcaster[str, Event](config=SseConfig(send_timeout=0.1))
+        stream = b.subscribe("k")
+        peer = AsgiPeer()
+        peer.send_hangs = True
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        assert peer.sent == [], f"wrong messages: {peer.sent}"
+        assert stream.closed, "the subscription outlived the timeout"
+
+    scenario()
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "broadcaster"]
+    assert records == [(logging.INFO, "SSE client did not accept a write within 0.1 s; ending the response")], (
+        f"wrong records: {records}"
+    )
+
+
+@async_test()
+async def test_response_on_gap_is_a_body_message_with_more_body() -> None:
+    """The on_gap event of a stream that could not resume is sent as one more_body message after the first chunk."""
+    b = Broadcaster[str, Event](history=2)
+    stream = b.subscribe("k", last_event_id="unknown-1")
+    assert stream.resumed is False, "the scenario needs a stream that could not resume"
+    gap = Event("reload", event="gap")
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream, on_gap=gap), peer)
+    await peer.wait_for_bodies(2)
+    b.remove("k")
+    await asgi_ended(task)
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(gap.encode()), ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+
+def test_channel_closure_error_after_a_disconnect_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A closure that raises after its client left is logged once, as an ERROR saying the
+    response had ended, with the closure's exception."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def closure(tx: Sender) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed") from None
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        task = asgi_serve(Broadcaster[str, Event]().channel(closure), peer)
+        await peer.wait_for_bodies(1)
+        peer.disconnect()
+        await asgi_ended(task)
+
+    scenario()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["SSE channel closure raised after the response ended"], (
+        f"wrong ERROR records: {[r.getMessage() for r in errors]}"
+    )
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError, "no traceback of the closure's error"
+
+
+def test_response_source_whose_aclose_raises_is_logged_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """An event source whose aclose() raises is logged once as an ERROR, with its traceback."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    class Source:
+        def __aiter__(self) -> Source:
+            return self
+
+        async def __anext__(self) -> Event:
+            raise StopAsyncIteration
+
+        async def aclose(self) -> None:
+            raise ValueError("close failed")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(Broadcaster[str, Event]().response(Source()), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["closing the SSE event source raised"], (
+        f"wrong ERROR records: {[r.getMessage() for r in errors]}"
+    )
+    assert errors[0].exc_info is not None and errors[0].exc_info[0] is ValueError, "no traceback of the close error"
+
+
+# ---------------------------------------------------------------------------
+# Delivery and resume with history
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_history_delivery_skips_a_stream_closed_before_it_ran_and_reaches_the_others() -> None:
+    """With history (deliveries through call_soon), a stream closed between send() and the
+    delivery is skipped, and the streams after it still get the item."""
+    b = Broadcaster[str, int](history=4)
+    first, second = b.subscribe("k"), b.subscribe("k")
+    assert b.send("k", 1) == 2
+    first.close()
+    await asyncio.sleep(0)  # run the delivery scheduled with call_soon
+    assert second.queued == 1, "the stream after a closed one missed the item"
+    assert await anext(second) == 1
+    second.close()
+
+
+@async_test()
+async def test_history_resume_from_a_given_id_with_dashes_that_starts_with_the_epoch() -> None:
+    """An id given to send(id=...) is matched exactly on resume, even one that starts with
+    the channel's own epoch and a dash (only the last dash separates an own id's number)."""
+    b = Broadcaster[str, int](history=4)
+    live = b.subscribe("k")
+    b.send("k", 1)
+    assert await anext(live) == 1
+    own = live.last_event_id
+    assert own is not None
+    epoch = own.rpartition("-")[0]
+    b.send("k", 2, id=f"{epoch}-1-x")
+    b.send("k", 3)
+    resumed = b.subscribe("k", last_event_id=f"{epoch}-1-x")
+    assert resumed.resumed is True, "an exact id given to send(id=...) was not found"
+    assert await anext(resumed) == 3
+    live.close()
+    resumed.close()
+
+
+def test_send_skips_a_closed_loop_and_still_reaches_the_next_loop() -> None:
+    """send() skips the subscribers of a closed loop and goes on to those of the other loops."""
+    b = Broadcaster[str, int]()
+    holder: list[BroadcastStream[int]] = []
+
+    async def subscribe() -> None:
+        holder.append(b.subscribe("k"))
+
+    asyncio.run(subscribe())  # the first group of "k" is on a loop that is closed now
+
+    async def main() -> None:
+        stream = b.subscribe("k")
+        assert b.send("k", 1) == 1, "the subscriber of the running loop was not addressed"
+        assert stream.queued == 1, "the subscriber of the running loop missed the item"
+        stream.close()
+
+    asyncio.run(main())
+    holder.clear()
+
+
+@async_test()
+async def test_stream_close_after_remove_woke_its_blocked_reader() -> None:
+    """close() of a stream whose blocked reader remove() just woke neither raises nor hangs the reader."""
+    b = Broadcaster[str, int]()
+    stream = b.subscribe("k")
+    reader = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the reader now waits for an item
+    b.remove("k")
+    stream.close()
+    with pytest.raises(StopAsyncIteration):
+        await reader
+
+
+@async_test()
+async def test_subscribe_with_an_unhashable_key_raises_even_after_close() -> None:
+    """subscribe() rejects an unhashable key with TypeError also on a closed broadcaster."""
+    b = Broadcaster[Any, int]()
+    b.close()
+    with pytest.raises(TypeError, match="unhashable"):
+        b.subscribe([])
+
+
+@async_test()
+async def test_send_reaches_the_streams_left_after_another_one_left() -> None:
+    """After one stream of a key leaves, send() still reaches the others (with and without history)."""
+    for history in (0, 2):
+        b = Broadcaster[str, int](history=history)
+        leaving, staying = b.subscribe("k"), b.subscribe("k")
+        leaving.close()
+        assert b.send("k", 1) == 1, f"history={history}: the remaining stream was not addressed"
+        assert await anext(staying) == 1
+        staying.close()
+
+
+def test_live_stream_at_interpreter_exit_does_not_leave_its_channel(tmp_path: Path) -> None:
+    """The finalizer of a stream still open when the interpreter exits does not run (no on_change at exit)."""
+    script = tmp_path / "exit_with_a_stream.py"
+    script.write_text(
+        "import asyncio\n"
+        "import broadcaster\n"
+        "b = broadcaster.Broadcaster(on_change=lambda key: print('change', key))\n"
+        "async def main():\n"
+        "    return b.subscribe('k')\n"
+        "stream = asyncio.run(main())\n"
+        "print('exiting')\n",
+        encoding="utf-8",
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(broadcaster.__file__))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"the script failed: {result.stderr}"
+    assert result.stdout.splitlines() == ["change k", "exiting"], f"wrong output: {result.stdout!r}"
+
+
+@async_test()
+async def test_history_of_one_yields_items_with_their_ids() -> None:
+    """With history=1 a stream yields the items themselves and records their ids."""
+    b = Broadcaster[str, int](history=1)
+    stream = b.subscribe("k")
+    b.send("k", 7)
+    assert await anext(stream) == 7
+    assert stream.last_event_id is not None and stream.last_event_id.endswith("-1"), stream.last_event_id
+    stream.close()
+
+
+@async_test()
+async def test_history_channel_revived_from_linger_takes_more_subscribers() -> None:
+    """A lingering channel revived by a subscribe keeps working: more streams can join and get its items."""
+    b = Broadcaster[str, int](history=2)
+    b.subscribe("k").close()  # the channel lingers now
+    revived = b.subscribe("k")
+    joined = b.subscribe("k")
+    assert b.subscriber_count("k") == 2
+    assert b.send("k", 1) == 2
+    assert [await anext(revived), await anext(joined)] == [1, 1]
+    revived.close()
+    joined.close()
+
+
+def test_leave_never_waits_for_the_lock_even_when_it_must_retake_it() -> None:
+    """A leave that finds another leave queued after its release retries the lock without
+    blocking (the leaver never waits for another thread: "leaving never blocks")."""
+    b = Broadcaster[str, int]()
+    streams: list[BroadcastStream[int]] = []
+
+    async def subscribe() -> None:
+        streams.extend([b.subscribe("k"), b.subscribe("k")])
+
+    asyncio.run(subscribe())
+    late = streams.pop()._sub
+
+    class RecordingLock:
+        """A lock whose first release lets a leave slip in; records each acquire's ``blocking``."""
+
+        def __init__(self) -> None:
+            self.inner = threading.Lock()
+            self.raced = False
+            self.blocking: list[bool] = []
+
+        def acquire(self, blocking: bool = True) -> bool:
+            self.blocking.append(blocking)
+            return self.inner.acquire(blocking)
+
+        def release(self) -> None:
+            if not self.raced:
+                self.raced = True
+                b._leaving.append(late)  # as another thread's failed leave would
+            self.inner.release()
+
+    lock = RecordingLock()
+    b._lock = lock  # type: ignore[assignment]  # a test double with the same protocol
+    streams.pop().close()
+    assert lock.raced and len(lock.blocking) == 2, f"the scenario did not happen: {lock.blocking}"
+    assert not any(lock.blocking), f"a leave waited for the lock: acquire(blocking=...) calls {lock.blocking}"
+    assert "k" not in b, "the leave queued during the release was not done"
+
+
+def test_sse_config_header_value_may_start_and_end_with_other_characters_than_sp_or_htab() -> None:
+    """Only SP and HTAB count as surrounding whitespace of a header value: latin-1 NBSP and
+    letters such as X at its ends are kept."""
+    config = SseConfig(headers=(("x-a", "\xa0v\xa0"), ("x-b", "XvX")))
+    assert config._start[-2:] == ((b"x-a", b"\xa0v\xa0"), (b"x-b", b"XvX")), f"wrong headers: {config._start}"
