@@ -7343,3 +7343,122 @@ def test_sse_config_header_value_may_start_and_end_with_other_characters_than_sp
     letters such as X at its ends are kept."""
     config = SseConfig(headers=(("x-a", "\xa0v\xa0"), ("x-b", "XvX")))
     assert config._start[-2:] == ((b"x-a", b"\xa0v\xa0"), (b"x-b", b"XvX")), f"wrong headers: {config._start}"
+
+
+# ---------------------------------------------------------------------------
+# Killing the last non-equivalent mutants of the final mutation run
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_stream_finalizer_does_not_run_at_interpreter_exit() -> None:
+    """A stream's finalizer is not registered for interpreter exit (leaving the
+    registry then is pointless, and the loop may be gone)."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    assert stream._leave.atexit is False
+    stream.close()
+
+
+def _logged_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "broadcaster" and r.levelno == logging.ERROR]
+
+
+def test_response_source_raising_cancelled_error_is_logged_as_a_runtime_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A CancelledError raised by the event source itself is reported as a
+    RuntimeError naming it, with the response's source-error message."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def source() -> AsyncIterator[Event]:
+        raise asyncio.CancelledError("from the source")
+        yield Event("never")  # pragma: no cover - makes this an async generator
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await Broadcaster[str, Event](config=SseConfig(keep_alive=None)).response(source())(
+            peer.scope, peer.receive, peer.send
+        )
+        assert peer.ended
+
+    scenario()
+    [record] = _logged_errors(caplog)
+    assert record.getMessage() == "SSE event source raised; ending the response"
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+    assert str(record.exc_info[1]) == "the SSE event source raised CancelledError('from the source')"
+
+
+def test_response_send_raising_cancelled_error_logs_the_send_failure(caplog: pytest.LogCaptureFixture) -> None:
+    """send() raising CancelledError for an event (not our cancellation) is
+    logged as exactly the send-failure error."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+        stream = b.subscribe("k")
+        b.send("k", Event("x"))
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message.get("body") == b"data: x\n\n":
+                raise asyncio.CancelledError("send gave up")
+            await peer.send(message)
+
+        await b.response(stream)(peer.scope, peer.receive, send)
+        assert not peer.ended
+
+    scenario()
+    [record] = _logged_errors(caplog)
+    assert record.getMessage() == "ASGI send() failed; ending the SSE response"
+
+
+def test_response_receive_raising_cancelled_error_is_logged_as_a_runtime_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """receive() raising CancelledError by itself is reported as a RuntimeError
+    naming it, and the response ends cleanly."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+
+        async def receive() -> MutableMapping[str, Any]:
+            raise asyncio.CancelledError("receive gave up")
+
+        await b.response(b.subscribe("k"))(peer.scope, receive, peer.send)
+        assert peer.ended
+
+    scenario()
+    [record] = _logged_errors(caplog)
+    assert record.getMessage() == "ASGI receive() failed; ending the SSE response"
+    assert record.exc_info is not None and record.exc_info[0] is RuntimeError
+    assert str(record.exc_info[1]) == "ASGI receive() raised CancelledError('receive gave up')"
+
+
+@async_test()
+async def test_response_returns_only_after_its_watcher_has_finished() -> None:
+    """The app returns only once its receive() watcher is done, even when the
+    server's receive() takes a few loop steps to honour the cancellation."""
+    finished: list[bool] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            for _ in range(5):
+                await asyncio.sleep(0)
+            finished.append(True)
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    peer = AsgiPeer()
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    stream = b.subscribe("k")
+    b.remove("k")
+    await b.response(stream)(peer.scope, receive, peer.send)
+    assert finished == [True], "the app returned while its watcher was still running"
