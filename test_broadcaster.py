@@ -41,7 +41,7 @@ from collections.abc import (
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, given, note, settings
@@ -5607,6 +5607,11 @@ if _PROFILE not in _PROFILES:
 _EXAMPLES_SCALE, _STEPS_SCALE = _PROFILES[_PROFILE]
 
 
+# Typed here: older hypothesis releases (the newest that supports Python 3.10
+# among them) ship run_state_machine_as_test without annotations.
+_run_machine = cast(Callable[..., None], run_state_machine_as_test)
+
+
 def _budget(examples: int, steps: int = 50) -> settings:
     """``examples`` examples (``steps`` steps each for a state machine), no
     deadline, no example database. (Under CI=true hypothesis also derandomizes:
@@ -6608,7 +6613,7 @@ def test_property_registry_state_machine() -> None:
     LagPolicy match the model after every step: items and their order, Lagged
     counts, silent skips, ends, lagged, queued, closed, send()'s count,
     subscriber_count, len() and key membership."""
-    run_state_machine_as_test(_RegistryMachine, settings=_budget(100, steps=40))
+    _run_machine(_RegistryMachine, settings=_budget(100, steps=40))
 
 
 def test_property_history_state_machine() -> None:
@@ -6618,7 +6623,7 @@ def test_property_history_state_machine() -> None:
     after it, then live items, no gap, no duplicate), resumed False for evicted,
     unissued, malformed, foreign or other-lifetime ids, and channels that
     linger with their history after their last stream."""
-    run_state_machine_as_test(_HistoryMachine, settings=_budget(80, steps=40))
+    _run_machine(_HistoryMachine, settings=_budget(80, steps=40))
 
 
 # ===========================================================================
