@@ -55,8 +55,9 @@ Server-Sent Events
     :class:`Event` validates and encodes one frame at construction, so an event
     sent to 10,000 subscribers is encoded once. ``response()`` and ``channel()``
     return ASGI 3 apps that write the ``text/event-stream`` body: headers and a
-    first chunk at once, one body message per event, keep-alive comments on
-    silence, disconnect detection by a concurrent ``receive()`` watcher, a bound
+    first chunk at once, then each event as soon as it is read (with the
+    events already waiting behind it in the same body message), keep-alive
+    comments on silence, disconnect detection by a concurrent ``receive()`` watcher, a bound
     on every ``send()``, and on every way out the event source is closed and no
     task is left behind.
 """
@@ -653,6 +654,12 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
 
     def __aiter__(self: _S) -> _S:
         return self
+
+    def _ready(self) -> bool:
+        """True if the next read returns an item without waiting (one is
+        queued, and no lag is to be reported first)."""
+        sub = self._sub
+        return sub.lagged == sub.reported and bool(sub.backlog or sub.queue)
 
     async def __anext__(self) -> T_co:
         sub = self._sub
@@ -1366,6 +1373,10 @@ class _ChannelSource:
                 self._sender._finish(None)
         return await self._sender._get()
 
+    def _ready(self) -> bool:
+        """True if the next read returns an event without waiting."""
+        return bool(self._sender._items)
+
     def _shutdown(self) -> None:
         """End the response for ``Broadcaster.close()`` (on the source's loop):
         the closure is cancelled, what it already sent is still written, then
@@ -1411,6 +1422,10 @@ class _ChannelSource:
 
 _FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
 
+# How many bytes of events that are already waiting the pump gathers into one
+# body message at most (one more event may take it past this).
+_GATHER_BYTES: Final = 64 * 1024
+
 
 class _Writes:
     """What the event pump tells the supervisor of a response (one loop, no lock)."""
@@ -1435,8 +1450,10 @@ class _SseApp:
     Wire behaviour: ``http.response.start`` with status 200 and the configured
     headers; at once a first body chunk (the ``retry:`` frame, or ``:\\n\\n``),
     because some servers and middleware hold the headers back until the first
-    body message; one ``more_body`` message per event; a keep-alive comment
-    after ``keep_alive`` seconds of silence. ``HEAD`` gets the headers and an
+    body message; then ``more_body`` messages of whole events, written as soon
+    as one is read: the events a stream (or a ``channel()`` queue) already holds
+    at that moment go out in the same message, up to 64 KiB; a keep-alive
+    comment after ``keep_alive`` seconds of silence. ``HEAD`` gets the headers and an
     empty body, and the source is never read.
 
     Ends: source exhausted, :class:`Lagged` (WARNING), a source exception (ERROR,
@@ -1574,12 +1591,17 @@ class _SseApp:
 
     async def _pump(self, send: Send, writes: _Writes) -> bool:
         """Write every event of the source; True if the source is exhausted,
-        False if the client went away or send() failed. Source errors propagate."""
+        False if the client went away or send() failed. Source errors propagate.
+
+        The events a stream or a ``channel()`` queue already holds when the pump
+        has one to write go out with it in the same body message (whole frames,
+        up to ``_GATHER_BYTES``): one ASGI send and one socket write for a burst
+        instead of one each, and nothing waits for more to come. An error met
+        while gathering (from ``render``) is raised once what came before it is
+        written."""
         loop = asyncio.get_running_loop()
-        render = self._render
-        # A stream with history: its last entry gives the id of each rendered item.
-        ids = self._source if isinstance(self._source, BroadcastStream) and self._source._ids else None
         source = aiter(self._source)
+        ready = self._source._ready if isinstance(self._source, (BroadcastStream, _ChannelSource)) else None
         while True:
             try:
                 item = await anext(source)
@@ -1589,18 +1611,25 @@ class _SseApp:
                 if writes.stopping:
                     raise
                 raise RuntimeError(f"the SSE event source raised {exc!r}") from exc
-            event = item if render is None else render(item)
-            if not isinstance(event, Event):
-                raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
-            frame = event._frame
-            if ids is not None and render is not None:  # Event items carry their ids already
-                entry = ids._last
-                assert entry is not None, "a stream with history records the entry it yielded"
-                frame = entry.with_id(frame)
+            body = self._frame(item)
+            error: Exception | None = None
+            if ready is not None and ready():
+                frames = [body]
+                size = len(body)
+                try:
+                    # ready() promises an item without a wait: these reads never
+                    # suspend, so no cancellation or end can arrive in between.
+                    while size < _GATHER_BYTES and ready():
+                        frame = self._frame(await anext(source))
+                        frames.append(frame)
+                        size += len(frame)
+                except Exception as exc:
+                    error = exc
+                body = b"".join(frames)
             async with writes.lock:
                 writes.sending_since = loop.time()
                 try:
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                 except OSError as exc:
                     logger.debug("SSE client disconnected: %r", exc)
                     return False
@@ -1614,6 +1643,23 @@ class _SseApp:
                     return False
                 writes.sending_since = None
                 writes.last_write = loop.time()
+            if error is not None:
+                raise error
+
+    def _frame(self, item: object) -> bytes:
+        """The SSE frame of one item the source yielded (rendered, and with its
+        history id when ``render`` made the event)."""
+        render = self._render
+        event = item if render is None else render(item)
+        if not isinstance(event, Event):
+            raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
+        source = self._source
+        if render is not None and isinstance(source, BroadcastStream) and source._ids:
+            # Event items carry their ids already; a rendered one gets its entry's.
+            entry = source._last
+            assert entry is not None, "a stream with history records the entry it yielded"
+            return entry.with_id(event._frame)
+        return event._frame
 
 
 async def _settle(*tasks: asyncio.Task[Any]) -> None:

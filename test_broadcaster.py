@@ -138,6 +138,8 @@ class AsgiPeer:
         # Set to make send() raise (fault injection) or hang.
         self.send_error: BaseException | None = None
         self.send_hangs = False
+        # Called with each message once it is recorded.
+        self.on_sent: Callable[[Message], None] | None = None
 
     async def receive(self) -> Message:
         return await self._incoming.get()
@@ -148,6 +150,8 @@ class AsgiPeer:
         if self.send_hangs:
             await asyncio.Event().wait()
         self.sent.append(dict(message))
+        if self.on_sent is not None:
+            self.on_sent(self.sent[-1])
         self._notify()
 
     def push(self, message: Message) -> None:
@@ -2263,8 +2267,9 @@ async def test_response_first_chunk_is_the_retry_frame_when_configured() -> None
 
 
 @async_test()
-async def test_response_writes_each_stream_event_as_one_body_message() -> None:
-    """Events sent before and after the response started arrive as one body message each, in order."""
+async def test_response_writes_stream_events_in_order_those_waiting_together() -> None:
+    """Events sent before and after the response started arrive in order, as
+    their exact frames; those waiting together share one body message."""
     b: Broadcaster[str, Event] = Broadcaster()
     stream = b.subscribe("k")
     events = [Event("one", id="1"), Event("two\nlines", event="multi"), Event(comment="note"), Event.json({"n": 4})]
@@ -2272,19 +2277,17 @@ async def test_response_writes_each_stream_event_as_one_body_message() -> None:
     b.send("k", events[1])
     peer = AsgiPeer()
     task = asgi_serve(b.response(stream), peer)
-    await peer.wait_for_bodies(3)
+    await peer.wait_for_bodies(2)
     b.send("k", events[2])
     b.send("k", events[3])
-    await peer.wait_for_bodies(5)
+    await peer.wait_for_bodies(3)
     b.remove("k")
     await asgi_ended(task)
-    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
-    assert peer.sent == expected, f"wrong messages: {peer.sent}"
-    assert peer.bodies[1:5] == [
-        b"id: 1\ndata: one\n\n",
-        b"event: multi\ndata: two\ndata: lines\n\n",
-        b": note\n\n",
-        b'data: {"n":4}\n\n',
+    bodies = [events[0].encode() + events[1].encode(), events[2].encode() + events[3].encode()]
+    assert peer.sent == [asgi_start(), ASGI_FIRST, *map(asgi_body, bodies), ASGI_FINAL], f"wrong messages: {peer.sent}"
+    assert peer.bodies[1:3] == [
+        b"id: 1\ndata: one\n\nevent: multi\ndata: two\ndata: lines\n\n",
+        b': note\n\ndata: {"n":4}\n\n',
     ], "the frames on the wire are not the events' exact bytes"
 
 
@@ -2531,14 +2534,14 @@ async def asgi_fail_send(position: str, error: Exception) -> None:
     at, expected = {
         "start": (0, []),
         "first_chunk": (1, [asgi_start()]),
-        "event": (3, [asgi_start(), ASGI_FIRST, asgi_body(one.encode())]),  # fails on `two`
+        "event": (2, [asgi_start(), ASGI_FIRST]),  # fails on the message of `one` and `two`
         "keep_alive": (2, [asgi_start(), ASGI_FIRST]),
         "final": (3, [asgi_start(), ASGI_FIRST, asgi_body(one.encode())]),
     }[position]
     if position in ("event", "final"):
         b.send("k", one)
     if position == "event":
-        b.send("k", two)
+        b.send("k", two)  # waiting with `one`: both go in one message
     if position == "final":
         b.remove("k")
     peer = AsgiPeer()
@@ -2800,12 +2803,13 @@ async def test_response_lagged_under_skip_policy_streams_the_retained_items() ->
         b.send("k", event)
     peer = AsgiPeer()
     task = asgi_serve(b.response(stream), peer)
-    await peer.wait_for_bodies(3)
+    await peer.wait_for_bodies(2)
     b.send("k", events[5])
-    await peer.wait_for_bodies(4)
+    await peer.wait_for_bodies(3)
     b.remove("k")
     await asgi_ended(task)
-    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events[3:]), ASGI_FINAL]
+    retained = asgi_body(events[3].encode() + events[4].encode())
+    expected = [asgi_start(), ASGI_FIRST, retained, asgi_body(events[5].encode()), ASGI_FINAL]
     assert peer.sent == expected, f"wrong messages: {peer.sent}"
 
 
@@ -2835,7 +2839,7 @@ async def test_response_remove_writes_buffered_events_then_ends() -> None:
         b.send("k", event)
     b.remove("k")
     await asgi_ended(task)
-    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    expected = [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
     assert peer.sent == expected, f"wrong messages: {peer.sent}"
 
 
@@ -2852,7 +2856,7 @@ async def test_response_broadcaster_close_writes_buffered_events_then_ends() -> 
         b.send("k", event)
     b.close()
     await asgi_ended(task)
-    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    expected = [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
     assert peer.sent == expected, f"wrong messages: {peer.sent}"
 
 
@@ -3008,7 +3012,8 @@ async def test_channel_head_never_starts_the_closure() -> None:
 
 @async_test()
 async def test_channel_writes_sent_events_in_order_then_ends_when_fn_returns() -> None:
-    """Events from tx.send arrive in order; fn returning writes all of them, then the final chunk."""
+    """Events from tx.send arrive in order; fn returning writes all of them, then
+    the final chunk (here in one message: all were queued before the first write)."""
     events = [Event(str(i), id=str(i)) for i in range(5)]
 
     async def closure(tx: Sender) -> None:
@@ -3017,7 +3022,7 @@ async def test_channel_writes_sent_events_in_order_then_ends_when_fn_returns() -
 
     peer = AsgiPeer()
     await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
-    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+    expected = [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
     assert peer.sent == expected, f"wrong messages: {peer.sent}"
 
 
@@ -3035,7 +3040,7 @@ def test_channel_closure_error_is_logged_after_its_events(caplog: pytest.LogCapt
     async def scenario() -> None:
         peer = AsgiPeer()
         await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
-        expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
+        expected = [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
         assert peer.sent == expected, f"wrong messages: {peer.sent}"
 
     scenario()
@@ -3099,7 +3104,9 @@ def test_channel_send_after_disconnect_raises_client_disconnected(caplog: pytest
 
 @async_test()
 async def test_channel_back_pressures_a_fast_closure() -> None:
-    """A closure cannot run more than buffer + 1 events ahead of a blocked client, and all arrive later."""
+    """A closure cannot run more than buffer events beyond the message a blocked
+    client holds (the events that were queued when it was written), and all
+    arrive later, in order."""
     b: Broadcaster[str, Event] = Broadcaster(buffer=2)
     events = [Event(str(i)) for i in range(10)]
     returned = 0
@@ -3123,13 +3130,14 @@ async def test_channel_back_pressures_a_fast_closure() -> None:
     await blocked.wait()
     for _ in range(50):
         await asyncio.sleep(0)  # let the closure run as far as it can
-    # The response holds events[0] in its blocked send() and the Sender's queue
-    # holds `buffer` more: exactly buffer + 1 tx.send calls can have returned.
-    assert returned == b.buffer + 1, f"{returned} tx.send calls returned while the client was blocked"
+    # The closure filled the queue (`buffer` events) before the first write;
+    # that write took them all and blocks; then the queue filled again.
+    assert returned == 2 * b.buffer, f"{returned} tx.send calls returned while the client was blocked"
     gate.set()
     await asgi_ended(task)
-    expected = [asgi_start(), ASGI_FIRST, *(asgi_body(e.encode()) for e in events), ASGI_FINAL]
-    assert peer.sent == expected, f"wrong messages: {peer.sent}"
+    assert peer.bodies[1] == events[0].encode() + events[1].encode(), peer.bodies
+    assert split_frames(b"".join(peer.bodies[1:])) == [e.encode() for e in events], peer.bodies
+    assert peer.ended
 
 
 @async_test()
@@ -3754,7 +3762,7 @@ async def test_history_response_writes_each_items_id() -> None:
     await b.response(stream)(peer.scope, peer.receive, peer.send)
     epoch = b.subscribe("k")  # a new channel; only to prove the old epoch shape
     epoch.close()
-    frames = peer.bodies[1:-1]
+    frames = re.findall(rb".*?\n\n", b"".join(peer.bodies[1:-1]), re.DOTALL)
     assert len(frames) == 2
     assert re.fullmatch(rb"event: chat\nid: [0-9a-f]{12}-1\ndata: one\n\n", frames[0]), frames[0]
     assert re.fullmatch(rb"id: [0-9a-f]{12}-2\ndata: two\ndata: lines\n\n", frames[1]), frames[1]
@@ -4421,6 +4429,23 @@ class FaultRig:
             else:
                 self._commands.put_nowait(event)
 
+    def emit_paced(self, *events: Event) -> None:
+        """Emit the first event now and each next one once the one before it is
+        written, so that every event goes out in a body message of its own
+        (events waiting together are written together)."""
+        pending = list(events)
+        written = b""
+
+        def emit_next(message: Message | None) -> None:
+            nonlocal written
+            if pending and (message is None or message.get("body") == written):
+                event = pending.pop(0)
+                written = event.encode()
+                self.emit(event)
+
+        self.peer.on_sent = emit_next
+        emit_next(None)
+
     def end(self) -> None:
         if self.kind == "response":
             self.b.remove("k")
@@ -4490,7 +4515,7 @@ def fault_send_rig(
     if position == "gap":
         normal.append(asgi_body(FAULT_GAP.encode()))
     events = [Event(f"e{i}") for i in range({"event1": 1, "event3": 3, "final": 1}.get(position, 0))]
-    rig.emit(*events)
+    rig.emit_paced(*events)
     normal += fault_bodies(*events)
     if position == "keep_alive":
         normal.append(FAULT_KEEP_ALIVE_FRAME)
@@ -4631,7 +4656,7 @@ async def test_fault_receive_misbehaving_at_each_moment_ends_the_response_once_l
         receive.push(*make())
     task = asgi_serve(rig.app, rig.peer, send, receive)
     if moment == "after_events":
-        rig.emit(e0, e1)
+        rig.emit_paced(e0, e1)
         await rig.peer.wait_for_bodies(3)
         expected += fault_bodies(e0, e1)
         receive.push(*make())
@@ -4710,7 +4735,12 @@ async def test_fault_source_raising_at_first_or_middle_item_ends_cleanly_once_lo
         rig.fail(error)
     app = Broadcaster[str, Event]().response(source) if kind == "response" else rig.app
     await asgi_ended(asgi_serve(app, peer, FaultSend(peer), FaultReceive()))
-    assert peer.sent == [asgi_start(), ASGI_FIRST, *fault_bodies(*events), ASGI_FINAL], peer.sent
+    # A channel's closure queued both events before it raised: they are written
+    # together (a plain iterable is read one item at a time).
+    bodies = (
+        fault_bodies(*events) if kind == "response" or not events else [asgi_body(b"".join(e.encode() for e in events))]
+    )
+    assert peer.sent == [asgi_start(), ASGI_FIRST, *bodies, ASGI_FINAL], peer.sent
     assert probe.logged() == [record], f"expected one {record}: {probe.messages()}"
     if kind == "response":
         assert source.calls == ["__anext__"] * (before + 1) + ["aclose"], source.calls
@@ -4737,7 +4767,10 @@ async def test_fault_render_raising_ends_cleanly_once_logged(probe: FaultProbe, 
         numbers.send("k", n)
     app = numbers.response(stream, render)
     await asgi_ended(asgi_serve(app, peer, FaultSend(peer), FaultReceive()))
-    expected = [asgi_start(), ASGI_FIRST, *fault_bodies(*(Event(str(n)) for n in range(before))), ASGI_FINAL]
+    # The items before the failing one were waiting with it: written together
+    # before the response ends.
+    before_bodies = [asgi_body(b"".join(Event(str(n)).encode() for n in range(before)))] if before else []
+    expected = [asgi_start(), ASGI_FIRST, *before_bodies, ASGI_FINAL]
     assert peer.sent == expected, peer.sent
     assert probe.logged() == [("ERROR", "ValueError")], probe.messages()
     assert stream.closed and numbers.subscriber_count("k") == 0 and "k" not in numbers
@@ -6941,6 +6974,98 @@ async def test_response_keep_alives_are_written_without_spinning(monkeypatch: py
 # ---------------------------------------------------------------------------
 # The pump
 # ---------------------------------------------------------------------------
+
+
+def split_frames(body: bytes) -> list[bytes]:
+    """The SSE frames of ``body``: this module's frames hold no blank line but
+    the one that ends them."""
+    frames = re.findall(rb".*?\n\n", body, re.DOTALL)
+    assert b"".join(frames) == body, f"a partial frame in {body!r}"
+    return frames
+
+
+@async_test()
+async def test_pump_writes_the_events_waiting_together_in_one_message() -> None:
+    """Events a stream holds when the pump reads are written in one body
+    message, in order, each frame whole; the next event, sent once that
+    message is written, goes out on its own (nothing waits for more)."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    stream = b.subscribe("k")
+    events = [Event("one", event="a"), Event("two\nlines", id="7"), Event(comment="c"), Event("")]
+    for event in events:
+        b.send("k", event)
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(2)
+    assert peer.bodies[1:] == [b"".join(e.encode() for e in events)], peer.bodies
+    b.send("k", Event("later"))
+    await peer.wait_for_bodies(3)
+    assert peer.bodies[2] == Event("later").encode(), peer.bodies
+    b.remove("k")
+    await asgi_ended(task)
+    parsed = parse_event_stream(b"".join(peer.bodies))
+    assert [(e.type, e.data) for e in parsed.events] == [
+        ("a", "one"),
+        ("message", "two\nlines"),
+        ("message", ""),
+        ("message", "later"),
+    ]
+
+
+@async_test()
+async def test_pump_gathers_a_channels_queued_events_in_one_message() -> None:
+    """A channel() closure that sends several events before the response runs
+    gets them written in one message, then the final chunk."""
+    events = [Event(f"e{i}") for i in range(5)]
+
+    async def closure(tx: Sender) -> None:
+        for event in events:
+            await tx.send(event)
+
+    peer = AsgiPeer()
+    await asgi_ended(asgi_serve(Broadcaster[str, Event]().channel(closure), peer))
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
+
+
+@async_test()
+async def test_pump_gathers_at_most_64_kib_per_message_and_never_splits_a_frame() -> None:
+    """Waiting events go out in messages that stop growing at 64 KiB (the frame
+    that crosses it is the last), so a large backlog is written in bounded
+    messages, in order, every one a whole number of frames."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=100, config=SseConfig(keep_alive=None))
+    stream = b.subscribe("k")
+    events = [Event(f"{i:04d}" + "x" * 10_000) for i in range(20)]
+    for event in events:
+        b.send("k", event)
+    b.remove("k")
+    peer = AsgiPeer()
+    await asgi_ended(asgi_serve(b.response(stream), peer))
+    frame = len(events[0].encode())
+    bodies = peer.bodies[1:-1]
+    per_message = -(-broadcaster._GATHER_BYTES // frame)  # frames until the limit is reached
+    assert [len(split_frames(body)) for body in bodies] == [per_message, per_message, 20 - 2 * per_message], [
+        len(body) for body in bodies
+    ]
+    assert all(len(body) < broadcaster._GATHER_BYTES + frame for body in bodies)
+    assert [f for body in bodies for f in split_frames(body)] == [e.encode() for e in events]
+
+
+@pytest.mark.parametrize("policy", list(LagPolicy), ids=lambda p: p.name)
+@async_test()
+async def test_pump_gathers_nothing_before_a_due_lag(policy: LagPolicy) -> None:
+    """While a lag is due a stream has no item ready (its next read must report
+    the lag first): ERROR ends the response with nothing more written, END ends
+    it too, SKIP writes what is left after the lag in one message."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=2, config=SseConfig(keep_alive=None))
+    stream = b.subscribe("k").on_lag(policy)
+    for n in range(4):
+        b.send("k", Event(str(n)))
+    assert stream.queued == 2 and not stream._ready()
+    b.remove("k")
+    peer = AsgiPeer()
+    await asgi_ended(asgi_serve(b.response(stream), peer))
+    after = [asgi_body(Event("2").encode() + Event("3").encode())] if policy is LagPolicy.SKIP else []
+    assert peer.sent == [asgi_start(), ASGI_FIRST, *after, ASGI_FINAL], peer.sent
 
 
 def test_response_item_that_is_not_an_event_is_an_error_naming_its_type(caplog: pytest.LogCaptureFixture) -> None:
