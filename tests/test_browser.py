@@ -37,20 +37,19 @@ import json
 import os
 import queue
 import selectors
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
+import _support
 import pytest
+from _support import HOST, OPENER
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -70,13 +69,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-HOST = "127.0.0.1"
 WAIT_MS = 10_000  # the most any wait in a page may take
 TIMEOUT = 10.0  # the same for everything else
 IN_CI = os.environ.get("CI") == "true"
-
-# Plain requests must not go through an http_proxy from the environment.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def require(missing: str | None) -> None:
@@ -107,77 +102,15 @@ def missing_httpx_sse() -> str | None:
 # ---------------------------------------------------------------------------
 
 
-class Server:
+class Server(_support.Process):
     """A Python script serving on a free port, as a subprocess: it prints
-    ``<banner> http://127.0.0.1:PORT/`` once it listens."""
+    ``<banner> http://127.0.0.1:PORT/`` once it listens. After SIGTERM it must
+    exit within 5 s, and have logged no error."""
 
     def __init__(self, script: Path, banner: str) -> None:
         require(None if importlib.util.find_spec("uvicorn") else "the servers need uvicorn: pip install uvicorn")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), "--port", "0"],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-        # Both pipes are drained all along, so a full pipe never blocks it.
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
-            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        self.port = self._wait_for(f"{banner} http://{HOST}:")
+        super().__init__([sys.executable, str(script), "--port", "0"], ROOT, banner, exit_code=None)
         self.url = f"http://{HOST}:{self.port}"
-
-    def _log(self, line: str | None) -> None:
-        if line is not None:
-            self.stderr.append(line)
-
-    def _wait_for(self, prefix: str) -> int:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.proc.kill()
-                pytest.fail(f"the server printed no URL within 15 s; stderr: {''.join(self.stderr)}")
-            if line is None:
-                self.proc.wait()
-                pytest.fail(f"the server exited with {self.proc.returncode}; stderr: {''.join(self.stderr)}")
-            if line.startswith(prefix):
-                return int(line[len(prefix) :].split("/")[0])
-
-    def stop(self) -> None:
-        """SIGTERM: it must exit within 5 s, and have logged no error."""
-        if self.proc.poll() is not None:
-            pytest.fail(f"the server died early ({self.proc.returncode}); stderr: {''.join(self.stderr)}")
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail("the server did not exit within 5 s of SIGTERM")
-        for thread in self._threads:
-            thread.join(timeout=5)
-        log = "".join(self.stderr)
-        assert "ERROR" not in log and "Traceback" not in log, log
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
-    for line in pipe:
-        put(line)
-    put(None)
 
 
 def call(url: str, method: str = "GET", body: object = None) -> Any:
@@ -331,22 +264,12 @@ def proxy() -> Iterator[Callable[[int], Proxy]]:
 
 @pytest.fixture(scope="module")
 def sse_app() -> Iterator[Server]:
-    server = Server(SSE_APP, "sse_app running on")
-    try:
-        yield server
-        server.stop()
-    finally:
-        server.kill()
+    yield from _support.serve(Server(SSE_APP, "sse_app running on"))
 
 
 @pytest.fixture(scope="module")
 def chat() -> Iterator[Server]:
-    server = Server(CHAT, "chat running on")
-    try:
-        yield server
-        server.stop()
-    finally:
-        server.kill()
+    yield from _support.serve(Server(CHAT, "chat running on"))
 
 
 @pytest.fixture(scope="module")

@@ -22,33 +22,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import queue
 import re
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import _support
 import pytest
+from _support import Connection, request, serve
 
 CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat.py"
-HOST = "127.0.0.1"
-TIMEOUT = 5.0  # the most any single socket read may take
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("uvicorn") is None,
     reason="the examples need uvicorn: pip install -e '.[examples]'",
 )
-
-# Plain requests must not go through an http_proxy from the environment.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ---------------------------------------------------------------------------
@@ -56,92 +46,19 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # ---------------------------------------------------------------------------
 
 
-class Chat:
-    """``examples/chat.py`` running as a subprocess on a free port."""
+class Chat(_support.Process):
+    """``examples/chat.py`` running as a subprocess on a free port. After
+    SIGTERM it must exit within 5 s, the way the docstring of chat.py says
+    (killed by the re-raised SIGTERM)."""
 
     def __init__(self, cwd: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHAT), "--port", "0", *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-        # Both pipes are drained all along: uvicorn's access log goes to
-        # stdout, and a full pipe would block the server.
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
-            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        self.port = self._wait_for_url()
-
-    def _log(self, line: str | None) -> None:
-        if line is not None:
-            self.stderr.append(line)
-
-    def _wait_for_url(self) -> int:
-        """The port from the line the demo prints once it is listening."""
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.proc.kill()
-                pytest.fail(f"chat.py printed no URL within 15 s; stderr: {''.join(self.stderr)}")
-            if line is None:
-                self.proc.wait()
-                pytest.fail(f"chat.py exited with {self.proc.returncode}; stderr: {''.join(self.stderr)}")
-            if line.startswith("chat running on http://127.0.0.1:"):
-                return int(line.split(":")[2].split("/")[0])
-
-    def terminate(self) -> float:
-        """SIGTERM; the seconds until it exited. It must exit within 5 s, the way
-        the docstring of chat.py says (killed by the re-raised SIGTERM)."""
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail("chat.py did not exit within 5 s of SIGTERM")
-        elapsed = time.monotonic() - start
-        for thread in self._threads:
-            thread.join(timeout=5)
-        assert self.proc.returncode == -signal.SIGTERM
-        log = "".join(self.stderr)
-        assert "ERROR" not in log and "Traceback" not in log, log
-        return elapsed
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
-    """Hand every line of ``pipe`` to ``put``, then None at the end."""
-    for line in pipe:
-        put(line)
-    put(None)
+        super().__init__([sys.executable, str(CHAT), "--port", "0", *args], cwd, "chat running on")
 
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chat]:
     """One demo process shared by the tests that do not stop it."""
-    server = Chat(tmp_path_factory.mktemp("cwd"))
-    try:
-        yield server
-        server.terminate()
-    finally:
-        server.kill()
+    yield from serve(Chat(tmp_path_factory.mktemp("cwd")))
 
 
 # ---------------------------------------------------------------------------
@@ -149,111 +66,19 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chat]:
 # ---------------------------------------------------------------------------
 
 
-class Connection:
-    """One HTTP/1.1 connection, spoken and parsed by hand."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
-        self.buf = b""
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buf += data
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        """The status and the headers (names lowercased) of the response."""
-        status = int(self._line().split()[1])
-        headers: dict[str, str] = {}
-        while line := self._line():
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers
-
-    def chunk(self) -> bytes | None:
-        """The next chunk of a chunked body; None for the last one (``0\\r\\n\\r\\n``)."""
-        size = int(self._line(), 16)
-        data = self._take(size + 2)
-        assert data[-2:] == b"\r\n"
-        return data[:-2] if size else None
-
-    def at_eof(self) -> bool:
-        """True if the server closed the connection (nothing more to read)."""
-        if self.buf:
-            return False
-        return self.sock.recv(1) == b""
-
-    def close(self, reset: bool = False) -> None:
-        if reset:  # an abrupt close: RST instead of FIN
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        self.sock.close()
-
-
-class Clients:
+class Clients(_support.Clients):
     """Opens SSE streams and closes every one of them at the end of a test."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.open: list[Connection] = []
-
-    def connect(self) -> Connection:
-        conn = Connection(self.port)
-        self.open.append(conn)
-        return conn
 
     def stream(self, room: str, query: str = "", headers: dict[str, str] | None = None) -> Connection:
         """A stream of ``room``, read up to and including its first chunk."""
-        conn = self.connect()
-        conn.request("GET", f"/rooms/{room}/events{query}", {"Accept": "text/event-stream", **(headers or {})})
-        status, head = conn.head()
-        assert status == 200
-        assert head["transfer-encoding"] == "chunked"
+        conn, _ = self.open_stream(f"/rooms/{room}/events{query}", headers)
         assert conn.chunk() == b"retry: 2000\n\n"
         return conn
-
-    def close_all(self) -> None:
-        for conn in self.open:
-            conn.close()
 
 
 @pytest.fixture
 def clients(chat: Chat) -> Iterator[Clients]:
-    made = Clients(chat.port)
-    try:
-        yield made
-    finally:
-        made.close_all()
-
-
-def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    """A plain request with urllib: status, headers (lowercased names), body."""
-    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method)
-    if body is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with OPENER.open(req, timeout=TIMEOUT) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+    yield from _support.closing(Clients(chat.port))
 
 
 def post(port: int, room: str, user: str, text: str) -> None:
@@ -415,7 +240,7 @@ def test_presence_rises_and_falls(chat: Chat, clients: Clients) -> None:
     assert a.chunk() == b.chunk() == c.chunk() == presence("pres", 3)
     b.close()
     assert a.chunk() == c.chunk() == presence("pres", 2)
-    c.close(reset=True)
+    c.close("reset")
     assert a.chunk() == presence("pres", 1)
     assert stats(chat.port, "pres")["subscribers"] == 1
 
@@ -452,7 +277,7 @@ def test_closed_client_is_gone_from_the_registry_within_1s(chat: Chat, clients: 
     conn = clients.stream(room)
     assert conn.chunk() == RELOAD and conn.chunk() == presence(room, 1)
     assert stats(chat.port, room)["subscribers"] == 1
-    conn.close(reset=reset)
+    conn.close("reset" if reset else "close")
     deadline = time.monotonic() + 1.0
     while (current := stats(chat.port, room)) != {"room": room, "subscribers": 0, "channels": 0, "resumable": True}:
         assert time.monotonic() < deadline, f"still registered after 1 s: {current}"
@@ -553,8 +378,7 @@ def test_history_endpoint_is_what_a_fresh_page_loads(chat: Chat, clients: Client
 def test_history_expires_after_linger(tmp_path: Path) -> None:
     """With ``--linger 0.3`` a room's broadcast history goes 0.3 s after its
     last client left: a reconnection then gets the reload event."""
-    server = Chat(tmp_path, "--linger", "0.3")
-    try:
+    with Chat(tmp_path, "--linger", "0.3") as server:
         clients = Clients(server.port)
         a = clients.stream("brief")
         assert a.chunk() == RELOAD and a.chunk() == presence("brief", 1)
@@ -571,8 +395,6 @@ def test_history_expires_after_linger(tmp_path: Path) -> None:
         assert [m["text"] for m in history(server.port, "brief")] == ["hi"]  # the app's state stays
         clients.close_all()
         server.terminate()
-    finally:
-        server.kill()
 
 
 LONG = "x" * 33
@@ -641,8 +463,7 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_within_3s(tmp_path: Path) -
     """SIGTERM with open streams: every stream gets the end of its chunked
     body (``0\\r\\n\\r\\n``) and then the connection closes; the process exits
     within 3 s and logged no error."""
-    server = Chat(tmp_path)
-    try:
+    with Chat(tmp_path) as server:
         streams = Clients(server.port)
         for n, room in enumerate(["general", "random", "general", "random", "general"]):
             conn = streams.stream(room)
@@ -660,5 +481,3 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_within_3s(tmp_path: Path) -
             assert conn.at_eof()
         assert elapsed < 3.0
         streams.close_all()
-    finally:
-        server.kill()

@@ -19,32 +19,20 @@ except under ``CI=true``, where a skip would hide a broken setup: they fail.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import queue
 import re
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+import _support
 import pytest
+from _support import Connection, request
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-HOST = "127.0.0.1"
-TIMEOUT = 5.0  # the most any single socket read may take
 INTERVAL = 0.05  # --interval of dashboard.py and threads.py
-
-# Plain requests must not go through an http_proxy from the environment.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 ALICE = {"Authorization": "Bearer alice-token"}  # rooms general and ops
 BOB = {"Authorization": "Bearer bob-token"}  # room general only
@@ -52,13 +40,7 @@ BOB = {"Authorization": "Bearer bob-token"}  # room general only
 
 def require(*modules: str) -> None:
     """Skip (fail under CI=true) unless every module is importable."""
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
-    if not missing:
-        return
-    reason = f"the examples need {', '.join(missing)}: pip install -e '.[examples]'"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"{reason} (CI=true: a skipped test is a failure)")
-    pytest.skip(reason)
+    _support.require_modules(modules, "the examples need {}: pip install -e '.[examples]'")
 
 
 # ---------------------------------------------------------------------------
@@ -66,106 +48,20 @@ def require(*modules: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-class Example:
-    """``examples/NAME.py`` running as a subprocess on a free port."""
+class Example(_support.Process):
+    """``examples/NAME.py`` running as a subprocess on a free port. After
+    SIGTERM it must exit within 5 s (the tests ask for 3), killed by the
+    SIGTERM that uvicorn re-raises after its graceful shutdown, having logged
+    no error."""
 
     def __init__(self, name: str, cwd: Path, *args: str) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / f"{name}.py"), "--port", "0", *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-        # Both pipes are drained all along: uvicorn's access log goes to
-        # stdout, and a full pipe would block the server.
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self._stderr: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
-            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        self.port = self._wait_for_url()
-
-    def _log(self, line: str | None) -> None:
-        if line is not None:
-            self._stderr.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._stderr)
-
-    def _wait_for_url(self) -> int:
-        """The port from the line the example prints once it is listening."""
-        pattern = re.compile(rf"{self.name} running on http://127\.0\.0\.1:(\d+)/")
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                pytest.fail(f"{self.name}.py printed no URL within 15 s; stderr: {self.stderr}")
-            if line is None:
-                self.proc.wait()
-                pytest.fail(f"{self.name}.py exited with {self.proc.returncode}; stderr: {self.stderr}")
-            if match := pattern.match(line):
-                return int(match.group(1))
-
-    def wait_for_log(self, text: str, within: float) -> float:
-        """Seconds until ``text`` appeared on stderr; fails after ``within``."""
-        start = time.monotonic()
-        while text not in self.stderr:
-            if time.monotonic() - start > within:
-                pytest.fail(f"{text!r} not logged within {within} s; stderr:\n{self.stderr}")
-            time.sleep(0.01)
-        return time.monotonic() - start
-
-    def terminate(self) -> float:
-        """SIGTERM; the seconds until it exited. It must exit within 5 s (the
-        tests ask for 3), killed by the SIGTERM that uvicorn re-raises after
-        its graceful shutdown, having logged no error."""
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{self.name}.py did not exit within 5 s of SIGTERM; stderr:\n{self.stderr}")
-        elapsed = time.monotonic() - start
-        for thread in self._threads:
-            thread.join(timeout=5)
-        assert self.proc.returncode == -signal.SIGTERM, self.stderr
-        log = self.stderr
-        assert "ERROR" not in log and "CRITICAL" not in log and "Traceback" not in log, log
-        return elapsed
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
-    """Hand every line of ``pipe`` to ``put``, then None at the end."""
-    for line in pipe:
-        put(line)
-    put(None)
+        argv = [sys.executable, str(EXAMPLES / f"{name}.py"), "--port", "0", *args]
+        super().__init__(argv, cwd, f"{name} running on", errors=("ERROR", "CRITICAL", "Traceback"))
 
 
 def run(name: str, cwd: Path, *args: str) -> Iterator[Example]:
     """An example process for the duration of a fixture; SIGTERM at the end."""
-    server = Example(name, cwd, *args)
-    try:
-        yield server
-        assert server.terminate() < 3.0
-    finally:
-        server.kill()
+    yield from _support.serve(Example(name, cwd, *args), exit_under=3.0)
 
 
 @pytest.fixture(scope="module", params=["starlette_app", "fastapi_app"])
@@ -193,119 +89,22 @@ def threads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Example]:
 # ---------------------------------------------------------------------------
 
 
-class Connection:
-    """One HTTP/1.1 connection, spoken and parsed by hand."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
-        self.buf = b""
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
-        if body:
-            lines.append(f"Content-Length: {len(body)}")
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buf += data
-
-    def take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        """The status and the headers (names lowercased) of the response."""
-        status = int(self._line().split()[1])
-        headers: dict[str, str] = {}
-        while line := self._line():
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers
-
-    def chunk(self) -> bytes | None:
-        """The next chunk of a chunked body; None for the last one (``0\\r\\n\\r\\n``)."""
-        size = int(self._line(), 16)
-        data = self.take(size + 2)
-        assert data[-2:] == b"\r\n"
-        return data[:-2] if size else None
-
-    def at_eof(self) -> bool:
-        """True if the server closed the connection (nothing more to read)."""
-        if self.buf:
-            return False
-        return self.sock.recv(1) == b""
-
-    def close(self, reset: bool = False) -> None:
-        if reset:  # an abrupt close: RST instead of FIN
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        self.sock.close()
-
-
-class Clients:
+class Clients(_support.Clients):
     """Opens SSE streams and closes every one of them at the end of a test."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.open: list[Connection] = []
-
-    def connect(self) -> Connection:
-        conn = Connection(self.port)
-        self.open.append(conn)
-        return conn
 
     def stream(self, path: str, headers: dict[str, str] | None = None) -> Connection:
         """A stream, checked up to and including its first chunk (``:\\n\\n``)."""
-        conn = self.connect()
-        conn.request("GET", path, {"Accept": "text/event-stream", **(headers or {})})
-        status, head = conn.head()
-        assert status == 200
+        conn, head = self.open_stream(path, headers)
         assert head["content-type"] == "text/event-stream; charset=utf-8"
         assert head["cache-control"] == "no-cache"
         assert head["x-accel-buffering"] == "no"
-        assert head["transfer-encoding"] == "chunked"
         assert "content-length" not in head
         assert conn.chunk() == b":\n\n"
         return conn
 
-    def close_all(self) -> None:
-        for conn in self.open:
-            conn.close()
-        self.open.clear()
-
 
 def clients_of(server: Example) -> Iterator[Clients]:
-    made = Clients(server.port)
-    try:
-        yield made
-    finally:
-        made.close_all()
-
-
-def request(
-    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """A plain request with urllib: status, headers (lowercased names), body."""
-    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method, headers=headers or {})
-    if body is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with OPENER.open(req, timeout=TIMEOUT) as response:
-            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+    yield from _support.closing(Clients(server.port))
 
 
 def get_json(port: int, path: str) -> Any:
@@ -458,8 +257,7 @@ def test_sigterm_ends_authorised_streams_cleanly(tmp_path: Path, name: str) -> N
     body, the connection closes, the process exits within 3 s having logged
     no error."""
     require("uvicorn", name.removesuffix("_app"))
-    server = Example(name, tmp_path)
-    try:
+    with Example(name, tmp_path) as server:
         streams = Clients(server.port)
         streams.stream("/rooms/ops/events", ALICE)
         streams.stream("/rooms/general/events?token=bob-token")
@@ -471,8 +269,6 @@ def test_sigterm_ends_authorised_streams_cleanly(tmp_path: Path, name: str) -> N
             assert conn.at_eof()
         assert elapsed < 3.0, f"{name}: {elapsed:.2f} s"
         streams.close_all()
-    finally:
-        server.kill()
 
 
 # ---------------------------------------------------------------------------
@@ -530,7 +326,7 @@ def test_closure_is_cancelled_when_the_client_leaves(
     conn = dashboard_clients.stream("/metrics")
     client = metrics(conn.chunk())["client"]
     metrics(conn.chunk())
-    conn.close(reset=reset)
+    conn.close("reset" if reset else "close")
     dashboard.wait_for_log(f"INFO:     dashboard: client #{client} left: metrics closure cancelled", within=1.0)
 
 
@@ -553,26 +349,31 @@ def test_dashboard_head_and_page(dashboard: Example, dashboard_clients: Clients)
     assert request(dashboard.port, "POST", "/metrics", b"{}")[0] == 405
 
 
-def test_sigterm_ends_metrics_streams_cleanly(tmp_path: Path) -> None:
-    """SIGTERM: every closure returns, so every stream ends with the end of its
-    chunked body (after whatever was in flight); exit within 3 s, no error."""
+def sigterm_ends_streams(tmp_path: Path, name: str, path: str, frame: Callable[[bytes | None], object]) -> str:
+    """Three streams of ``path`` on a new ``name`` example, then SIGTERM: each
+    stream ends with the end of its chunked body (after the frames in flight,
+    each checked by ``frame``), the process exits within 3 s, no error. Its stderr."""
     require("uvicorn")
-    server = Example("dashboard", tmp_path, "--interval", str(INTERVAL))
-    try:
+    with Example(name, tmp_path, "--interval", str(INTERVAL)) as server:
         streams = Clients(server.port)
         for _ in range(3):
-            metrics(streams.stream("/metrics").chunk())
+            frame(streams.stream(path).chunk())
         elapsed = server.terminate()
         for conn in streams.open:
             while (chunk := conn.chunk()) is not None:
-                metrics(chunk)
+                frame(chunk)
             assert conn.at_eof()
         assert elapsed < 3.0
-        assert server.stderr.count("server shutting down, ending its stream") == 3
-        assert "metrics closure cancelled" not in server.stderr
         streams.close_all()
-    finally:
-        server.kill()
+        return server.stderr
+
+
+def test_sigterm_ends_metrics_streams_cleanly(tmp_path: Path) -> None:
+    """SIGTERM: every closure returns, so every stream ends with the end of its
+    chunked body (after whatever was in flight); exit within 3 s, no error."""
+    stderr = sigterm_ends_streams(tmp_path, "dashboard", "/metrics", metrics)
+    assert stderr.count("server shutting down, ending its stream") == 3
+    assert "metrics closure cancelled" not in stderr
 
 
 # ---------------------------------------------------------------------------
@@ -633,19 +434,4 @@ def test_sigterm_stops_the_thread_and_ends_tick_streams_cleanly(tmp_path: Path) 
     """SIGTERM: the streams end with the end of their chunked body (after the
     ticks in flight), the thread is stopped and joined (lifespan shutdown
     completes), the process exits within 3 s, no error."""
-    require("uvicorn")
-    server = Example("threads", tmp_path, "--interval", str(INTERVAL))
-    try:
-        streams = Clients(server.port)
-        for _ in range(3):
-            tick(streams.stream("/ticks").chunk())
-        elapsed = server.terminate()
-        for conn in streams.open:
-            while (chunk := conn.chunk()) is not None:
-                tick(chunk)
-            assert conn.at_eof()
-        assert elapsed < 3.0
-        assert "Application shutdown complete." in server.stderr
-        streams.close_all()
-    finally:
-        server.kill()
+    assert "Application shutdown complete." in sigterm_ends_streams(tmp_path, "threads", "/ticks", tick)

@@ -28,29 +28,25 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
-import queue
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
+import _support
 import pytest
+from _support import HOST, drain, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 APP = EXAMPLES / "redis_app.py"
-HOST = "127.0.0.1"
 TIMEOUT = 10.0  # the most any single read may take
 REDIS_SERVER = shutil.which("redis-server")
 MISSING = [name for name in ("redis", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -63,28 +59,15 @@ if TYPE_CHECKING or not MISSING:
 
     from broadcaster import Event
 
-# Plain requests must not go through an http_proxy from the environment.
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 def require() -> None:
     """Skip (fail under CI=true) unless redis-server, redis-py and uvicorn are there."""
     missing = list(MISSING)
     if REDIS_SERVER is None:
         missing.append("redis-server (Debian package redis-server)")
-    if not missing:
-        return
-    reason = f"the Redis tests need {', '.join(missing)}: pip install --group test; apt-get install redis-server"
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"{reason} (CI=true: a skipped test is a failure)")
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    if missing:
+        hint = "pip install --group test; apt-get install redis-server"
+        _support.skip(f"the Redis tests need {', '.join(missing)}: {hint}")
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
@@ -100,12 +83,6 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) ->
 # ---------------------------------------------------------------------------
 # Processes: redis-server and the demo app
 # ---------------------------------------------------------------------------
-
-
-def _drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
-    for line in pipe:
-        put(line)
-    put(None)
 
 
 class RedisServer:
@@ -130,7 +107,7 @@ class RedisServer:
             text=True,
         )
         assert self.proc.stdout is not None
-        threading.Thread(target=_drain, args=(self.proc.stdout, self._log), daemon=True).start()
+        threading.Thread(target=drain, args=(self.proc.stdout, self._log), daemon=True).start()
         wait_for(self._pings, f"redis-server answering on port {self.port}")
 
     def _log(self, line: str | None) -> None:
@@ -178,68 +155,14 @@ class RedisServer:
         return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
 
 
-class Worker:
-    """``examples/redis_app.py`` as a subprocess on a free port."""
+class Worker(_support.Process):
+    """``examples/redis_app.py`` as a subprocess on a free port. After SIGTERM
+    it must exit within 10 s, killed by the re-raised SIGTERM, with no
+    traceback in its log."""
 
     def __init__(self, cwd: Path, redis_url: str, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(APP), "--port", "0", "--redis", redis_url, *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=_drain, args=(self.proc.stdout, self.stdout.put), daemon=True),
-            threading.Thread(target=_drain, args=(self.proc.stderr, self._log), daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
-        self.port = 0
-
-    def _log(self, line: str | None) -> None:
-        if line is not None:
-            self.stderr.append(line)
-
-    def wait_ready(self) -> Worker:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                pytest.fail(f"redis_app.py printed no URL within 20 s; stderr: {''.join(self.stderr)}")
-            if line is None:
-                self.proc.wait()
-                pytest.fail(f"redis_app.py exited with {self.proc.returncode}; stderr: {''.join(self.stderr)}")
-            if line.startswith("redis_app running on http://127.0.0.1:"):
-                self.port = int(line.split(":")[2].split("/")[0])
-                return self
-
-    def terminate(self) -> None:
-        """SIGTERM; it must exit within 10 s, killed by the re-raised SIGTERM,
-        with no traceback in its log."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail("redis_app.py did not exit within 10 s of SIGTERM")
-        for thread in self._threads:
-            thread.join(timeout=5)
-        log = "".join(self.stderr)
-        assert self.proc.returncode == -signal.SIGTERM, log
-        assert "Traceback" not in log, log
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        argv = [sys.executable, str(APP), "--port", "0", "--redis", redis_url, *args]
+        super().__init__(argv, cwd, "redis_app running on", ready_within=None, exit_within=10, errors=("Traceback",))
 
 
 def start_workers(cwd: Path, redis_url: str, *argss: tuple[str, ...]) -> list[Worker]:
@@ -247,7 +170,7 @@ def start_workers(cwd: Path, redis_url: str, *argss: tuple[str, ...]) -> list[Wo
     workers = [Worker(cwd, redis_url, *args) for args in argss]
     try:
         for worker in workers:
-            worker.wait_ready()
+            worker.wait_ready(20)
     except BaseException:
         for worker in workers:
             worker.kill()
@@ -289,13 +212,8 @@ def workers(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method)
-    try:
-        with OPENER.open(req, timeout=TIMEOUT) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, error.read()
+    status, _, data = _support.request(port, method, path, body, content_type=None, timeout=TIMEOUT)
+    return status, data
 
 
 def publish(port: int, key: str, text: str) -> str:
@@ -759,7 +677,7 @@ def test_redis_stops_and_comes_back(outage: tuple[RedisServer, list[Worker]]) ->
             assert await s3.messages(1) == await s4.messages(1) == [(after, "after")]
 
     run(main())
-    log = "".join(w1.stderr)
+    log = w1.stderr
     assert "Redis unavailable" in log and "Redis is back" in log, log
 
 

@@ -43,7 +43,6 @@ import asyncio
 import contextlib
 import dataclasses
 import http.client
-import importlib.util
 import inspect
 import itertools
 import json
@@ -61,17 +60,16 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, Protocol
 
+import _support
 import pytest
+from _support import HOST, TIMEOUT, Connection, abort, free_port
 
 HERE: Final = Path(__file__).resolve().parent
-HOST: Final = "127.0.0.1"
-TIMEOUT: Final = 5.0  # the most any single read may take
 START_TIMEOUT: Final = 30.0  # the most a server may take to start listening
 KEEP_ALIVE: Final = 0.2  # SseConfig.keep_alive of the shared servers
 DETECT_WITHIN: Final = 1.0  # a client that left is gone from the registry by then
 SHUTDOWN_WITHIN: Final = 3.0  # SIGTERM to process exit, with 100 open streams
 STREAMS: Final = 100
-IN_CI: Final = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 PY: Final = sys.executable
 KEEP_ALIVE_FRAME: Final = b":\n\n"
 ERROR_LINE: Final = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback|Exception in ")
@@ -112,13 +110,8 @@ UVICORN_H11: Final = Spec(
     exit_code=-signal.SIGTERM,
     why=ON_LIFESPAN,
 )
-UVICORN_HTTPTOOLS: Final = Spec(
-    "uvicorn-httptools",
-    ("uvicorn", "httptools"),
-    (PY, "-m", "uvicorn", APP, "--host", HOST, "--port", "{port}", "--http", "httptools"),
-    UVICORN_LISTENING,
-    exit_code=-signal.SIGTERM,
-    why=ON_LIFESPAN,
+UVICORN_HTTPTOOLS: Final = dataclasses.replace(
+    UVICORN_H11, id="uvicorn-httptools", modules=("uvicorn", "httptools"), argv=(*UVICORN_H11.argv[:-1], "httptools")
 )
 HYPERCORN_H1: Final = Spec(
     "hypercorn-h1",
@@ -164,25 +157,12 @@ SHUTDOWN_SERVERS: Final = (*SERVERS, UVICORN_SERVER_SUBCLASS, DAPHNE_SERVER_API)
 
 def require_modules(*modules: str) -> None:
     """Skip (fail under CI=true) unless every one of ``modules`` is importable."""
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
-    if not missing:
-        return
-    reason = f"missing {', '.join(missing)}: pip install --group test"
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: a skipped test is a failure)")
-    pytest.skip(reason)
+    _support.require_modules(modules, "missing {}: pip install --group test")
 
 
 def require(spec: Spec) -> None:
     """Skip (fail under CI=true) unless every module the server needs is importable."""
     require_modules(*spec.modules)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:
@@ -420,14 +400,7 @@ def new_key(prefix: str) -> str:
 
 H1_LEAVES: Final = ("close", "reset")  # FIN; RST (SO_LINGER 0)
 H2_LEAVES: Final = ("close", "reset", "stream-reset")  # ... and RST_STREAM(CANCEL) on a live connection
-
-
-def _abort(sock: socket.socket) -> None:
-    """Close with a RST instead of a FIN (no-op if closed already)."""
-    if sock.fileno() < 0:
-        return
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
+SSE_ACCEPT: Final = {"Accept": "text/event-stream"}
 
 
 class Stream(Protocol):
@@ -441,58 +414,19 @@ class Stream(Protocol):
     def close(self, how: str = "close") -> None: ...
 
 
-class H1Stream:
+class H1Stream(Connection):
     """One HTTP/1.1 request on its own connection, spoken and parsed by hand."""
 
     def __init__(self, port: int, path: str, method: str = "GET") -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
-        self.buf = b""
+        super().__init__(port)
         self.method = method
-        self.send_request(method, path)
+        self.request(method, path, SSE_ACCEPT)
         self.status: int
         self.headers: dict[str, str]
         self.status, self.headers = self.head()
 
-    def send_request(self, method: str, path: str) -> None:
-        self.sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n\r\n".encode())
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError("the server closed the connection")
-        self.buf += data
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        status = int(self._line().split()[1])
-        headers: dict[str, str] = {}
-        while line := self._line():
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return status, headers
-
     def read(self) -> bytes | None:
-        size = int(self._line().split(b";")[0], 16)
-        data = self._take(size + 2)
-        assert data[-2:] == b"\r\n", data
-        return data[:-2] if size else None
-
-    def close(self, how: str = "close") -> None:
-        if how == "reset":
-            _abort(self.sock)
-        else:
-            self.sock.close()
+        return self.chunk()
 
 
 class H2Stream:
@@ -563,7 +497,7 @@ class H2Stream:
             self.conn.reset_stream(self.sid, h2.errors.ErrorCodes.CANCEL)
             self.sock.sendall(self.conn.data_to_send())
         elif how == "reset":
-            _abort(self.sock)
+            abort(self.sock)
         else:
             self.sock.close()
 
@@ -822,11 +756,11 @@ def head(clients: Clients, path: str, key: str) -> tuple[float, dict[str, Any]]:
         elapsed = time.monotonic() - start
         return elapsed, get_stats(clients.server.port, key)
     # No body: the next response on the same connection follows the head at once.
-    stream.send_request("GET", f"/stats/{key}")
+    stream.request("GET", f"/stats/{key}", SSE_ACCEPT)
     status, headers = stream.head()
     elapsed = time.monotonic() - start
     assert status == 200
-    stats: dict[str, Any] = json.loads(stream._take(int(headers["content-length"])))
+    stats: dict[str, Any] = json.loads(stream.take(int(headers["content-length"])))
     return elapsed, stats
 
 
