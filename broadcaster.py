@@ -402,6 +402,9 @@ class ClientDisconnected(Exception):
     """The client of a ``channel()`` response is gone; nothing more can be sent."""
 
 
+_EMPTY: Final[Any] = object()  # a _Subscriber's ``one`` when it holds no item
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _Subscriber:
     """The delivery state of one stream: what the registry holds instead of it.
@@ -412,9 +415,11 @@ class _Subscriber:
 
     key: Hashable
     loop: asyncio.AbstractEventLoop
-    # Undelivered items; maxlen is the broadcaster's buffer, so an append to a
-    # full queue drops the oldest item. Made at the first delivery: an empty
-    # deque costs 760 bytes, more than the rest of an idle subscription.
+    # Undelivered items: one alone is held in ``one``; from two on, all are in
+    # ``queue`` (maxlen is the broadcaster's buffer, so an append to a full
+    # queue drops the oldest item), which goes once drained: an empty deque
+    # costs 760 bytes, more than the rest of an idle subscription.
+    one: Any = _EMPTY
     queue: deque[Any] | None = None
     # History entries a resumed stream yields before its queue (not bounded by
     # the buffer: they are references to items the channel retains anyway).
@@ -485,15 +490,16 @@ def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
             continue
         queue = sub.queue
         if queue is None:
-            queue = sub.queue = deque(maxlen=buffer)
-        elif len(queue) == buffer:
+            if sub.one is _EMPTY:
+                sub.one = item
+                # A reader waits only on an empty stream: the first item wakes it.
+                _wake(sub)
+                continue
+            queue = sub.queue = deque((sub.one,), maxlen=buffer)
+            sub.one = _EMPTY
+        if len(queue) == buffer:
             sub.lagged += 1  # the append below drops the oldest item
         queue.append(item)
-        waiter = sub.waiter
-        if waiter is not None:
-            sub.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 def _after(channel: _Channel, last_id: str) -> deque[_Entry] | None:
@@ -632,7 +638,7 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
     def queued(self) -> int:
         """Items delivered to this stream (or replayed to it) and not read yet."""
         sub = self._sub
-        return (len(sub.queue) if sub.queue else 0) + (len(sub.backlog) if sub.backlog else 0)
+        return (sub.one is not _EMPTY) + (len(sub.queue) if sub.queue else 0) + (len(sub.backlog) if sub.backlog else 0)
 
     @property
     def resumed(self) -> bool | None:
@@ -655,26 +661,57 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
     def __aiter__(self: _S) -> _S:
         return self
 
-    def _ready(self) -> bool:
-        """True if the next read returns an item without waiting (one is
-        queued, and no lag is to be reported first)."""
+    def _take(self, limit: int) -> list[Any]:
+        """Remove and return, in order, up to ``limit`` of the items the next
+        reads would return without waiting (none while a lag is due: the next
+        read must report it). With history they are the entries, and the last
+        one becomes ``_last``. The SSE pump writes them with the item it read."""
         sub = self._sub
-        return sub.lagged == sub.reported and bool(sub.backlog or sub.queue)
+        if sub.lagged != sub.reported:
+            return []
+        queue = sub.backlog or sub.queue
+        if queue:
+            taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
+            if not queue:  # drained: drop it
+                if queue is sub.backlog:
+                    sub.backlog = None
+                else:
+                    sub.queue = None
+        elif sub.one is not _EMPTY:
+            taken = [sub.one]
+            sub.one = _EMPTY
+        else:
+            return []
+        if self._ids:
+            self._last = taken[-1]
+        return taken
+
+    def _report_lag(self) -> None:
+        """Apply the lag policy to the items dropped since the last report."""
+        sub = self._sub
+        missed = sub.lagged - sub.reported
+        sub.reported = sub.lagged
+        if self._policy is LagPolicy.ERROR:
+            raise Lagged(missed)
+        if self._policy is LagPolicy.END:
+            self.close()
 
     async def __anext__(self) -> T_co:
         sub = self._sub
         while True:
             if sub.lagged != sub.reported:
-                missed = sub.lagged - sub.reported
-                sub.reported = sub.lagged
-                if self._policy is LagPolicy.ERROR:
-                    raise Lagged(missed)
-                if self._policy is LagPolicy.END:
-                    self.close()
+                self._report_lag()
             if sub.backlog:
                 entry = sub.backlog.popleft()
+                if not sub.backlog:
+                    sub.backlog = None
+            elif sub.one is not _EMPTY:
+                entry = sub.one
+                sub.one = _EMPTY
             elif sub.queue:
                 entry = sub.queue.popleft()
+                if not sub.queue:
+                    sub.queue = None
             elif sub.ended:
                 raise StopAsyncIteration
             else:
@@ -697,6 +734,7 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
         sub = self._sub
         sub.ended = True
         sub.queue = sub.backlog = None
+        sub.one = _EMPTY
         _wake(sub)
         self._leave()
 
@@ -934,7 +972,7 @@ class Broadcaster(Generic[K, T]):
                     # one is in the backlog.
                     backlog = _after(channel, last_event_id)
                     if backlog is not None:
-                        sub.backlog = backlog
+                        sub.backlog = backlog or None  # None: nothing to replay
                         resumed = True
         finally:
             self._unlock()
@@ -1373,9 +1411,13 @@ class _ChannelSource:
                 self._sender._finish(None)
         return await self._sender._get()
 
-    def _ready(self) -> bool:
-        """True if the next read returns an event without waiting."""
-        return bool(self._sender._items)
+    def _take(self, limit: int) -> list[Event]:
+        """Remove and return, in order, up to ``limit`` of the events queued."""
+        items = self._sender._items
+        taken = [items.popleft() for _ in range(min(limit, len(items)))]
+        if taken:
+            self._sender._wake_putters()
+        return taken
 
     def _shutdown(self) -> None:
         """End the response for ``Broadcaster.close()`` (on the source's loop):
@@ -1422,9 +1464,10 @@ class _ChannelSource:
 
 _FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
 
-# How many bytes of events that are already waiting the pump gathers into one
-# body message at most (one more event may take it past this).
-_GATHER_BYTES: Final = 64 * 1024
+# How many events the pump writes in one body message at most: the one it read
+# and those that were waiting behind it (the default buffer: a message holds
+# no more than a stream could).
+_GATHER: Final = 64
 
 
 class _Writes:
@@ -1594,14 +1637,16 @@ class _SseApp:
         False if the client went away or send() failed. Source errors propagate.
 
         The events a stream or a ``channel()`` queue already holds when the pump
-        has one to write go out with it in the same body message (whole frames,
-        up to ``_GATHER_BYTES``): one ASGI send and one socket write for a burst
-        instead of one each, and nothing waits for more to come. An error met
-        while gathering (from ``render``) is raised once what came before it is
-        written."""
-        loop = asyncio.get_running_loop()
+        has read one go out with it in the same body message (up to ``_GATHER``
+        events): one ASGI send and one socket write for a burst instead of one
+        each, and nothing waits for more to come. An error met while rendering
+        them is raised once the events before it are written."""
         source = aiter(self._source)
-        ready = self._source._ready if isinstance(self._source, (BroadcastStream, _ChannelSource)) else None
+        take: Callable[[int], list[Any]] | None = None
+        if isinstance(self._source, (BroadcastStream, _ChannelSource)):
+            take = self._source._take
+        # A stream with history yields items but takes entries (for their ids).
+        entries = self._source if isinstance(self._source, BroadcastStream) and self._source._ids else None
         while True:
             try:
                 item = await anext(source)
@@ -1611,53 +1656,67 @@ class _SseApp:
                 if writes.stopping:
                     raise
                 raise RuntimeError(f"the SSE event source raised {exc!r}") from exc
-            body = self._frame(item)
+            body = self._frame(item, None if entries is None else entries._last)
             error: Exception | None = None
-            if ready is not None and ready():
-                frames = [body]
-                size = len(body)
-                try:
-                    # ready() promises an item without a wait: these reads never
-                    # suspend, so no cancellation or end can arrive in between.
-                    while size < _GATHER_BYTES and ready():
-                        frame = self._frame(await anext(source))
-                        frames.append(frame)
-                        size += len(frame)
-                except Exception as exc:
-                    error = exc
-                body = b"".join(frames)
-            async with writes.lock:
-                writes.sending_since = loop.time()
-                try:
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                except OSError as exc:
-                    logger.debug("SSE client disconnected: %r", exc)
-                    return False
-                except Exception:
-                    logger.exception("ASGI send() failed; ending the SSE response")
-                    return False
-                except asyncio.CancelledError:
-                    if writes.stopping:
-                        raise
-                    logger.exception("ASGI send() failed; ending the SSE response")
-                    return False
-                writes.sending_since = None
-                writes.last_write = loop.time()
+            if take is not None:
+                body, error = self._gather(body, take(_GATHER - 1), entries is not None)
+            if not await self._write(send, writes, body):
+                return False
             if error is not None:
                 raise error
 
-    def _frame(self, item: object) -> bytes:
-        """The SSE frame of one item the source yielded (rendered, and with its
-        history id when ``render`` made the event)."""
+    async def _write(self, send: Send, writes: _Writes, body: bytes) -> bool:
+        """Send one body message of events; False if the client went away or
+        send() failed."""
+        loop = asyncio.get_running_loop()
+        async with writes.lock:
+            writes.sending_since = loop.time()
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            except OSError as exc:
+                logger.debug("SSE client disconnected: %r", exc)
+                return False
+            except Exception:
+                logger.exception("ASGI send() failed; ending the SSE response")
+                return False
+            except asyncio.CancelledError:
+                if writes.stopping:
+                    raise
+                logger.exception("ASGI send() failed; ending the SSE response")
+                return False
+            writes.sending_since = None
+            writes.last_write = loop.time()
+        return True
+
+    def _gather(self, first: bytes, taken: list[Any], entries: bool) -> tuple[bytes, Exception | None]:
+        """The body of one message: ``first`` and the frames of the items
+        ``taken`` from the source (history entries if ``entries``), and the
+        error that stopped it at an item, if any."""
+        frames = [first]
+        if self._render is None:
+            # The common case at C speed: Event items carry their frames (with
+            # history, id'd copies). Any other item is redone below, to raise.
+            events = [entry.item for entry in taken] if entries else taken
+            frames += [event._frame for event in events if isinstance(event, Event)]
+            if len(frames) == len(taken) + 1:
+                return b"".join(frames), None
+            del frames[1:]
+        try:
+            for waiting in taken:
+                frames.append(self._frame(waiting.item, waiting) if entries else self._frame(waiting, None))
+        except Exception as exc:
+            return b"".join(frames), exc
+        return b"".join(frames), None
+
+    def _frame(self, item: object, entry: _Entry | None) -> bytes:
+        """The SSE frame of an item of the source: rendered if there is a
+        ``render``, then with the id of its history ``entry`` if it has one
+        (an Event item carries that id already)."""
         render = self._render
         event = item if render is None else render(item)
         if not isinstance(event, Event):
             raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
-        source = self._source
-        if render is not None and isinstance(source, BroadcastStream) and source._ids:
-            # Event items carry their ids already; a rendered one gets its entry's.
-            entry = source._last
-            assert entry is not None, "a stream with history records the entry it yielded"
+        if entry is not None and render is not None:
             return entry.with_id(event._frame)
         return event._frame
 

@@ -680,6 +680,66 @@ async def test_stream_properties_and_repr() -> None:
     assert repr(stream) == "<BroadcastStream key='room' ended queued=0 lagged=1>"
 
 
+@pytest.mark.parametrize("buffer", [1, 2, 64])
+@async_test()
+async def test_stream_holds_a_queue_only_while_it_has_unread_items(buffer: int) -> None:
+    """An idle stream holds no deque (760 bytes, more than the rest of an idle
+    subscription): one unread item is held alone, two or more in a deque that
+    goes once drained, by reads or by the SSE pump's take; order and lag count
+    are those of a deque bounded by the buffer."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=buffer)
+    stream = b.subscribe("k").on_lag(LagPolicy.SKIP)
+    sub = stream._sub
+
+    def held() -> tuple[bool, bool]:
+        return sub.one is not broadcaster._EMPTY, sub.queue is not None
+
+    assert held() == (False, False)
+    b.send("k", 0)
+    assert held() == (True, False) and stream.queued == 1
+    assert await anext(stream) == 0 and held() == (False, False)
+    for i in range(1, 4):
+        b.send("k", i)
+    kept = [1, 2, 3][-buffer:]
+    assert held() == (False, True) and stream.queued == len(kept) and stream.lagged == 3 - len(kept)
+    assert [await anext(stream) for _ in kept] == kept and held() == (False, False)
+    b.send("k", 4)
+    b.send("k", 5)
+    if buffer == 1:  # 4 was dropped: a take leaves the lag to the next read
+        assert stream._take(10) == [] and await anext(stream) == 5
+    else:
+        assert stream._take(10) == [4, 5]
+    assert held() == (False, False)
+    b.send("k", 6)
+    assert stream._take(10) == [6] and held() == (False, False) and stream.queued == 0
+
+
+@async_test()
+async def test_resumed_stream_drops_its_backlog_once_replayed_and_keeps_live_items_after_it() -> None:
+    """A resumed stream yields its backlog, then what arrived live meanwhile
+    (one item or a queue), in id order, through reads and takes alike; the
+    drained backlog is dropped."""
+    b: Broadcaster[str, int] = Broadcaster(history=8)
+    first = b.subscribe("k")
+    for n in range(3):
+        b.send("k", n)
+    await asyncio.sleep(0)  # deliveries with history go through the loop
+    stream = b.subscribe("k", last_event_id=f"{b._channels['k'].epoch}-1")
+    b.send("k", 3)
+    await asyncio.sleep(0)
+    sub = stream._sub
+    assert sub.backlog is not None and len(sub.backlog) == 2 and sub.one is not broadcaster._EMPTY
+    assert await anext(stream) == 1
+    assert [entry.item for entry in stream._take(10)] == [2] and sub.backlog is None
+    assert [entry.item for entry in stream._take(10)] == [3] and stream.last_event_id.endswith("-4")
+    b.send("k", 4)
+    b.send("k", 5)
+    await asyncio.sleep(0)
+    assert [await anext(stream), await anext(stream)] == [4, 5] and sub.queue is None
+    assert stream._take(10) == [] and stream.queued == 0
+    first.close()
+
+
 # ---------------------------------------------------------------------------
 # BroadcastStream: cancellation
 # ---------------------------------------------------------------------------
@@ -3788,14 +3848,19 @@ async def test_history_response_frames_are_shared_between_responses() -> None:
 
 @async_test()
 async def test_history_response_with_render_maps_items_and_writes_ids() -> None:
-    """response(stream, render) maps each item to its Event and adds the id."""
+    """response(stream, render) maps each item to its Event and adds its own id,
+    also to the items written together in one message."""
     b: Broadcaster[str, dict[str, int]] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
     peer = AsgiPeer()
     stream = b.subscribe("k")
-    b.send("k", {"n": 1})
+    for n in (1, 2, 3):
+        b.send("k", {"n": n})
     b.remove("k")
     await b.response(stream, Event.json)(peer.scope, peer.receive, peer.send)
-    assert re.fullmatch(rb'data: \{"n":1\}\nid: [0-9a-f]{12}-1\n\n', peer.bodies[1]), peer.bodies[1]
+    assert len(peer.bodies) == 3, peer.bodies
+    pattern = rb'data: \{"n":1\}\nid: ([0-9a-f]{12})-1\n\ndata: \{"n":2\}\nid: \1-2\n\ndata: \{"n":3\}\nid: \1-3\n\n'
+    assert re.fullmatch(pattern, peer.bodies[1]), peer.bodies[1]
+    assert stream.last_event_id is not None and stream.last_event_id.endswith("-3")
 
 
 @async_test()
@@ -5338,6 +5403,7 @@ async def test_leak_census_sees_live_streams_queues_tasks_and_finalizers() -> No
     streams = [b.subscribe(f"k{i}") for i in range(3)]
     for i in range(3):
         b.send(f"k{i}", i)
+        b.send(f"k{i}", i + 1)  # two items: a queue
     task = asyncio.ensure_future(anext(streams[0]))
     during = leak_delta(before, leak_census())
     assert await task == 0
@@ -7027,27 +7093,52 @@ async def test_pump_gathers_a_channels_queued_events_in_one_message() -> None:
     assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
 
 
+@pytest.mark.parametrize("history", [0, 200], ids=["plain", "history"])
 @async_test()
-async def test_pump_gathers_at_most_64_kib_per_message_and_never_splits_a_frame() -> None:
-    """Waiting events go out in messages that stop growing at 64 KiB (the frame
-    that crosses it is the last), so a large backlog is written in bounded
-    messages, in order, every one a whole number of frames."""
-    b: Broadcaster[str, Event] = Broadcaster(buffer=100, config=SseConfig(keep_alive=None))
-    stream = b.subscribe("k")
-    events = [Event(f"{i:04d}" + "x" * 10_000) for i in range(20)]
+async def test_pump_gathers_at_most_64_events_per_message(history: int) -> None:
+    """A backlog of waiting events (a large buffer, or a history replay) is
+    written in messages of at most 64 events, in order, every one whole."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=200, history=history, config=SseConfig(keep_alive=None))
+    early = b.subscribe("k")
+    events = [Event(str(i)) for i in range(150)]
     for event in events:
         b.send("k", event)
-    b.remove("k")
+    stream = b.subscribe("k", last_event_id=f"{b._channels['k'].epoch}-0") if history else early
+    assert stream.queued == 150 and stream.resumed is (True if history else None)
     peer = AsgiPeer()
-    await asgi_ended(asgi_serve(b.response(stream), peer))
-    frame = len(events[0].encode())
+    task = asgi_serve(b.response(stream), peer)
+    await peer.wait_for_bodies(4)
+    b.remove("k")
+    await asgi_ended(task)
     bodies = peer.bodies[1:-1]
-    per_message = -(-broadcaster._GATHER_BYTES // frame)  # frames until the limit is reached
-    assert [len(split_frames(body)) for body in bodies] == [per_message, per_message, 20 - 2 * per_message], [
-        len(body) for body in bodies
-    ]
-    assert all(len(body) < broadcaster._GATHER_BYTES + frame for body in bodies)
-    assert [f for body in bodies for f in split_frames(body)] == [e.encode() for e in events]
+    assert [len(split_frames(body)) for body in bodies] == [64, 64, 22], bodies
+    data = [e.data for e in parse_event_stream(b"".join(bodies)).events]
+    assert data == [str(i) for i in range(150)], data
+    early.close()
+
+
+def test_pump_writes_the_events_before_a_waiting_item_that_is_no_event(caplog: pytest.LogCaptureFixture) -> None:
+    """An item that is no Event among those waiting: the events before it are
+    written in the message, then the response ends with an ERROR naming its
+    type."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Any] = Broadcaster(config=SseConfig(keep_alive=None))
+        stream = b.subscribe("k")
+        for item in (Event("a"), Event("b"), "c", Event("d")):
+            b.send("k", item)
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        ab = asgi_body(Event("a").encode() + Event("b").encode())
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ab, ASGI_FINAL], peer.sent
+        assert stream.closed
+
+    scenario()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["SSE event source raised; ending the response"], errors
+    assert errors[0].exc_info is not None and str(errors[0].exc_info[1]) == "SSE events must be Event objects, got str"
 
 
 @pytest.mark.parametrize("policy", list(LagPolicy), ids=lambda p: p.name)
@@ -7060,7 +7151,7 @@ async def test_pump_gathers_nothing_before_a_due_lag(policy: LagPolicy) -> None:
     stream = b.subscribe("k").on_lag(policy)
     for n in range(4):
         b.send("k", Event(str(n)))
-    assert stream.queued == 2 and not stream._ready()
+    assert stream.queued == 2 and stream._take(10) == [] and stream.queued == 2
     b.remove("k")
     peer = AsgiPeer()
     await asgi_ended(asgi_serve(b.response(stream), peer))
