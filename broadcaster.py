@@ -1011,6 +1011,11 @@ class Broadcaster(Generic[K, T]):
                 groups = _groups(channel)
             finally:
                 self._unlock()
+        if len(groups) == 1 and groups[0][0] is _running_loop():
+            # The common case, spelled out (a third of the cost of a send to
+            # one stream): every subscriber is on the caller's loop.
+            _deliver(groups[0][1], item, self._buffer)
+            return len(groups[0][1])
         return _dispatch(groups, _deliver, (item, self._buffer), direct=True)
 
     def _send_with_history(self, key: K, item: T, id: str | None) -> int:
