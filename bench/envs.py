@@ -42,7 +42,6 @@ IMPLS: dict[str, tuple[str, bool]] = {
     "deque": ("ours", False),  # floor (d): collections.deque + one waiter future
     "ring": ("ours", False),  # floor (e): one shared ring per key, a cursor per subscriber
     "raw": ("ours", False),  # HTTP floor (d): raw ASGI app, per-connection deque
-    "raw1": ("ours", False),  # the same, one body message per event (diagnostic)
     "client": ("ours", False),  # the HTTP load client
     "plot": ("ours", False),
     "encode": ("peers", False),  # encode/broadcaster memory://

@@ -24,11 +24,10 @@ NAMES = {
     "sse-starlette": "(b) sse-starlette",
     "fastapi": "(c) FastAPI SSE",
     "raw": "(d) raw floor",
-    "raw1": "raw, 1 write/event",
 }
 COLORS = {
     "ours": "tab:blue", "candidate": "tab:cyan", "encode": "tab:red", "queue": "tab:gray", "deque": "black", "ring": "tab:purple",
-    "sse-starlette": "tab:orange", "fastapi": "tab:green", "raw": "black", "raw1": "tab:gray",
+    "sse-starlette": "tab:orange", "fastapi": "tab:green", "raw": "black",
 }
 
 

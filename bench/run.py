@@ -57,7 +57,6 @@ NAMES = {
     "sse-starlette": "sse-starlette",
     "fastapi": "FastAPI built-in SSE",
     "raw": "floor (d) raw ASGI",
-    "raw1": "raw ASGI, 1 write/event",
 }
 
 
@@ -239,7 +238,7 @@ def main() -> None:
     ap.add_argument("--candidate", type=Path, help="folder holding a patched broadcaster.py to measure beside ours")
     ap.add_argument("--out", type=Path, default=BENCH / "results", help="output prefix (.json, .png)")
     ap.add_argument("--reps-scale", type=float, default=1.0, help="multiply every repetition count")
-    ap.add_argument("--skip", default="", help="comma-separated implementations to leave out, e.g. fastapi,raw1")
+    ap.add_argument("--skip", default="", help="comma-separated implementations to leave out, e.g. fastapi,ring")
     args = ap.parse_args()
     if args.candidate is not None and not (args.candidate / "broadcaster.py").is_file():
         raise SystemExit(f"--candidate: no broadcaster.py in {args.candidate}")

@@ -39,7 +39,6 @@ LABELS = {
     "sse-starlette": "(b) sse-starlette + encode/broadcaster",
     "fastapi": "(c) FastAPI built-in SSE + encode/broadcaster",
     "raw": "(d) floor: raw ASGI, deque per conn, coalesced writes",
-    "raw1": "(d1) raw ASGI, one write per event (diagnostic)",
 }
 CONNS = 1000
 WINDOW = 32
@@ -105,7 +104,7 @@ def _flat(result: dict, phase: str) -> dict:
 
 
 def run(ctx) -> dict:
-    stacks = ctx.with_candidate(STACKS + ([] if ctx.quick else ["raw1"]))
+    stacks = ctx.with_candidate(STACKS)
     count = 96 if ctx.quick else 192  # windowed messages: 3x / 6x the window
     reps = ctx.reps(quick=1, full=3)
     paced_seconds = 1.0 if ctx.quick else 3.0

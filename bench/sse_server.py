@@ -22,9 +22,9 @@ ends each data line.
 Stacks: ``ours`` (this repository's ``Broadcaster.response``), ``sse-starlette``
 (``EventSourceResponse`` + encode/broadcaster ``memory://``), ``fastapi``
 (FastAPI's built-in SSE, ``response_class=fastapi.sse.EventSourceResponse``,
-+ encode/broadcaster), ``raw`` (the floor: a raw ASGI app, one deque and one
++ encode/broadcaster) and ``raw`` (the floor: a raw ASGI app, one deque and one
 waiter future per connection, no registry; each wake-up writes everything
-queued as one body message) and ``raw1`` (the same, one body message per event).
+queued as one body message).
 
 The process exits by itself after MAX_SECONDS whatever happens.
 """
@@ -203,7 +203,7 @@ class _Conn:
         self.waiter: asyncio.Future[None] | None = None
 
 
-def stack_raw(shell: Shell, coalesce: bool = True):
+def stack_raw(shell: Shell):
     conns: list[_Conn] = []
     start = {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]}
@@ -221,11 +221,8 @@ def stack_raw(shell: Shell, coalesce: bool = True):
                 while not items:
                     conn.waiter = loop.create_future()
                     await conn.waiter
-                if coalesce:
-                    body = b"".join(items)
-                    items.clear()
-                else:
-                    body = items.popleft()
+                body = b"".join(items)
+                items.clear()
                 await send({"type": "http.response.body", "body": body, "more_body": True})
         finally:
             conns.remove(conn)
@@ -248,7 +245,6 @@ STACKS = {
     "sse-starlette": stack_sse_starlette,
     "fastapi": stack_fastapi,
     "raw": stack_raw,
-    "raw1": lambda shell: stack_raw(shell, coalesce=False),
 }
 
 
