@@ -57,9 +57,9 @@ Server-Sent Events
     return ASGI 3 apps that write the ``text/event-stream`` body: headers and a
     first chunk at once, then each event as soon as it is read (with the
     events already waiting behind it in the same body message), keep-alive
-    comments on silence, disconnect detection by a concurrent ``receive()`` watcher, a bound
-    on every ``send()``, and on every way out the event source is closed and no
-    task is left behind.
+    comments on silence, disconnect detection by a concurrent ``receive()``
+    watcher, a bound on every ``send()``, and on every way out the event
+    source is closed and no task is left behind.
 """
 
 # pyright: strict, reportPrivateUsage=false
@@ -1500,9 +1500,9 @@ class _SseApp:
     because some servers and middleware hold the headers back until the first
     body message; then ``more_body`` messages of whole events, written as soon
     as one is read: the events a stream (or a ``channel()`` queue) already holds
-    at that moment go out in the same message, up to 64 KiB; a keep-alive
-    comment after ``keep_alive`` seconds of silence. ``HEAD`` gets the headers and an
-    empty body, and the source is never read.
+    at that moment go out in the same message, up to 64 of them; a keep-alive
+    comment after ``keep_alive`` seconds of silence. ``HEAD`` gets the headers
+    and an empty body, and the source is never read.
 
     Ends: source exhausted, :class:`Lagged` (WARNING), a source exception (ERROR,
     with traceback) or a failing ``receive()`` (ERROR) end cleanly with a final
