@@ -1427,10 +1427,11 @@ class _ChannelSource:
     def _shutdown(self) -> None:
         """End the response for ``Broadcaster.close()`` (on the source's loop):
         the closure is cancelled, what it already sent is still written, then
-        the response ends cleanly."""
-        assert self._task is not None, "an adopted source started its task at once"
+        the response ends cleanly. Harmless once the response has ended (a
+        close() from another thread can be scheduled just before that)."""
         self._sender._close()
-        self._task.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
     async def _run(self) -> None:
         error: BaseException | None = None
@@ -1459,6 +1460,9 @@ class _ChannelSource:
         try:
             await _settle(task)
         finally:
+            # The ended task's exception holds the closure's frames, which hold
+            # this source: forget the task, or the three live on in a cycle.
+            self._task = None
             # An error the closure raised that the response never read (it ended
             # first, e.g. on disconnect) is still reported, once. Sending after the
             # client left is how a closure learns it left: not an error.

@@ -3132,6 +3132,36 @@ async def test_channel_disconnect_cancels_the_closure_promptly() -> None:
     assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(event.encode())], f"sent after disconnect: {peer.sent}"
 
 
+@async_test()
+async def test_channel_cancelled_closure_is_freed_without_the_garbage_collector() -> None:
+    """A closure cancelled by a disconnect leaves no reference cycle (its task's
+    exception holds the closure's frames): the task is freed by reference
+    counting once the app is dropped. A Broadcaster.close() that reaches the
+    source after that (scheduled from another thread) is harmless."""
+
+    async def closure(tx: Sender) -> None:
+        await tx.send(Event("x"))
+        await asyncio.get_running_loop().create_future()
+
+    b: Broadcaster[str, Event] = Broadcaster()
+    peer = AsgiPeer()
+    app = b.channel(closure)
+    source = app._source  # type: ignore[attr-defined]
+    task = asgi_serve(app, peer)
+    await peer.wait_for_bodies(2)
+    closure_task = weakref.ref(source._task)
+    peer.disconnect()
+    gc.disable()
+    try:
+        await asgi_ended(task)
+        source._shutdown()  # what a late close() runs
+        assert source._sender.closed
+        del app, task, source
+        assert closure_task() is None, f"the closure's task lives on: {gc.get_referrers(closure_task())}"
+    finally:
+        gc.enable()
+
+
 def test_channel_send_after_disconnect_raises_client_disconnected(caplog: pytest.LogCaptureFixture) -> None:
     """Once the client is gone tx.send raises ClientDisconnected, and fn letting it out is not an error."""
     caplog.set_level(logging.DEBUG, logger="broadcaster")
