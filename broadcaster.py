@@ -671,8 +671,10 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
             return []
         queue = sub.backlog or sub.queue
         if queue:
-            taken = [queue.popleft() for _ in range(min(limit, len(queue)))]
-            if not queue:  # drained: drop it
+            if len(queue) > limit:
+                taken = [queue.popleft() for _ in range(limit)]
+            else:  # all of it: drop the drained deque
+                taken = list(queue)
                 if queue is sub.backlog:
                     sub.backlog = None
                 else:
