@@ -850,6 +850,39 @@ def test_send_reaches_subscribers_on_two_loops_in_two_threads() -> None:
     assert len(b) == 0
 
 
+def test_send_from_a_loop_with_subscribers_also_reaches_another_loops() -> None:
+    """send() on a loop whose subscribers are the key's first group delivers to
+    them at once and still hands the item to the subscribers of another loop
+    (the fast path for one group must not swallow the others)."""
+    b: Broadcaster[str, int] = Broadcaster()
+    subscribed, done = threading.Event(), threading.Event()
+    got: list[int] = []
+
+    def other_loop() -> None:
+        async def main() -> None:
+            stream = b.subscribe("k")
+            subscribed.set()
+            got.append(await asyncio.wait_for(anext(stream), 5))
+            stream.close()
+
+        asyncio.run(main())
+        done.set()
+
+    async def main() -> None:
+        stream = b.subscribe("k")  # this loop's group comes first
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        assert await asyncio.to_thread(subscribed.wait, 5)
+        assert b.send("k", 7) == 2, "both loops' subscribers must be addressed"
+        assert stream.queued == 1
+        assert await asyncio.to_thread(done.wait, 5)
+        thread.join(5)
+        stream.close()
+
+    asyncio.run(main())
+    assert got == [7]
+
+
 def test_send_skips_subscribers_of_a_closed_loop() -> None:
     """A subscriber whose loop has closed cannot read: send() skips it and does not count it."""
     b: Broadcaster[str, int] = Broadcaster()
@@ -6839,17 +6872,32 @@ async def test_pump_gathers_at_most_64_events_per_message(history: int) -> None:
     early.close()
 
 
+@async_test()
+async def test_pump_renders_event_items_waiting_together() -> None:
+    """With render, Event items waiting together are written as render makes
+    them, not as they came (their own frames are not the ones to write)."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    stream = b.subscribe("k")
+    for data in ("a", "b", "c"):
+        b.send("k", Event(data))
+    b.remove("k")
+    peer = AsgiPeer()
+    await asgi_ended(asgi_serve(b.response(stream, lambda e: Event((e.data or "").upper(), event="up")), peer))
+    expected = b"".join(Event(d, event="up").encode() for d in "ABC")
+    assert peer.sent == [asgi_start(), ASGI_FIRST, asgi_body(expected), ASGI_FINAL], peer.sent
+
+
 def test_pump_writes_the_events_before_a_waiting_item_that_is_no_event(caplog: pytest.LogCaptureFixture) -> None:
-    """An item that is no Event among those waiting: the events before it are
-    written in the message, then the response ends with an ERROR naming its
-    type."""
+    """Items that are no Event among those waiting: the events before the
+    first of them are written in the message (none is skipped over), then the
+    response ends with an ERROR naming its type."""
     caplog.set_level(logging.DEBUG, logger="broadcaster")
 
     @async_test()
     async def scenario() -> None:
         b: Broadcaster[str, Any] = Broadcaster(config=SseConfig(keep_alive=None))
         stream = b.subscribe("k")
-        for item in (Event("a"), Event("b"), "c", Event("d")):
+        for item in (Event("a"), Event("b"), "c", 4, Event("e")):
             b.send("k", item)
         peer = AsgiPeer()
         await asgi_ended(asgi_serve(b.response(stream), peer))
