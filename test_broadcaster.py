@@ -715,6 +715,19 @@ async def test_stream_holds_a_queue_only_while_it_has_unread_items(buffer: int) 
 
 
 @async_test()
+async def test_stream_take_of_exactly_what_is_queued_drops_the_queue() -> None:
+    """_take(n) of a stream holding more than n items leaves the rest queued; of
+    exactly n, it hands them all over and drops the drained deque."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe("k")
+    for i in range(3):
+        b.send("k", i)
+    assert stream._take(2) == [0, 1] and stream._sub.queue is not None and stream.queued == 1
+    b.send("k", 3)
+    assert stream._take(2) == [2, 3] and stream._sub.queue is None and stream.queued == 0
+
+
+@async_test()
 async def test_resumed_stream_drops_its_backlog_once_replayed_and_keeps_live_items_after_it() -> None:
     """A resumed stream yields its backlog, then what arrived live meanwhile
     (one item or a queue), in id order, through reads and takes alike; the
