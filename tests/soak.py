@@ -35,34 +35,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import sys
 import time
 import tracemalloc
-import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Coroutine, MutableMapping
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# The checkout's module, wherever this runs from.
-from broadcaster import (
-    Broadcaster,
-    BroadcastStream,
-    Event,
-    Lagged,
-    LagPolicy,
-    Sender,
-    _Channel,
-    _ChannelSource,
-    _Entry,
-    _Replay,
-    _SseApp,
-    _Subscriber,
-    _Writes,
+# The checkout's module, and the unit suite's leak-check cycles, wherever this runs from.
+from broadcaster import Broadcaster, Event
+from test_broadcaster import (
+    LEAK_DISCONNECT,
+    LEAK_EVENT,
+    LEAK_EVENT_DATA,
+    LEAK_GAP,
+    LEAK_SCOPE,
+    LeakBatch,
+    LeakResume,
+    leak_census,
+    leak_closure,
+    leak_cycle_close,
+    leak_cycle_drop,
+    leak_cycle_lagged,
+    leak_cycle_resume,
+    leak_delta,
+    leak_snapshot,
 )
 
 Message = MutableMapping[str, Any]
@@ -72,57 +73,23 @@ ROUND_CYCLES = {"close": 8_000, "drop": 4_000, "lagged": 4_000, "resume": 4_000}
 ROUND_BATCHES = {"response": 4, "resume": 3, "channel": 3, "send_error": 2, "cancel": 2}
 BATCH = 100
 WARMUP_ROUNDS = 2
-
-COUNTED: dict[type[Any], str] = {
-    kind: kind.__name__
-    for kind in (
-        BroadcastStream,
-        _Subscriber,
-        _Channel,
-        _Entry,
-        _Replay,
-        _SseApp,
-        _ChannelSource,
-        Sender,
-        _Writes,
-        deque,
-        asyncio.Task,
-        asyncio.Future,
-        weakref.finalize,
-    )
-}
-SHOWN = ["BroadcastStream", "_Subscriber", "_Channel", "_Entry", "Sender", "Task", "Future", "deque", "finalizers"]
-TRACE_FILTERS = (
-    tracemalloc.Filter(False, tracemalloc.__file__),
-    tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
-    tracemalloc.Filter(False, "<unknown>"),
-    tracemalloc.Filter(False, "*/fnmatch.py"),
-    tracemalloc.Filter(False, "*/re/*"),
-    tracemalloc.Filter(False, "*/sre_*.py"),
-    # asyncio's WeakSet of all tasks: sized by the most tasks alive at once
-    # (a high-water mark); leaked tasks show in the census instead.
-    tracemalloc.Filter(False, "*/_weakrefset.py"),
-)
+# Census counts printed (their first word heads the column).
+SHOWN = [
+    "BroadcastStream",
+    "_Subscriber",
+    "_Channel",
+    "_Entry",
+    "Sender",
+    "Task",
+    "Future",
+    "deque",
+    "finalize registrations",
+]
 
 
 # ---------------------------------------------------------------------------
 # Measures
 # ---------------------------------------------------------------------------
-
-
-def census() -> Counter[str]:
-    gc.collect()
-    counts: Counter[str] = Counter()
-    for obj in gc.get_objects():
-        name = COUNTED.get(type(obj))
-        if name is not None:
-            counts[name] += 1
-    counts["finalizers"] = len(vars(weakref.finalize)["_registry"])
-    return counts
-
-
-def delta(before: Counter[str], after: Counter[str]) -> dict[str, int]:
-    return {name: after[name] - before[name] for name in before | after if after[name] != before[name]}
 
 
 def rss_mib() -> float:
@@ -135,112 +102,13 @@ def rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def snapshot() -> tracemalloc.Snapshot:
-    gc.collect()
-    return tracemalloc.take_snapshot().filter_traces(TRACE_FILTERS)
-
-
 def traced(shot: tracemalloc.Snapshot) -> int:
     return sum(stat.size for stat in shot.statistics("filename"))
 
 
 # ---------------------------------------------------------------------------
-# The cycles (as in test_broadcaster.py's leak checks)
+# ASGI batches: the unit suite's, plus two fault paths
 # ---------------------------------------------------------------------------
-
-
-class ResumeState:
-    def __init__(self) -> None:
-        self.ids: deque[str] = deque(maxlen=2)
-
-
-async def cycle_close(b: Broadcaster[str, int], n: int) -> None:
-    for i in range(n):
-        stream = b.subscribe("k")
-        b.send("k", i)
-        if i % 3 == 0:
-            assert await anext(stream) == i
-            stream.close()
-        elif i % 3 == 1:
-            async with stream:
-                assert await anext(stream) == i
-        else:
-            assert await anext(stream) == i
-            await stream.aclose()
-    assert len(b) == 0
-
-
-async def cycle_drop(b: Broadcaster[str, int], n: int) -> None:
-    for i in range(n):
-        stream = b.subscribe("k")
-        b.send("k", i)
-        b.send("k", i + 1)
-        assert await anext(stream) == i
-        del stream
-    assert len(b) == 0
-    for _ in range(n // 100):
-        box: list[object] = [b.subscribe("k")]
-        box.append(box)
-        del box
-    gc.collect()
-    assert len(b) == 0
-
-
-async def cycle_lagged(b: Broadcaster[str, int], n: int) -> None:
-    policies = (LagPolicy.ERROR, LagPolicy.SKIP, LagPolicy.END)
-    for i in range(n):
-        stream = b.subscribe("k").on_lag(policies[i % 3])
-        b.send("k", 1)
-        b.send("k", 2)
-        b.send("k", 3)
-        if i % 3 == 0:
-            try:
-                await anext(stream)
-            except Lagged as lag:
-                assert lag.missed == 2
-            else:
-                raise AssertionError("no Lagged")
-            assert await anext(stream) == 3
-        elif i % 3 == 1:
-            assert await anext(stream) == 3
-        else:
-            async for _ in stream:
-                raise AssertionError("LagPolicy.END yielded")
-        stream.close()
-    assert len(b) == 0
-
-
-async def cycle_resume(b: Broadcaster[str, int], n: int, state: ResumeState) -> None:
-    for i in range(n):
-        last = state.ids[0] if len(state.ids) == 2 else None
-        stream = b.subscribe("k", last_event_id=last)
-        b.send("k", i)
-        if last is not None:
-            assert stream.resumed is True
-            await anext(stream)
-        assert await anext(stream) == i
-        assert stream.last_event_id is not None
-        state.ids.append(stream.last_event_id)
-        stream.close()
-    assert len(b) == 1
-
-
-DISCONNECT = {"type": "http.disconnect"}
-SCOPE = {"type": "http", "method": "GET", "path": "/events", "headers": []}
-EVENT = Event("x")
-EVENT_DATA = b"data: x\n"
-GAP = Event(event="reload", data="")
-
-
-class Batch:
-    def __init__(self, size: int) -> None:
-        self.waiting = size
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def streaming(self) -> None:
-        self.waiting -= 1
-        if self.waiting == 0:
-            self.ready.set_result(None)
 
 
 class Peer:
@@ -249,7 +117,7 @@ class Peer:
 
     __slots__ = ("_batch", "_early", "_fail", "_gone")
 
-    def __init__(self, batch: Batch, early: bool, fail: bool) -> None:
+    def __init__(self, batch: LeakBatch, early: bool, fail: bool) -> None:
         self._batch = batch
         self._early = early
         self._fail = fail
@@ -258,36 +126,33 @@ class Peer:
     async def receive(self) -> Message:
         self._batch.streaming()
         if self._early:
-            return DISCONNECT
+            return LEAK_DISCONNECT
         return await self._gone
 
     async def send(self, message: Message) -> None:
         body = message["body"] if message["type"] == "http.response.body" else b""
-        if EVENT_DATA in body:
+        if LEAK_EVENT_DATA in body:
             if self._fail:
                 raise ConnectionResetError("peer reset")
             if not self._gone.done():
-                self._gone.set_result(DISCONNECT)
+                self._gone.set_result(LEAK_DISCONNECT)
 
 
-async def closure(tx: Sender) -> None:
-    await tx.send(EVENT)
-    await asyncio.get_running_loop().create_future()
-
-
-async def asgi_batch(kind: str, b: Broadcaster[str, Event], early: bool, state: ResumeState) -> None:
-    batch = Batch(BATCH)
+async def asgi_batch(kind: str, b: Broadcaster[str, Event], early: bool, state: LeakResume) -> None:
+    batch = LeakBatch(BATCH)
     apps: list[Any] = []
     for _ in range(BATCH):
         if kind == "channel":
-            apps.append(b.channel(closure))
+            apps.append(b.channel(leak_closure))
         elif kind == "resume":
             stream = b.subscribe("k", last_event_id=state.ids[-1] if state.ids else "unknown-1")
-            apps.append(b.response(stream, on_gap=GAP))
+            apps.append(b.response(stream, on_gap=LEAK_GAP))
         else:
             apps.append(b.response(b.subscribe("k")))
     peers = [Peer(batch, early and kind != "cancel", kind == "send_error") for _ in range(BATCH)]
-    tasks = [asyncio.ensure_future(app(SCOPE, peer.receive, peer.send)) for app, peer in zip(apps, peers, strict=True)]
+    tasks = [
+        asyncio.ensure_future(app(LEAK_SCOPE, peer.receive, peer.send)) for app, peer in zip(apps, peers, strict=True)
+    ]
     del apps
     await batch.ready
     if kind == "cancel":
@@ -295,7 +160,7 @@ async def asgi_batch(kind: str, b: Broadcaster[str, Event], early: bool, state: 
             task.cancel()
     elif kind != "channel" and not early:
         observer = b.subscribe("k")
-        b.send("k", EVENT)
+        b.send("k", LEAK_EVENT)
         await anext(observer)
         if observer.last_event_id is not None:
             state.ids.append(observer.last_event_id)
@@ -319,20 +184,20 @@ class Soak:
         self.history: Broadcaster[str, int] = Broadcaster(history=8)
         self.sse: Broadcaster[str, Event] = Broadcaster()
         self.sse_history: Broadcaster[str, Event] = Broadcaster(history=8)
-        self.cycle_state = ResumeState()
-        self.asgi_state = ResumeState()
+        self.cycle_state = LeakResume()
+        self.asgi_state = LeakResume()
         self.cycles = 0
         self.responses = 0
         filler = self.sse_history.subscribe("k")  # its history is full from the start
         for _ in range(self.sse_history.history):
-            self.sse_history.send("k", EVENT)
+            self.sse_history.send("k", LEAK_EVENT)
         filler.close()
 
     async def round(self) -> None:
-        await cycle_close(self.plain, ROUND_CYCLES["close"])
-        await cycle_drop(self.plain, ROUND_CYCLES["drop"])
-        await cycle_lagged(self.small, ROUND_CYCLES["lagged"])
-        await cycle_resume(self.history, ROUND_CYCLES["resume"], self.cycle_state)
+        await leak_cycle_close(self.plain, ROUND_CYCLES["close"])
+        await leak_cycle_drop(self.plain, ROUND_CYCLES["drop"])
+        await leak_cycle_lagged(self.small, ROUND_CYCLES["lagged"])
+        await leak_cycle_resume(self.history, ROUND_CYCLES["resume"], self.cycle_state)
         self.cycles += sum(ROUND_CYCLES.values())
         for kind, batches in ROUND_BATCHES.items():
             b = self.sse_history if kind == "resume" else self.sse
@@ -347,18 +212,18 @@ class Meter:
 
     def __init__(self, trace: bool) -> None:
         self.trace = trace
-        self.base_counts = census()
-        self.base_shot = snapshot() if trace else None
+        self.base_counts = leak_census()
+        self.base_shot = leak_snapshot() if trace else None
         self.base_traced = traced(self.base_shot) if self.base_shot is not None else 0
         self.shot = self.base_shot
         self.growth = 0
         self.left_behind: dict[str, int] = {}  # the last census change seen
 
     def measure(self) -> tuple[Counter[str], dict[str, int]]:
-        counts = census()
-        self.shot = snapshot() if self.trace else None
+        counts = leak_census()
+        self.shot = leak_snapshot() if self.trace else None
         self.growth = traced(self.shot) - self.base_traced if self.shot is not None else 0
-        changed = delta(self.base_counts, counts)
+        changed = leak_delta(self.base_counts, counts)
         self.left_behind = changed
         return counts, changed
 
@@ -370,7 +235,7 @@ class Meter:
 
 HEADER = (
     f"{'round':>5} {'min':>6} {'cycles':>9} {'responses':>9} {'traced KiB':>10} {'growth KiB':>10} {'RSS MiB':>8} "
-    + " ".join(f"{name:>10}" for name in SHOWN)
+    + " ".join(f"{name.split()[0]:>10}" for name in SHOWN)
 )
 
 
