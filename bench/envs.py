@@ -42,6 +42,7 @@ IMPLS: dict[str, tuple[str, bool]] = {
     "deque": ("ours", False),  # floor (d): collections.deque + one waiter future
     "ring": ("ours", False),  # floor (e): one shared ring per key, a cursor per subscriber
     "raw": ("ours", False),  # HTTP floor (d): raw ASGI app, per-connection deque
+    "raw-watch": ("ours", False),  # floor (d) + a pending receive() per connection
     "client": ("ours", False),  # the HTTP load client
     "plot": ("ours", False),
     "encode": ("peers", False),  # encode/broadcaster memory://

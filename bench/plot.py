@@ -24,10 +24,11 @@ NAMES = {
     "sse-starlette": "(b) sse-starlette",
     "fastapi": "(c) FastAPI SSE",
     "raw": "(d) raw floor",
+    "raw-watch": "(d') raw + receive()",
 }
 COLORS = {
     "ours": "tab:blue", "candidate": "tab:cyan", "encode": "tab:red", "queue": "tab:gray", "deque": "black", "ring": "tab:purple",
-    "sse-starlette": "tab:orange", "fastapi": "tab:green", "raw": "black",
+    "sse-starlette": "tab:orange", "fastapi": "tab:green", "raw": "black", "raw-watch": "dimgray",
 }
 
 
@@ -49,7 +50,7 @@ def bars(ax, labels, series: dict[str, list[float | None]], log: bool, ylabel: s
 def main() -> None:
     results = json.load(open(sys.argv[1]))
     cases = results["cases"]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
+    fig, axes = plt.subplots(2, 5, figsize=(25, 9))
     axes = axes.ravel()
     title = "broadcaster.py benchmarks" + (" (--quick)" if results.get("quick") else "")
     fig.suptitle(f"{title}: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}", fontsize=12)
@@ -135,6 +136,42 @@ def main() -> None:
         ax.legend(fontsize=6)
     else:
         ax.axis("off")
+
+    s = cases.get("connections")
+    if s:
+        sizes = s["sizes"]
+        ax = axes[8]
+        for stack in s["stacks"]:
+            ys = [s["points"][str(n)][stack].get("kib_per_conn") for n in sizes]
+            ax.plot(sizes, [float("nan") if y is None else y for y in ys], marker="o", label=NAMES[stack],
+                    color=COLORS.get(stack))
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.set_xticks([], minor=True)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("open SSE connections N", fontsize=8)
+        ax.set_ylabel("server RSS per connection, KiB (lower is better)", fontsize=8)
+        ax.set_title("7. connections: RSS per open connection (one uvicorn worker)", fontsize=9)
+        ax.legend(fontsize=6)
+        ax = axes[9]
+        for stack in s["stacks"]:
+            med = [s["points"][str(n)][stack].get("lat_median_ms") for n in sizes]
+            top = [s["points"][str(n)][stack].get("lat_max_ms") for n in sizes]
+            ax.plot(sizes, [float("nan") if y is None else y for y in med], marker="o", label=f"{NAMES[stack]} median",
+                    color=COLORS.get(stack))
+            ax.plot(sizes, [float("nan") if y is None else y for y in top], marker="x", ls=":", lw=0.8,
+                    color=COLORS.get(stack))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("open SSE connections N", fontsize=8)
+        ax.set_ylabel("publish to last connection's receipt, ms (dotted: max)", fontsize=8)
+        ax.set_title(f"7. connections: one message to all N ({s['messages']} msgs per run)", fontsize=9)
+        ax.legend(fontsize=6)
+    else:
+        axes[8].axis("off")
+        axes[9].axis("off")
 
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(sys.argv[2], dpi=90)

@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import churn  # noqa: E402
+import connections  # noqa: E402
 import encodeonce  # noqa: E402
 import fanout  # noqa: E402
 import memory  # noqa: E402
@@ -45,6 +46,7 @@ CASES = {
     "memory": memory,
     "churn": churn,
     "slow": slow,
+    "connections": connections,
 }
 
 NAMES = {
@@ -57,6 +59,7 @@ NAMES = {
     "sse-starlette": "sse-starlette",
     "fastapi": "FastAPI built-in SSE",
     "raw": "floor (d) raw ASGI",
+    "raw-watch": "floor (d') raw + receive()",
 }
 
 
@@ -152,6 +155,34 @@ def tables(results: dict) -> list[str]:
         out.append(table(
             f"6. Slow consumer: 1 never reads + {s['subscribers'] - 1} read, {s['sends']:,} sends of 100 B",
             ["impl", "sends done", "seconds", "RSS growth B", "B/send", "stuck holds", "stuck lagged", "stopped"], rows))
+    if "connections" in cases:
+        s = cases["connections"]
+        rows = []
+        for n in s["sizes"]:
+            for stack in s["stacks"]:
+                e = s["points"][str(n)][stack]
+                rr, lr = e.get("rss_ratio", {}), e.get("lat_ratio", {})
+                rows.append([
+                    f"N={n:,}" if stack == s["stacks"][0] else "", NAMES[stack],
+                    f"{e['kib_per_conn']:.2f}" if "kib_per_conn" in e else "-",
+                    f"{e['kib_per_conn_open']:.2f}" if "kib_per_conn_open" in e else "-",
+                    _x(rr.get("raw")) if stack != "raw" else "",
+                    _x(rr.get("raw-watch")) if stack != "raw-watch" else "",
+                    _x(rr.get("sse-starlette")) if stack != "sse-starlette" else "",
+                    e.get("lat_median_ms"), e.get("lat_max_ms"),
+                    _x(lr.get("raw")) if stack != "raw" else "",
+                    _x(lr.get("sse-starlette")) if stack != "sse-starlette" else "",
+                    e.get("server_cpu_ms_per_msg"), e.get("open_s"),
+                    f"{e['runs']} ok" + (f"; {len(e['errors'])} failed: {e['errors'][0][:60]}" if e["errors"] else ""),
+                ])
+        out.append(table(
+            f"7. Connections: N open SSE connections on one uvicorn worker; RSS per connection (KiB, after one "
+            f"message each) and one-message-to-all latency (ms, send to the last connection's receipt, "
+            f"{s['messages']} msgs per run)",
+            ["N", "stack", "KiB/conn", "(no msg yet)", "x floor(d)", "x floor(d')", "x (b)", "1-to-all p50", "1-to-all max",
+             "lat x floor(d)", "lat x (b)", "srv CPU ms/msg", "open s", "runs"],
+            rows,
+        ))
     if results.get("targets"):
         rows = [[t["target"], t["measured"], t["verdict"], t["note"]] for t in results["targets"]]
         out.append(table("Targets (issue #4): measured vs target", ["target", "measured", "verdict", "note"], rows))
@@ -224,6 +255,31 @@ def targets(cases: dict, me: str = "ours") -> list[dict]:
         if "stuck_queued" in e:
             add("slow consumer: ours bounded by buffer", f"stuck holds {e['stuck_queued']:.0f}, RSS +{e['rss_growth'] / 1024:.0f} KiB",
                 e["stuck_queued"] <= 64)
+    if "connections" in cases and me in cases["connections"]["stacks"]:
+        s = cases["connections"]
+        vs_d = [(n, s["points"][str(n)][me].get("rss_ratio", {}).get("raw")) for n in s["sizes"]]
+        failed = [n for n, v in vs_d if v is None]
+        vs_d = [(n, v) for n, v in vs_d if v is not None]
+        if vs_d:
+            worst = max(vs_d, key=lambda nv: nv[1])
+            add("connections: RSS per connection <= 1.05x raw floor (d)",
+                ", ".join(f"N={n:,}: {v:.2f}x" for n, v in vs_d)
+                + (f" (no ratio at N={', '.join(f'{n:,}' for n in failed)})" if failed else ""),
+                worst[1] <= 1.05 and not failed, f"worst {worst[1]:.2f}x = {worst[1] / 1.05:.2f} of the bound")
+        vs_w = [(n, s["points"][str(n)][me].get("rss_ratio", {}).get("raw-watch")) for n in s["sizes"]]
+        vs_w = [(n, v) for n, v in vs_w if v is not None]
+        if vs_w:
+            add("connections: RSS per connection vs floor (d') (raw + a pending receive())",
+                ", ".join(f"N={n:,}: {v:.2f}x" for n, v in vs_w), None,
+                "floor (d') is the least an app that notices disconnects holds")
+        lat = [(n, s["points"][str(n)][me].get("lat_median_ms")) for n in s["sizes"]]
+        lat = [(n, v) for n, v in lat if v is not None]
+        if lat:
+            add("connections: one-to-all latency (reported, no target)",
+                ", ".join(f"N={n:,}: {v:.0f} ms" for n, v in lat), None,
+                "vs floor (d): " + ", ".join(
+                    f"{s['points'][str(n)][me]['lat_ratio']['raw']:.2f}x" for n, _ in lat
+                    if "raw" in s["points"][str(n)][me].get("lat_ratio", {})))
     return out
 
 

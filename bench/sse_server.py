@@ -1,4 +1,4 @@
-"""Case 3, server side: one SSE stack under uvicorn (httptools, asyncio loop) on 127.0.0.1.
+"""Cases 3 and 7, server side: one SSE stack under uvicorn (httptools, asyncio loop) on 127.0.0.1.
 
 ``sse_server.py STACK PORT ACK_PORT MAX_SECONDS``
 
@@ -14,6 +14,15 @@ Every stack serves ``GET /sse`` (one SSE stream of key ``"k"``) and provides
   ``paced`` more at ``rate`` messages/s (same window, as a safety bound).
 - ``GET /stats``: the server's CPU share during each phase, as JSON.
 
+and, for case 7 (``connections.py``, whose orchestrator paces the messages
+itself):
+
+- ``GET /publish?seq=``: sends one message ``seq`` now (same payload as the
+  publisher's) and answers ``{"seq": seq}``.
+- ``GET /info``: ``{"ready": ..., "pid": ...}``, the number of SSE streams
+  subscribed so far (a running total) and the server's pid; ``/info?trim=1``
+  first collects garbage and trims the heap (``trim_heap``).
+
 A message's data is ``"<seq> <monotonic_ns at send> xxxx...~"`` (96 characters): the
 client and the server share the machine's monotonic clock, so the client
 computes send-to-receive latency, and counts complete events by the ``~`` that
@@ -22,9 +31,10 @@ ends each data line.
 Stacks: ``ours`` (this repository's ``Broadcaster.response``), ``sse-starlette``
 (``EventSourceResponse`` + encode/broadcaster ``memory://``), ``fastapi``
 (FastAPI's built-in SSE, ``response_class=fastapi.sse.EventSourceResponse``,
-+ encode/broadcaster) and ``raw`` (the floor: a raw ASGI app, one deque and one
++ encode/broadcaster) ``raw`` (the floor: a raw ASGI app, one deque and one
 waiter future per connection, no registry; each wake-up writes everything
-queued as one body message).
+queued as one body message) and ``raw-watch`` (the same, plus a pending
+``receive()`` task per connection to notice clients that leave).
 
 The process exits by itself after MAX_SECONDS whatever happens.
 """
@@ -32,6 +42,7 @@ The process exits by itself after MAX_SECONDS whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -44,6 +55,28 @@ from urllib.parse import parse_qs
 
 PAYLOAD_LEN = 96
 BUFFER = 64  # ours: per-stream buffer; the client's window stays below it
+
+
+_PAD = "x" * PAYLOAD_LEN
+
+
+def make_payload(seq: int) -> str:
+    """Message ``seq``'s data, stamped with the send time: ``"<seq> <monotonic_ns> xx...~"``."""
+    head = f"{seq} {time.monotonic_ns()} "
+    return head + _PAD[: PAYLOAD_LEN - len(head) - 1] + "~"
+
+
+def trim_heap() -> None:
+    """Collect garbage and hand free heap pages back to the OS (glibc's
+    ``malloc_trim``), so that RSS counts memory in use, not memory start-up
+    freed (such as compiling a module from source) that later allocations would
+    reuse unseen."""
+    import ctypes  # noqa: PLC0415 - only case 7 needs it
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS keeps what start-up freed
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Shell:
@@ -72,11 +105,9 @@ class Shell:
     async def publisher(self, publish, is_async: bool, conns: int, count: int, window: int, paced: int, rate: float) -> None:
         while self.ready < conns:
             await asyncio.sleep(0.005)
-        pad = "x" * PAYLOAD_LEN
 
         async def one(seq: int) -> None:
-            head = f"{seq} {time.monotonic_ns()} "
-            payload = head + pad[: PAYLOAD_LEN - len(head) - 1] + "~"
+            payload = make_payload(seq)
             if is_async:
                 await publish(payload)
             else:
@@ -109,6 +140,24 @@ class Shell:
             if scope["type"] != "http":
                 return
             path = scope["path"]
+            if path in {"/publish", "/info"}:  # case 7's controls
+                if path == "/publish":
+                    q = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+                    seq = int(q["seq"])
+                    payload = make_payload(seq)
+                    if is_async:
+                        await publish(payload)
+                    else:
+                        publish(payload)
+                    body = json.dumps({"seq": seq}).encode()
+                else:
+                    if scope["query_string"] == b"trim=1":
+                        trim_heap()
+                    body = json.dumps({"ready": self.ready, "pid": os.getpid()}).encode()
+                headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
             if path == "/start" or path == "/stats":
                 if path == "/start":
                     q = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
@@ -203,7 +252,11 @@ class _Conn:
         self.waiter: asyncio.Future[None] | None = None
 
 
-def stack_raw(shell: Shell):
+def stack_raw(shell: Shell, watch: bool = False):
+    """Floor (d); with ``watch``, floor (d'): the same plus the least an app
+    needs to notice a client that leaves, one pending ``receive()`` in a task
+    of its own that wakes the loop (the memory any ASGI app that detects
+    disconnects holds per connection)."""
     conns: list[_Conn] = []
     start = {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]}
@@ -216,9 +269,14 @@ def stack_raw(shell: Shell):
         shell.subscribed()
         loop = asyncio.get_running_loop()
         items = conn.items
+        watcher = None
+        if watch:
+            await receive()  # the (empty) request body
+            watcher = asyncio.ensure_future(receive())
+            watcher.add_done_callback(lambda _: conn.waiter is not None and not conn.waiter.done() and conn.waiter.set_result(None))
         try:
-            while True:
-                while not items:
+            while watcher is None or not watcher.done():
+                while not items and (watcher is None or not watcher.done()):
                     conn.waiter = loop.create_future()
                     await conn.waiter
                 body = b"".join(items)
@@ -226,6 +284,8 @@ def stack_raw(shell: Shell):
                 await send({"type": "http.response.body", "body": body, "more_body": True})
         finally:
             conns.remove(conn)
+            if watcher is not None:
+                watcher.cancel()
 
     def publish(payload: str) -> None:
         frame = f"data: {payload}\n\n".encode()
@@ -245,6 +305,7 @@ STACKS = {
     "sse-starlette": stack_sse_starlette,
     "fastapi": stack_fastapi,
     "raw": stack_raw,
+    "raw-watch": lambda shell: stack_raw(shell, watch=True),
 }
 
 
