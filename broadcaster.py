@@ -18,7 +18,7 @@ Bound and lag
 
 Life of a channel
     A channel is born at the first ``subscribe`` of its key and dies the moment
-    its last stream leaves: closed, ended by the policy, or garbage-collected
+    its last stream leaves: closed, stopped by the policy, or garbage-collected
     without being closed (a ``weakref.finalize`` on the stream; the registry never
     holds a stream, only its private delivery state). ``remove(key)`` ends every
     stream of the key once it has drained what was already delivered to it and
@@ -49,29 +49,58 @@ Threads and loops
     loop that subscribed it and is read on that loop only. ``send`` called on
     that loop delivers synchronously; called from any other thread it delivers
     through ``loop.call_soon_threadsafe``, so one thread's sends to one key keep
-    their order.
+    their order. The registry's lock and what it guards are described in one
+    place: "The concurrency model", above ``_RegistryLock``.
 
 Server-Sent Events
     :class:`Event` validates and encodes one frame at construction, so an event
     sent to 10,000 subscribers is encoded once. ``response()`` and ``channel()``
     return ASGI 3 apps that write the ``text/event-stream`` body: headers and a
-    first chunk at once, then each event as soon as it is read (with the
+    first chunk at once, then each event as soon as it can be read (with the
     events already waiting behind it in the same body message), keep-alive
-    comments on silence, disconnect detection by a concurrent ``receive()``
-    watcher, a bound on every ``send()``, and on every way out the event
-    source is closed and no task is left behind.
+    comments on silence, disconnect detection by a concurrent ``receive()``,
+    a bound on every ``send()``, and on every way out the event source is
+    closed and no task is left behind. Each response runs in the server's task
+    plus one task of its own (the pending ``receive()``).
+
+How things end (the words this module uses, and only in these senses)
+    *close*
+        what an owner does to what it holds: ``BroadcastStream.close()`` (its
+        reader is done: it leaves its channel and discards what it buffered),
+        ``Broadcaster.close()`` (shutdown: ends every stream and ``channel()``
+        response, forgets every channel, refuses new subscriptions),
+        ``aclose()`` of an event source. A stream is *closed* once no item
+        will be added to it any more, whoever closed or ended it.
+    *end*
+        what the registry does to a stream (``remove``, ``Broadcaster.close``)
+        or to a ``channel()`` response (``Broadcaster.close``): nothing more is
+        added, what was already delivered is still read, then iteration stops.
+        The stream is closed at once and *exhausted* once drained.
+    *leave*
+        a stream stops being a member of its channel (when it is closed by its
+        reader, stopped by ``LagPolicy.END``, or garbage-collected).
+    *remove*
+        a channel is taken out of the registry at once (``remove(key)``,
+        ``Broadcaster.close()``), with its history.
+    *expire*
+        a lingering channel (history kept after its last stream left) is
+        removed because its ``linger`` time is over.
+    *finish*
+        an SSE response returns: *cleanly* with a last empty body message, or
+        without it when the client is gone or a write failed.
 """
 
-# pyright: strict, reportPrivateUsage=false
-# (One module: a leading underscore marks what is not public API, and the
-# module's own classes share such members; the rule is meant for other modules.)
+# pyright: strict
+# (One module: a leading underscore marks what is not public API. The module's
+# own classes share a few such members across class boundaries; each of those
+# places says so with a "pyright: ignore[reportPrivateUsage]" comment.)
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
+import functools
 import itertools
 import json
 import logging
@@ -90,10 +119,9 @@ from collections.abc import (
     Iterable,
     Iterator,
     MutableMapping,
-    Sequence,
 )
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar, cast, overload
+from typing import Any, Final, Generic, Protocol, TypeVar, cast, overload, runtime_checkable
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
@@ -116,6 +144,7 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 S = TypeVar("S")
 _S = TypeVar("_S", bound="BroadcastStream[Any]")
+_X = TypeVar("_X")
 
 # ASGI types, loose on purpose: they are the conventional ones (the same as
 # ``starlette.types``), so an app returned here is assignable to any framework's
@@ -128,7 +157,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 # ---------------------------------------------------------------------------
-# Encoding: one SSE frame per Event (WHATWG HTML, "Server-sent events")
+# Checking arguments
+#
+# Every check of a caller's argument, each written once. Public entry points
+# call them before changing anything, so bad input raises TypeError or
+# ValueError with a precise message and leaves no trace. They take ``object``:
+# annotations are not enforced at run time.
 # ---------------------------------------------------------------------------
 
 # The line breaks of the event-stream format: CRLF, lone CR, lone LF. Nothing
@@ -138,12 +172,14 @@ _LINE_BREAK: Final = re.compile(r"\r\n|\r|\n")
 # Characters that would end or truncate a one-line field on the client: CR and
 # LF end the line, and a browser ignores an ``id`` containing NUL.
 _FIELD_FORBIDDEN: Final = re.compile(r"[\r\n\x00]")
-
-
-# The checks below take ``object``: annotations are not enforced at run time,
-# and every public entry point validates what it is given.
-
-_X = TypeVar("_X")
+# Header names on the wire: lowercase RFC 9110 tokens.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Control characters other than HTAB, which RFC 9110 forbids in a field value
+# (servers such as h11 would refuse them at send time, mid-response).
+_HEADER_VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers that describe the framing of the body; the server owns them, and a
+# user value would corrupt the stream (a content-length on an endless body).
+_FRAMING_HEADERS: Final = frozenset({"connection", "content-length", "transfer-encoding"})
 
 
 def _check_type(name: str, value: object, kind: type[_X], expected: str) -> _X:
@@ -166,6 +202,20 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _check_seconds(name: str, value: object, *, optional: bool = False) -> float | None:
+    """A positive, finite number of seconds; also None if ``optional`` (None
+    then disables what it times)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        expected = "a number of seconds or None" if optional else "a number of seconds"
+        raise TypeError(f"{name} must be {expected}, not {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        hint = " (use None to disable)" if optional else ""
+        raise ValueError(f"{name} must be > 0 and finite{hint}, got {value!r}")
+    return float(value)
+
+
 def _check_field(name: str, value: object) -> str:
     """A one-line field: a str with no CR, LF or NUL."""
     text = _check_str(name, value)
@@ -180,6 +230,108 @@ def _utf8(what: str, text: str) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(f"{what} contains a lone surrogate: {exc.object[exc.start : exc.end]!r}") from None
+
+
+def _check_header(pair: object) -> tuple[bytes, bytes]:
+    """A ``(name, value)`` pair of strs that is a header a server will write
+    as given: a lowercase token name that is not a framing header, and a
+    latin-1 value without control characters or edge whitespace. Returns
+    the pair encoded for the wire."""
+    items = cast("tuple[object, ...]", pair) if isinstance(pair, tuple) else ()
+    if len(items) != 2:
+        raise TypeError(f"each header must be a (name, value) tuple, got {pair!r}")
+    name, value = _check_str("header name", items[0]), _check_str("header value", items[1])
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"header name must be a lowercase token: {name!r}")
+    if name in _FRAMING_HEADERS:
+        raise ValueError(f"header {name!r} is owned by the server and would corrupt the stream")
+    if _FIELD_FORBIDDEN.search(value):
+        raise ValueError(f"header {name!r} value must not contain CR, LF or NUL: {value!r}")
+    if _HEADER_VALUE_CONTROL.search(value):
+        raise ValueError(f"header {name!r} value must not contain control characters: {value!r}")
+    if value != value.strip(" \t"):
+        raise ValueError(f"header {name!r} value must not start or end with whitespace: {value!r}")
+    try:
+        return name.encode("ascii"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header {name!r} value must be latin-1: {value!r}") from None
+
+
+# ---------------------------------------------------------------------------
+# Futures and closing
+#
+# Small helpers every part below uses: wake a sleeper, read the outcome of a
+# task, wait for tasks to finish, close what may be closed.
+# ---------------------------------------------------------------------------
+
+
+def _complete(waiter: asyncio.Future[None] | None) -> None:
+    """Wake whoever sleeps on ``waiter``, if anyone still does."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+def _outcome(done: asyncio.Future[_X], what: str) -> _X:
+    """The result of a finished task, or its exception re-raised; a
+    CancelledError as ``RuntimeError(f"{what} {error!r}")``.
+
+    Callers ask only about tasks they did not cancel (they detach a task, or
+    note why, before cancelling it), so a cancellation here is the task's
+    own failure (it awaited something that was cancelled), not ours: this
+    is where the two are told apart, and an error is never mistaken for a
+    cancellation of the response."""
+    try:
+        return done.result()
+    except asyncio.CancelledError as exc:
+        # Python 3.10 raises a bare copy, whose context is the task's own.
+        own = exc.__context__ if not exc.args and isinstance(exc.__context__, asyncio.CancelledError) else exc
+        raise RuntimeError(f"{what} {own!r}") from own
+
+
+async def _join(*tasks: asyncio.Future[Any]) -> None:
+    """Wait until every task is done, even through cancellations of the caller
+    (anyio's cancel scopes repeat them); then re-raise the last one."""
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+            continue
+        break
+    if cancelled is not None:
+        raise cancelled
+
+
+async def _close(closable: object) -> None:
+    """``aclose()`` an async iterator, or ``close()`` a generator, if it can."""
+    aclose = getattr(closable, "aclose", None)
+    if aclose is not None:
+        await aclose()
+        return
+    close = getattr(closable, "close", None)
+    if close is not None:
+        close()
+
+
+async def _close_each(closables: Iterable[object]) -> None:
+    """:func:`_close` every one, in order, even when one raises; then raise the
+    first error."""
+    error: BaseException | None = None
+    for closable in closables:
+        try:
+            await _close(closable)
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+# ---------------------------------------------------------------------------
+# Encoding: one SSE frame per Event (WHATWG HTML, "Server-sent events")
+#
+# Event is the unit the ASGI layer writes; its frame is computed once.
+# ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -249,54 +401,26 @@ class Event:
         return self._frame
 
 
+def _with_id(frame: bytes, id: str) -> bytes:
+    """``frame`` with ``id: <id>`` as its last field. The last ``id:`` line of
+    an event wins on the client, so it replaces any id of the frame's own."""
+    return frame[:-1] + f"id: {id}\n\n".encode()
+
+
 # ---------------------------------------------------------------------------
 # Configuration of the SSE responses
+#
+# SseConfig is given to a Broadcaster and read by every response it makes;
+# what a response writes besides events is derived from it once.
 # ---------------------------------------------------------------------------
 
-# Header names on the wire: lowercase RFC 9110 tokens.
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
-# Control characters other than HTAB, which RFC 9110 forbids in a field value
-# (servers such as h11 would refuse them at send time, mid-response).
-_HEADER_VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# Headers that describe the framing of the body; the server owns them, and a
-# user value would corrupt the stream (a content-length on an endless body).
-_FRAMING_HEADERS: Final = frozenset({"connection", "content-length", "transfer-encoding"})
 _BASE_HEADERS: Final = (
-    ("content-type", "text/event-stream; charset=utf-8"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
     # Proxies and browsers must not cache or coalesce a live stream.
-    ("cache-control", "no-cache"),
+    (b"cache-control", b"no-cache"),
     # nginx buffers proxied responses unless told not to.
-    ("x-accel-buffering", "no"),
+    (b"x-accel-buffering", b"no"),
 )
-
-
-def _check_seconds(name: str, value: object) -> float:
-    """A positive, finite number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
-    return float(value)
-
-
-def _check_header(pair: object) -> tuple[str, str]:
-    """A (name, value) pair of strs (their content is checked by SseConfig)."""
-    if isinstance(pair, tuple):
-        items = cast("tuple[object, ...]", pair)
-        if len(items) == 2:
-            return _check_str("header name", items[0]), _check_str("header value", items[1])
-    raise TypeError(f"each header must be a (name, value) tuple, got {pair!r}")
-
-
-def _check_optional_seconds(name: str, value: object) -> float | None:
-    """A positive, finite number of seconds, or None (which disables something)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be > 0 and finite (use None to disable), got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -337,42 +461,26 @@ class SseConfig:
     _keep_alive_frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_optional_seconds("keep_alive", self.keep_alive)
-        _check_optional_seconds("send_timeout", self.send_timeout)
+        _check_seconds("keep_alive", self.keep_alive, optional=True)
+        _check_seconds("send_timeout", self.send_timeout, optional=True)
         comment = _check_str("keep_alive_comment", self.keep_alive_comment)
         if "\r" in comment or "\n" in comment:
             raise ValueError(f"keep_alive_comment must not contain CR or LF: {comment!r}")
         keep_alive = _utf8("keep_alive_comment", f": {comment}\n\n" if comment else ":\n\n")
         first = b":\n\n" if self.retry is None else f"retry: {_check_int('retry', self.retry, 0)}\n\n".encode()
-        extra: list[tuple[bytes, bytes]] = []
         pairs = cast(
             "tuple[object, ...]", _check_type("headers", self.headers, tuple, "a tuple of (name, value) pairs")
         )
-        for pair in pairs:
-            name, value = _check_header(pair)
-            if not _HEADER_NAME.fullmatch(name):
-                raise ValueError(f"header name must be a lowercase token: {name!r}")
-            if name in _FRAMING_HEADERS:
-                raise ValueError(f"header {name!r} is owned by the server and would corrupt the stream")
-            if _FIELD_FORBIDDEN.search(value):
-                raise ValueError(f"header {name!r} value must not contain CR, LF or NUL: {value!r}")
-            if _HEADER_VALUE_CONTROL.search(value):
-                raise ValueError(f"header {name!r} value must not contain control characters: {value!r}")
-            if value != value.strip(" \t"):
-                raise ValueError(f"header {name!r} value must not start or end with whitespace: {value!r}")
-            try:
-                extra.append((name.encode("ascii"), value.encode("latin-1")))
-            except UnicodeEncodeError:
-                raise ValueError(f"header {name!r} value must be latin-1: {value!r}") from None
+        extra = [_check_header(pair) for pair in pairs]
         names = {name for name, _ in extra}
-        start = [(n.encode(), v.encode()) for n, v in _BASE_HEADERS if n.encode() not in names] + extra
+        start = [(name, value) for name, value in _BASE_HEADERS if name not in names] + extra
         object.__setattr__(self, "_start", tuple(start))
         object.__setattr__(self, "_first_chunk", first)
         object.__setattr__(self, "_keep_alive_frame", keep_alive)
 
 
 # ---------------------------------------------------------------------------
-# Streams and the registry
+# What a reader can be told: lag policies and exceptions
 # ---------------------------------------------------------------------------
 
 
@@ -402,6 +510,15 @@ class ClientDisconnected(Exception):
     """The client of a ``channel()`` response is gone; nothing more can be sent."""
 
 
+# ---------------------------------------------------------------------------
+# Delivery state: what the registry holds, and the functions that deliver
+#
+# _Subscriber is one stream's state (the registry holds it, never the stream);
+# _Entry an item retained with its id; _Channel one key's subscribers and
+# history. The functions below run on a subscriber's loop thread and are
+# used by the registry (deliveries, ends) and by the streams (wake-ups).
+# ---------------------------------------------------------------------------
+
 _EMPTY: Final[Any] = object()  # a _Subscriber's ``one`` when it holds no item
 
 
@@ -418,18 +535,21 @@ class _Subscriber:
     # Undelivered items: one alone is held in ``one``; from two on, all are in
     # ``queue`` (maxlen is the broadcaster's buffer, so an append to a full
     # queue drops the oldest item), which goes once drained: an empty deque
-    # costs 760 bytes, more than the rest of an idle subscription.
+    # costs 760 bytes, more than the rest of an idle subscription. Invariant:
+    # ``one`` is _EMPTY or ``queue`` is None.
     one: Any = _EMPTY
     queue: deque[Any] | None = None
     # History entries a resumed stream yields before its queue (not bounded by
-    # the buffer: they are references to items the channel retains anyway).
+    # the buffer: they are references to items the channel retains anyway);
+    # None once drained.
     backlog: deque[Any] | None = None
     # Items dropped so far, and how many of them the reader has been told of.
     lagged: int = 0
     reported: int = 0
     # No item will be added any more: the reader drains the queue, then stops.
-    ended: bool = False
-    # The future a reader blocked in __anext__ sleeps on; None when no one waits.
+    closed: bool = False
+    # The future a reader sleeps on until something can be read; None or a
+    # done future when no one waits.
     waiter: asyncio.Future[None] | None = None
 
 
@@ -448,11 +568,6 @@ class _Entry:
             item = dataclasses.replace(item, id=id)
         self.item = item
 
-    def with_id(self, frame: bytes) -> bytes:
-        """``frame`` with this entry's id as its last field. The last ``id:``
-        line of an event wins on the client, so it replaces any id of its own."""
-        return frame[:-1] + f"id: {self.id}\n\n".encode()
-
 
 class _Channel:
     """The subscribers of one key, and its history when the broadcaster keeps one."""
@@ -460,10 +575,11 @@ class _Channel:
     __slots__ = ("members", "groups", "history", "epoch", "seq", "expires")
 
     def __init__(self, history: int) -> None:
-        # Insertion-ordered set of the key's subscribers.
+        # Insertion-ordered set of the key's subscribers (registry lock held to
+        # change it).
         self.members: dict[_Subscriber, None] = {}
         # ``members`` grouped by event loop, as immutable tuples for send() to
-        # iterate without a lock; None after any change (rebuilt lazily).
+        # iterate without the lock; None after any change (rebuilt lazily).
         self.groups: tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...] | None = None
         # The last ``history`` entries, oldest first; None without history.
         self.history: deque[_Entry] | None = deque(maxlen=history) if history else None
@@ -474,19 +590,49 @@ class _Channel:
         # time.monotonic() deadline of a lingering channel (no members); else None.
         self.expires: float | None = None
 
+    def regroup(self) -> tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...]:
+        """Group the members by loop and cache that (registry lock held, or
+        the channel out of the registry)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Subscriber]] = {}
+        for sub in self.members:
+            by_loop.setdefault(sub.loop, []).append(sub)
+        self.groups = tuple((loop, tuple(subs)) for loop, subs in by_loop.items())
+        return self.groups
+
+    def after(self, last_id: str) -> deque[_Entry] | None:
+        """The retained entries after ``last_id``, or None if this channel cannot
+        tell what comes after it: an id it did not issue, or one so old that
+        some entry after it has been dropped already. Its own ids are found by
+        their number (``<epoch>-0`` means "before the first item", so it replays
+        the whole history while nothing has been dropped); ids given to
+        ``send(id=...)`` by an exact match. Registry lock held."""
+        history = self.history
+        assert history is not None, "only channels with history resume"
+        epoch, _, number = last_id.rpartition("-")
+        if epoch != self.epoch:
+            for index, entry in enumerate(history):
+                if entry.id == last_id:
+                    return deque(itertools.islice(history, index + 1, None))
+            return None
+        if not (number.isascii() and number.isdigit()) or str(int(number)) != number:
+            return None
+        seq = int(number)
+        oldest = self.seq - len(history) + 1  # the sequence number of history[0]
+        if not oldest - 1 <= seq <= self.seq:
+            return None
+        return deque(itertools.islice(history, seq - oldest + 1, None))
+
 
 def _wake(sub: _Subscriber) -> None:
-    waiter = sub.waiter
-    if waiter is not None:
-        sub.waiter = None
-        if not waiter.done():
-            waiter.set_result(None)
+    """Wake the reader of ``sub``, if it sleeps."""
+    waiter, sub.waiter = sub.waiter, None
+    _complete(waiter)
 
 
 def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
     """Append ``item`` to every open subscriber's queue (on their loop's thread)."""
     for sub in subs:
-        if sub.ended:
+        if sub.closed:
             continue
         queue = sub.queue
         if queue is None:
@@ -502,63 +648,12 @@ def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
         queue.append(item)
 
 
-def _after(channel: _Channel, last_id: str) -> deque[_Entry] | None:
-    """The retained entries after ``last_id``, or None if the channel cannot
-    tell what comes after it: an id it did not issue, or one so old that some
-    entry after it has been dropped already. Its own ids are found by their
-    number (``<epoch>-0`` means "before the first item", so it replays the
-    whole history while nothing has been dropped); ids given to
-    ``send(id=...)`` by an exact match."""
-    history = channel.history
-    assert history is not None, "only channels with history resume"
-    epoch, _, number = last_id.rpartition("-")
-    if epoch != channel.epoch:
-        for index, entry in enumerate(history):
-            if entry.id == last_id:
-                return deque(itertools.islice(history, index + 1, None))
-        return None
-    if not (number.isascii() and number.isdigit()) or str(int(number)) != number:
-        return None
-    seq = int(number)
-    oldest = channel.seq - len(history) + 1  # the sequence number of history[0]
-    if not oldest - 1 <= seq <= channel.seq:
-        return None
-    return deque(itertools.islice(history, seq - oldest + 1, None))
-
-
-def _groups(channel: _Channel) -> tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...]:
-    """Group the channel's members by loop and cache that (lock held)."""
-    groups = tuple((loop, tuple(subs)) for loop, subs in _by_loop(channel.members).items())
-    channel.groups = groups
-    return groups
-
-
-def _dispatch(
-    groups: Iterable[tuple[asyncio.AbstractEventLoop, Sequence[_Subscriber]]],
-    fn: Callable[..., None],
-    args: tuple[Any, ...],
-    *,
-    direct: bool,
-) -> int:
-    """Run ``fn(subs, *args)`` for each loop's subscribers on that loop's thread.
-
-    For the caller's own loop, at once if ``direct``, else through ``call_soon``
-    (behind what is already queued there); for any other loop through
-    ``call_soon_threadsafe``. Returns how many subscribers were addressed; those
-    of a closed loop are skipped, since nobody can read them.
-    """
-    running = _running_loop()
-    count = 0
-    for loop, subs in groups:
-        if loop is running and direct:
-            fn(subs, *args)
-        else:
-            try:
-                (loop.call_soon if loop is running else loop.call_soon_threadsafe)(fn, subs, *args)
-            except RuntimeError:  # that loop is closed
-                continue
-        count += len(subs)
-    return count
+def _end_streams(subs: Iterable[_Subscriber]) -> None:
+    """End every subscriber's stream: it drains what it holds, then stops (on
+    their loop's thread)."""
+    for sub in subs:
+        sub.closed = True
+        _wake(sub)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -569,18 +664,101 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _by_loop(subs: Iterable[_Subscriber]) -> dict[asyncio.AbstractEventLoop, list[_Subscriber]]:
-    groups: dict[asyncio.AbstractEventLoop, list[_Subscriber]] = {}
-    for sub in subs:
-        groups.setdefault(sub.loop, []).append(sub)
-    return groups
+def _run_on(
+    loop: asyncio.AbstractEventLoop,
+    running: asyncio.AbstractEventLoop | None,
+    defer: bool,
+    fn: Callable[..., None],
+    *args: Any,
+) -> bool:
+    """Run ``fn(*args)`` on ``loop``'s thread: at once if ``loop`` is the
+    ``running`` one (behind what is already queued there if ``defer``), else
+    through ``call_soon_threadsafe``. False, doing nothing, if ``loop`` is
+    closed (nobody can read its streams any more)."""
+    if loop is not running:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # that loop is closed
+            return False
+    elif defer:
+        loop.call_soon(fn, *args)
+    else:
+        fn(*args)
+    return True
 
 
-def _end(subs: Iterable[_Subscriber]) -> None:
-    """Let every subscriber drain its queue and then stop (on their loop's thread)."""
-    for sub in subs:
-        sub.ended = True
-        _wake(sub)
+def _on_loops(
+    groups: Iterable[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]]],
+    defer: bool,
+    fn: Callable[..., None],
+    *args: Any,
+) -> int:
+    """``fn(subs, *args)`` for each loop's subscribers, on that loop's thread
+    (see :func:`_run_on`); how many subscribers were addressed."""
+    running = _running_loop()
+    count = 0
+    for loop, subs in groups:
+        if _run_on(loop, running, defer, fn, subs, *args):
+            count += len(subs)
+    return count
+
+
+# ---------------------------------------------------------------------------
+# The event-source contract
+#
+# What an SSE response reads its events from. BroadcastStream, replay() and
+# _FedSource (a channel() closure, or any other async iterable, read in a task)
+# implement it.
+# ---------------------------------------------------------------------------
+
+
+@runtime_checkable
+class _EventSource(Protocol):
+    """A source of events for an SSE response, read without waiting.
+
+    The response reads in rounds: ``_take`` what can be read now; if nothing,
+    ``_wait`` with a future and sleep until the source (or the client, or the
+    clock) completes it; repeat. The response never cancels a read: the
+    source's own waiting happens, if at all, in a task the source owns.
+    """
+
+    @property
+    def resumed(self) -> bool | None:
+        """False if the source was asked to resume and could not: the client
+        missed items it cannot be given (``on_gap`` is then written first)."""
+        ...
+
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+        """Remove and return, oldest first, up to ``limit`` items that can be
+        read now, and their ids: None when the source writes no ids, else one
+        per item (written with the item's frame unless its event carries that
+        id already). Nothing readable yet: ``([], None)``.
+
+        Raises:
+            StopAsyncIteration: the source is exhausted.
+            Exception: what the source fails with (``Lagged`` from a stream
+                under ``LagPolicy.ERROR``, the error of a ``channel()``
+                closure, ...); the response logs it and finishes cleanly.
+        """
+        ...
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        """Complete ``waiter`` (if not done) as soon as ``_take`` may return
+        something or end. Called only after ``_take`` returned nothing."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything the source holds (subscription, tasks);
+        idempotent. Called once the response is over, whatever ended it."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Streams
+#
+# BroadcastStream is what subscribe() returns: the reader's side of one
+# _Subscriber, and an event source for response().
+# ---------------------------------------------------------------------------
 
 
 class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
@@ -598,31 +776,59 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
     A stream belongs to the event loop that created it; read it there only.
     """
 
-    __slots__ = ("_sub", "_policy", "_leave", "_ids", "_resumed", "_last", "__weakref__")
+    __slots__ = ("_sub", "_policy", "_finalizer", "_entries", "_resumed", "_last", "__weakref__")
 
     def __init__(
         self,
         sub: _Subscriber,
-        leave: Callable[[_Subscriber], None],
-        ids: bool = False,
+        lock: _RegistryLock,
+        entries: bool = False,
         resumed: bool | None = None,
     ) -> None:
         self._sub = sub
         self._policy = LagPolicy.ERROR
-        # With history, the queues hold _Entry objects: the stream yields their
-        # items and keeps the last entry (for its id, and for the SSE response).
-        self._ids = ids
+        # With history the queues hold _Entry objects: the stream yields their
+        # items and keeps the last entry read (for its id).
+        self._entries = entries
         self._resumed = resumed
         self._last: _Entry | None = None
         # Leaving the channel happens exactly once: at close(), or when the
         # stream is garbage-collected. The finalizer holds ``sub``, never self.
-        self._leave = weakref.finalize(self, leave, sub)
-        self._leave.atexit = False
+        self._finalizer = weakref.finalize(self, _RegistryLock.leave, lock, sub)
+        self._finalizer.atexit = False
+
+    # -- reading ----------------------------------------------------------------
 
     def on_lag(self: _S, policy: LagPolicy) -> _S:
         """Set what the next read does after items were dropped; returns self."""
         self._policy = _check_type("policy", policy, LagPolicy, "a LagPolicy")
         return self
+
+    def __aiter__(self: _S) -> _S:
+        return self
+
+    async def __anext__(self) -> T_co:
+        sub = self._sub
+        while True:
+            if sub.lagged != sub.reported:
+                self._report_lag()
+            record = self._pop()
+            if record is not _EMPTY:
+                if self._entries:
+                    self._last = record
+                    record = record.item
+                item: T_co = record
+                return item
+            if sub.closed:
+                raise StopAsyncIteration
+            waiter = sub.waiter = sub.loop.create_future()
+            try:
+                await waiter
+            finally:
+                if sub.waiter is waiter:
+                    sub.waiter = None
+
+    # -- what it is -------------------------------------------------------------
 
     @property
     def key(self) -> Hashable:
@@ -655,90 +861,27 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
 
     @property
     def closed(self) -> bool:
-        """True once no item will be added: closed, removed or broadcaster closed."""
-        return self._sub.ended
+        """True once no item will be added to this stream: after its own
+        ``close()``, ``remove(key)``, ``Broadcaster.close()``, or a loss under
+        ``LagPolicy.END``. Items delivered before may still be read (see
+        ``queued``): iteration stops once they are."""
+        return self._sub.closed
 
-    def __aiter__(self: _S) -> _S:
-        return self
-
-    def _take(self, limit: int) -> list[Any]:
-        """Remove and return, in order, up to ``limit`` of the items the next
-        reads would return without waiting (none while a lag is due: the next
-        read must report it). With history they are the entries, and the last
-        one becomes ``_last``. The SSE pump writes them with the item it read."""
+    def __repr__(self) -> str:
         sub = self._sub
-        if sub.lagged != sub.reported:
-            return []
-        queue = sub.backlog or sub.queue
-        if queue:
-            if len(queue) > limit:
-                taken = [queue.popleft() for _ in range(limit)]
-            else:  # all of it: drop the drained deque
-                taken = list(queue)
-                if queue is sub.backlog:
-                    sub.backlog = None
-                else:
-                    sub.queue = None
-        elif sub.one is not _EMPTY:
-            taken = [sub.one]
-            sub.one = _EMPTY
-        else:
-            return []
-        if self._ids:
-            self._last = taken[-1]
-        return taken
+        state = "closed" if sub.closed else "open"
+        return f"<BroadcastStream key={sub.key!r} {state} queued={self.queued} lagged={sub.lagged}>"
 
-    def _report_lag(self) -> None:
-        """Apply the lag policy to the items dropped since the last report."""
-        sub = self._sub
-        missed = sub.lagged - sub.reported
-        sub.reported = sub.lagged
-        if self._policy is LagPolicy.ERROR:
-            raise Lagged(missed)
-        if self._policy is LagPolicy.END:
-            self.close()
-
-    async def __anext__(self) -> T_co:
-        sub = self._sub
-        while True:
-            if sub.lagged != sub.reported:
-                self._report_lag()
-            if sub.backlog:
-                entry = sub.backlog.popleft()
-                if not sub.backlog:
-                    sub.backlog = None
-            elif sub.one is not _EMPTY:
-                entry = sub.one
-                sub.one = _EMPTY
-            elif sub.queue:
-                entry = sub.queue.popleft()
-                if not sub.queue:
-                    sub.queue = None
-            elif sub.ended:
-                raise StopAsyncIteration
-            else:
-                waiter = sub.loop.create_future()
-                sub.waiter = waiter
-                try:
-                    await waiter
-                finally:
-                    if sub.waiter is waiter:
-                        sub.waiter = None
-                continue
-            if self._ids:
-                self._last = entry
-                entry = entry.item
-            item: T_co = entry
-            return item
+    # -- closing ----------------------------------------------------------------
 
     def close(self) -> None:
         """Leave the channel now and discard what is buffered. Idempotent."""
         sub = self._sub
-        sub.ended = True
+        sub.closed = True
         sub.queue = sub.backlog = None
         sub.one = _EMPTY
         _wake(sub)
-        self._leave()
+        self._finalizer()
 
     async def aclose(self) -> None:
         """The same as :meth:`close`, for ``contextlib.aclosing`` and friends."""
@@ -755,10 +898,157 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
+    # -- internals: the one dequeue, and the event-source contract -------------
+
+    def _pop(self) -> Any:
+        """The one dequeue, shared by ``__anext__`` and ``_take``: remove and
+        return the oldest record readable now (an _Entry with history), or
+        _EMPTY. The backlog comes first; a drained deque is dropped."""
         sub = self._sub
-        state = "ended" if sub.ended else "open"
-        return f"<BroadcastStream key={sub.key!r} {state} queued={self.queued} lagged={sub.lagged}>"
+        assert sub.one is _EMPTY or sub.queue is None, "a lone item is held only while there is no queue"
+        queue = sub.backlog if sub.backlog is not None else sub.queue
+        if queue is not None:
+            record = queue.popleft()
+            if not queue:
+                if queue is sub.backlog:
+                    sub.backlog = None
+                else:
+                    sub.queue = None
+            return record
+        record = sub.one
+        sub.one = _EMPTY
+        return record
+
+    def _report_lag(self) -> None:
+        """Apply the lag policy to the items dropped since the last report."""
+        sub = self._sub
+        missed = sub.lagged - sub.reported
+        sub.reported = sub.lagged
+        if self._policy is LagPolicy.ERROR:
+            raise Lagged(missed)
+        if self._policy is LagPolicy.END:
+            self.close()
+
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+        """The event-source read (see :class:`_EventSource`): the lag policy
+        applies first, as at ``__anext__``; then the records ``_pop`` would
+        return, in order. Those queued in one deque are taken in one piece,
+        all but the last, which ``_pop`` takes (it alone drops a drained
+        deque)."""
+        sub = self._sub
+        if sub.lagged != sub.reported:
+            self._report_lag()
+        records: list[Any] = []
+        while len(records) < limit:
+            queue = sub.backlog if sub.backlog is not None else sub.queue
+            if queue is not None and len(queue) > 1:
+                records += [queue.popleft() for _ in range(min(limit - len(records), len(queue)) - 1)]
+            record = self._pop()
+            if record is _EMPTY:
+                break
+            records.append(record)
+        if not records:
+            if sub.closed:
+                raise StopAsyncIteration
+            return records, None
+        if not self._entries:
+            return records, None
+        self._last = records[-1]
+        return [entry.item for entry in records], [entry.id for entry in records]
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        self._sub.waiter = waiter
+
+
+# ---------------------------------------------------------------------------
+# The registry: its lock, and Broadcaster
+#
+# The concurrency model
+# ---------------------
+# Threads. Every Broadcaster method may be called from any thread. Each
+# stream belongs to the event loop that subscribed it, and only that loop's
+# thread touches its _Subscriber's delivery state (one, queue, backlog,
+# lagged, reported, closed, waiter): deliveries and ends meant for it from
+# any other thread are scheduled there with call_soon_threadsafe (_run_on).
+# An SSE response, its Sender and its channel() source are likewise touched
+# only on the loop that runs the response.
+#
+# The lock. One _RegistryLock per Broadcaster guards the registry: the
+# channels by key (_channels), each channel's members and history (with its
+# seq and expiry), the grouping of members by loop (built under it), the
+# lingering channels, _closed, the running channel() sources, and appends to
+# the keys changed for on_change. It is held only for those updates, never
+# while calling out (deliveries are scheduled or run after it for other
+# loops; on_change runs after it is released).
+#
+# Read without the lock, and why that is safe:
+# - send() without history: _channels.get(key) and channel.groups. A dict
+#   lookup is atomic, and groups is an immutable tuple that is replaced,
+#   never changed: a send sees the grouping of just before or just after a
+#   concurrent subscribe or leave, and either order is a valid one for a
+#   send that races with it. A stream that left meanwhile is closed, so
+#   _deliver skips it; a channel removed meanwhile only reaches streams that
+#   are being ended (those ends are scheduled on the same loops after it, or
+#   mark the streams closed first, and _deliver then skips them).
+# - subscriber_count(): len(channel.members), a momentary count.
+# - on_change's queue (_changed): appended under the lock, popped after its
+#   release by whichever thread released it (deque pops are atomic).
+# With history, send() takes the lock: retaining an item, numbering it and
+# choosing its recipients must be one step for resume to be exact.
+#
+# Leaving never waits for the lock. A stream leaves its channel through its
+# weakref.finalize: run once by close() (or LagPolicy.END), or by the garbage
+# collector when the stream is dropped unclosed - which may happen on any
+# thread, at any allocation, even in a thread that holds the lock already.
+# So the finalizer calls _RegistryLock.leave(sub), which queues sub and only
+# tries to take the lock; whoever holds the lock does every queued leave
+# (Broadcaster._remove_member) before releasing it, and checks the queue again
+# after releasing, in case a leave was queued between its last look and the
+# release. The path is: stream unreachable -> weakref.finalize ->
+# _RegistryLock.leave -> Broadcaster._remove_member (lock held) -> the
+# channel is removed, or lingers with its history -> on_change after release.
+# ---------------------------------------------------------------------------
+
+
+class _RegistryLock:
+    """The lock of one Broadcaster's registry; ``with lock:`` holds it.
+
+    Its release first does the leaves queued meanwhile and expires the
+    lingering channels whose time is over, then reports changed keys to
+    ``on_change`` after the lock is free (see the concurrency model above).
+    """
+
+    __slots__ = ("_mutex", "_leaving", "_registry")
+
+    def __init__(self, registry: Broadcaster[Any, Any]) -> None:
+        self._mutex = threading.Lock()
+        # Subscribers whose streams left; removed by the lock's next holder.
+        self._leaving: deque[_Subscriber] = deque()
+        self._registry = registry
+
+    def __enter__(self) -> None:
+        self._mutex.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def leave(self, sub: _Subscriber) -> None:
+        """Take ``sub`` out of its channel now, or as soon as the lock is free;
+        never waits. Called only by a stream's ``weakref.finalize``."""
+        self._leaving.append(sub)
+        if self._mutex.acquire(blocking=False):
+            self._release()
+
+    def _release(self) -> None:
+        registry = self._registry
+        while True:
+            while self._leaving:
+                registry._remove_member(self._leaving.popleft())  # pyright: ignore[reportPrivateUsage]
+            registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
+            self._mutex.release()
+            if not self._leaving or not self._mutex.acquire(blocking=False):
+                break
+        registry._report_changes()  # pyright: ignore[reportPrivateUsage]
 
 
 class Broadcaster(Generic[K, T]):
@@ -803,126 +1093,24 @@ class Broadcaster(Generic[K, T]):
             SseConfig() if config is None else _check_type("config", config, SseConfig, "an SseConfig")
         )
         self._history: Final = _check_int("history", history, 0)
-        self._linger: Final = _check_seconds("linger", linger)
+        self._linger: Final = cast("float", _check_seconds("linger", linger))
         if on_change is not None and not callable(on_change):
             raise TypeError(f"on_change must be callable or None, not {type(on_change).__name__}")
         self._on_change: Final = on_change
-        # Keyed by K; typed Hashable so a subscriber's key indexes it too.
+        self._lock: Final = _RegistryLock(self)
+        # Everything below is guarded by _lock; see the concurrency model.
+        # The channels by key (keyed by K; typed Hashable so that a
+        # subscriber's key indexes it too).
         self._channels: dict[Hashable, _Channel] = {}
         self._closed = False
-        # Guards _channels and every _Channel.members. Leaving never blocks on
-        # it: a leave (which may run inside the garbage collector, on any thread,
-        # even while this thread holds the lock) is queued in _leaving and done
-        # by whoever holds the lock when it releases it; see _unlock().
-        self._lock = threading.Lock()
-        self._leaving: deque[_Subscriber] = deque()
         # Channels with history and no members, by key, in expiry order (every
-        # channel lingers equally long); swept whenever the lock is released.
+        # channel lingers equally long); expired whenever the lock is released.
         self._lingering: dict[Hashable, _Channel] = {}
         # The running channel() responses, for close() to end.
-        self._sources: set[_ChannelSource] = set()
-        # Keys whose channel appeared or went, for on_change (lock held to
-        # append; handed to on_change after the lock is released).
+        self._sources: set[_FedSource] = set()
+        # Keys whose channel appeared or went, for on_change (appended with
+        # the lock held, handed to on_change after it is released).
         self._changed: deque[Any] = deque()  # of K
-
-    # -- locking ------------------------------------------------------------
-
-    def _unlock(self) -> None:
-        """Release the lock after doing every queued leave.
-
-        Invariant: a subscriber appended to ``_leaving`` is removed by a thread
-        that holds the lock after the append. A leaver that fails to take the
-        lock relies on the holder; the holder re-checks after releasing.
-        """
-        while True:
-            while self._leaving:
-                self._drop(self._leaving.popleft())
-            if self._lingering:
-                self._expire()
-            self._lock.release()
-            if not self._leaving or not self._lock.acquire(blocking=False):
-                break
-        if self._changed:
-            self._notify()
-
-    def _changes(self, key: Hashable) -> None:
-        # Lock held: the channel of ``key`` appeared or went.
-        if self._on_change is not None:
-            self._changed.append(key)
-
-    def _notify(self) -> None:
-        """Hand the changed keys to on_change, outside the lock."""
-        on_change = self._on_change
-        assert on_change is not None, "keys are recorded only for an on_change hook"
-        while self._changed:
-            try:
-                key = self._changed.popleft()
-            except IndexError:  # another releasing thread took the last one
-                return
-            try:
-                on_change(key)
-            except Exception:
-                logger.exception("Broadcaster on_change hook raised for key %r", key)
-
-    def _leave(self, sub: _Subscriber) -> None:
-        """Take ``sub`` out of its channel now, or as soon as the lock is free."""
-        self._leaving.append(sub)
-        if self._lock.acquire(blocking=False):
-            self._unlock()
-
-    def _drop(self, sub: _Subscriber) -> None:
-        # Lock held. A subscriber whose channel was removed (or replaced by a
-        # newer channel of the same key) is in no channel: nothing to do.
-        channel = self._channels.get(sub.key)
-        if channel is None or sub not in channel.members:
-            return
-        del channel.members[sub]
-        channel.groups = None
-        if channel.members:
-            return
-        if channel.history is None:
-            del self._channels[sub.key]
-            self._changes(sub.key)
-        else:
-            channel.expires = time.monotonic() + self._linger
-            self._lingering[sub.key] = channel
-
-    def _adopt(self, source: _ChannelSource) -> bool:
-        """Register a starting channel() source; False if closed already."""
-        self._lock.acquire()
-        try:
-            if self._closed:
-                return False
-            self._sources.add(source)
-            return True
-        finally:
-            self._unlock()
-
-    def _disown(self, source: _ChannelSource) -> None:
-        self._lock.acquire()
-        try:
-            self._sources.discard(source)
-        finally:
-            self._unlock()
-
-    def _expire(self) -> None:
-        # Lock held. Forget the lingering channels whose time is up.
-        now = time.monotonic()
-        while self._lingering:
-            key = next(iter(self._lingering))
-            expires = self._lingering[key].expires
-            assert expires is not None, "a lingering channel has a deadline"
-            if expires > now:
-                return
-            del self._lingering[key]
-            del self._channels[key]
-            self._changes(key)
-
-    def _sweep(self) -> None:
-        """Expire lingering channels now (for reads that take no lock otherwise)."""
-        if self._lingering:
-            self._lock.acquire()
-            self._unlock()
 
     # -- the registry ---------------------------------------------------------
 
@@ -930,7 +1118,7 @@ class Broadcaster(Generic[K, T]):
         """A new stream of every item sent to ``key`` from now on.
 
         Creates the key's channel if it has none. After ``close()`` the stream is
-        returned already ended (it yields nothing), so a request that arrives
+        returned already closed (it yields nothing), so a request that arrives
         during shutdown ends cleanly instead of failing.
 
         With ``last_event_id`` (the id of the last item the client got, as from
@@ -954,31 +1142,28 @@ class Broadcaster(Generic[K, T]):
         hash(key)
         sub = _Subscriber(key, loop)
         resumed: bool | None = None if last_event_id is None else False
-        self._lock.acquire()
-        try:
+        with self._lock:
             if self._closed:
-                sub.ended = True
+                sub.closed = True
             else:
                 channel = self._channels.get(key)
                 if channel is None:
                     channel = self._channels[key] = _Channel(self._history)
-                    self._changes(key)
+                    self._record_change(key)
                 elif channel.expires is not None:
                     channel.expires = None
                     del self._lingering[key]
                 channel.members[sub] = None
                 channel.groups = None
                 if last_event_id is not None and channel.history is not None:
-                    # Under the lock, as send() appends and snapshots under it:
-                    # every later entry reaches this stream live, every earlier
-                    # one is in the backlog.
-                    backlog = _after(channel, last_event_id)
+                    # Under the lock, as send() retains and picks recipients
+                    # under it: every later entry reaches this stream live,
+                    # every earlier one is in the backlog.
+                    backlog = channel.after(last_event_id)
                     if backlog is not None:
                         sub.backlog = backlog or None  # None: nothing to replay
                         resumed = True
-        finally:
-            self._unlock()
-        return BroadcastStream(sub, self._leave, self._history > 0, resumed)
+        return BroadcastStream(sub, self._lock, self._history > 0, resumed)
 
     def send(self, key: K, item: T, *, id: str | None = None) -> int:
         """Deliver ``item`` to every current subscriber of ``key``; never waits.
@@ -1003,39 +1188,20 @@ class Broadcaster(Generic[K, T]):
             return self._send_with_history(key, item, id)
         if id is not None:
             raise ValueError("send(id=...) needs a broadcaster with history")
+        # Without the lock: see the concurrency model.
         channel = self._channels.get(key)
         if channel is None:
             return 0
         groups = channel.groups
         if groups is None:
-            self._lock.acquire()
-            try:
-                groups = _groups(channel)
-            finally:
-                self._unlock()
+            with self._lock:
+                groups = channel.regroup()
         if len(groups) == 1 and groups[0][0] is _running_loop():
-            # The common case, spelled out (a third of the cost of a send to
-            # one stream): every subscriber is on the caller's loop.
+            # The common case, spelled out (it saves a third of a send to one
+            # stream): every subscriber is on the caller's loop.
             _deliver(groups[0][1], item, self._buffer)
             return len(groups[0][1])
-        return _dispatch(groups, _deliver, (item, self._buffer), direct=True)
-
-    def _send_with_history(self, key: K, item: T, id: str | None) -> int:
-        self._lock.acquire()
-        try:
-            channel = self._channels.get(key)
-            if channel is None:
-                return 0
-            assert channel.history is not None, "a broadcaster with history gives every channel one"
-            channel.seq += 1
-            entry = _Entry(f"{channel.epoch}-{channel.seq}" if id is None else id, item)
-            channel.history.append(entry)
-            groups = channel.groups if channel.groups is not None else _groups(channel)
-            # Scheduled while the lock is held, so the deliveries of concurrent
-            # sends queue up on every loop in the order of their ids.
-            return _dispatch(groups, _deliver, (entry, self._buffer), direct=False)
-        finally:
-            self._unlock()
+        return _on_loops(groups, False, _deliver, item, self._buffer)
 
     def subscriber_count(self, key: K) -> int:
         """How many streams are subscribed to ``key`` (0 if it has no channel)."""
@@ -1046,53 +1212,86 @@ class Broadcaster(Generic[K, T]):
         """End every stream of ``key`` once it drains what it was sent, and forget
         the channel and its history at once. A later ``subscribe(key)`` makes a
         fresh one. No-op for a key without a channel."""
-        self._lock.acquire()
-        try:
+        with self._lock:
             channel = self._channels.pop(key, None)
             self._lingering.pop(key, None)
             if channel is not None:
-                self._changes(key)
-        finally:
-            self._unlock()
+                self._record_change(key)
         if channel is not None:
-            self._end_all(channel)
+            self._end_channel(channel)
 
     def close(self) -> None:
         """End every stream of every key (each drains first) and every running
         ``channel()`` response, and refuse new ones: later ``subscribe`` calls
-        return ended streams, ``send`` returns 0. Idempotent.
+        return closed streams, ``send`` returns 0. Idempotent.
 
         Thread-safe, but not for a signal handler: one runs in the middle of
         whatever the main thread was doing, possibly holding the registry lock.
         From a handler, ``loop.call_soon_threadsafe(broadcaster.close)``.
         """
-        self._lock.acquire()
-        try:
+        with self._lock:
             self._closed = True
             channels = list(self._channels.values())
             for key in self._channels:
-                self._changes(key)
+                self._record_change(key)
             self._channels.clear()
             self._lingering.clear()
             sources, self._sources = self._sources, set()
-        finally:
-            self._unlock()
         for channel in channels:
-            self._end_all(channel)
+            self._end_channel(channel)
         running = _running_loop()
         for source in sources:
-            assert source._loop is not None, "an adopted source has started on a loop"
-            if source._loop is running:
-                source._shutdown()
-            else:
-                with contextlib.suppress(RuntimeError):  # that loop is closed
-                    source._loop.call_soon_threadsafe(source._shutdown)
+            assert source.loop is not None, "a tracked source has started on a loop"
+            _run_on(source.loop, running, False, source.end)
 
-    def _end_all(self, channel: _Channel) -> None:
-        # The channel is out of the registry: its members no longer change.
-        # With history the end queues up behind the deliveries already
-        # scheduled on each loop, so every stream drains them first.
-        _dispatch(_by_loop(channel.members).items(), _end, (), direct=not self._history)
+    # -- SSE responses --------------------------------------------------------
+
+    @overload
+    def response(self, events: AsyncIterable[Event], *, on_gap: Event | None = None) -> ASGIApp: ...
+
+    @overload
+    def response(
+        self, events: AsyncIterable[S], render: Callable[[S], Event], *, on_gap: Event | None = None
+    ) -> ASGIApp: ...
+
+    def response(
+        self,
+        events: AsyncIterable[Any],
+        render: Callable[[Any], Event] | None = None,
+        *,
+        on_gap: Event | None = None,
+    ) -> ASGIApp:
+        """An ASGI app that streams ``events`` as ``text/event-stream``.
+
+        ``render`` maps each item to its :class:`Event` (needed unless the items
+        are Events). When ``events`` carries ids (a stream of a broadcaster with
+        history, or ``replay()`` over one), each event is written with its
+        item's id (replacing any id of its own), so the client's
+        ``Last-Event-ID`` resumes it; ``on_gap``, if given, is written first
+        when ``events`` could not resume (``resumed is False``), so the client
+        knows to reload its state. A stream, ``replay()`` and any other async
+        iterable alike have their waiting events written together.
+
+        Call it once per request. ``events`` is closed (``aclose()``, when it has
+        one) on every way out; see :class:`_SseResponse` for the wire behaviour.
+        """
+        source = events if isinstance(events, _EventSource) else _iterable_source(events)
+        return _SseResponse(source, self._config, render, on_gap)
+
+    def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
+        """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
+
+        ``fn`` starts when the response starts (never for ``HEAD``); its queue
+        holds ``buffer`` events, so a fast ``fn`` waits for a slow client. Every
+        event it sent is written before the end. The response ends cleanly when
+        ``fn`` returns, ends cleanly with an ERROR log when it raises, and
+        cancels it when the client goes away. ``close()`` cancels it too and
+        ends the response cleanly after what it sent; after ``close()`` a new
+        channel response ends at once without starting ``fn``.
+        """
+        return _SseResponse(_FedSource(fn, self._buffer, "SSE channel closure", owner=self), self._config)
+
+    # -- what it is -------------------------------------------------------------
 
     @property
     def buffer(self) -> int:
@@ -1117,65 +1316,806 @@ class Broadcaster(Generic[K, T]):
     def __len__(self) -> int:
         """The number of live channels: keys with at least one stream, and with
         history, keys whose channel still lingers."""
-        self._sweep()
-        return len(self._channels)
+        with self._lock:
+            self._expire_lingering()
+            return len(self._channels)
 
     def __contains__(self, key: object) -> bool:
-        self._sweep()
-        return key in self._channels
+        with self._lock:
+            self._expire_lingering()
+            return key in self._channels
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Broadcaster {state} channels={len(self._channels)} buffer={self._buffer}>"
 
-    # -- SSE responses --------------------------------------------------------
+    # -- internals (registry lock held unless said otherwise) -----------------
 
-    @overload
-    def response(self, events: AsyncIterable[Event], *, on_gap: Event | None = None) -> ASGIApp: ...
+    def _send_with_history(self, key: K, item: T, id: str | None) -> int:
+        # Lock not held: takes it.
+        with self._lock:
+            channel = self._channels.get(key)
+            if channel is None:
+                return 0
+            assert channel.history is not None, "a broadcaster with history gives every channel one"
+            channel.seq += 1
+            entry = _Entry(f"{channel.epoch}-{channel.seq}" if id is None else id, item)
+            channel.history.append(entry)
+            groups = channel.groups if channel.groups is not None else channel.regroup()
+            # Scheduled while the lock is held, so the deliveries of concurrent
+            # sends queue up on every loop in the order of their ids.
+            return _on_loops(groups, True, _deliver, entry, self._buffer)
 
-    @overload
-    def response(
-        self, events: AsyncIterable[S], render: Callable[[S], Event], *, on_gap: Event | None = None
-    ) -> ASGIApp: ...
+    def _end_channel(self, channel: _Channel) -> None:
+        # Lock not held. The channel is out of the registry: its members no
+        # longer change. With history the ends queue up behind the deliveries
+        # already scheduled on each loop, so every stream drains them first.
+        _on_loops(channel.regroup(), bool(self._history), _end_streams)
 
-    def response(
+    def _remove_member(self, sub: _Subscriber) -> None:
+        """Take a subscriber whose stream left out of its channel; the channel
+        goes with its last member, or lingers if it has history. A subscriber
+        whose channel was removed (or replaced by a newer channel of the same
+        key) is in no channel: nothing to do."""
+        channel = self._channels.get(sub.key)
+        if channel is None or sub not in channel.members:
+            return
+        del channel.members[sub]
+        channel.groups = None
+        if channel.members:
+            return
+        if channel.history is None:
+            del self._channels[sub.key]
+            self._record_change(sub.key)
+        else:
+            channel.expires = time.monotonic() + self._linger
+            self._lingering[sub.key] = channel
+
+    def _expire_lingering(self) -> None:
+        """Remove the lingering channels whose time is over."""
+        now = time.monotonic()
+        while self._lingering:
+            key = next(iter(self._lingering))
+            expires = self._lingering[key].expires
+            assert expires is not None, "a lingering channel has a deadline"
+            if expires > now:
+                return
+            del self._lingering[key]
+            del self._channels[key]
+            self._record_change(key)
+
+    def _record_change(self, key: Hashable) -> None:
+        """Note that the channel of ``key`` appeared or went, for on_change."""
+        if self._on_change is not None:
+            self._changed.append(key)
+
+    def _report_changes(self) -> None:
+        """Hand the changed keys to on_change (lock not held)."""
+        on_change = self._on_change
+        while self._changed:
+            assert on_change is not None, "keys are recorded only for an on_change hook"
+            try:
+                key = self._changed.popleft()
+            except IndexError:  # another releasing thread took the last one
+                return
+            try:
+                on_change(key)
+            except Exception:
+                logger.exception("Broadcaster on_change hook raised for key %r", key)
+
+    def _register_source(self, source: _FedSource) -> bool:
+        """Track a starting channel() source; False if closed already (lock
+        not held: takes it)."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._sources.add(source)
+            return True
+
+    def _unregister_source(self, source: _FedSource) -> None:
+        # Lock not held: takes it.
+        with self._lock:
+            self._sources.discard(source)
+
+
+# ---------------------------------------------------------------------------
+# The ASGI layer: one SSE response
+#
+# _SseResponse is the app response() and channel() return. It reads an event
+# source (the contract above) and writes to the server, from the server's own
+# task; its one task is the pending receive().
+# ---------------------------------------------------------------------------
+
+_FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
+
+# How many events one body message holds at most: the one that woke the
+# response and those waiting behind it (the default buffer: a message holds
+# no more than a stream could).
+_GATHER: Final = 64
+
+# What _SseResponse._client holds once the client has left.
+_GONE: Final = "gone"
+
+# The message of the cancellation with which a response abandons a send in
+# progress: the CancelledError that comes out of that send carries it, unless
+# the server's task was cancelled by someone else too.
+_ABANDONED: Final = "SSE response: send abandoned"
+
+# Task.uncancel() (Python 3.11+) takes back a cancellation request once it is
+# handled and returns how many others are pending; Python 3.10 counts none.
+_uncancel: Final[Callable[[asyncio.Task[Any]], int]] = getattr(asyncio.Task, "uncancel", lambda task: 0)  # pyright: ignore[reportUnknownLambdaType]
+
+
+def _body_message(body: bytes) -> Message:
+    return {"type": "http.response.body", "body": body, "more_body": True}
+
+
+class _SseResponse:
+    """The ASGI app of one SSE response (see ``Broadcaster.response``).
+
+    Wire behaviour: ``http.response.start`` with status 200 and the configured
+    headers; at once a first body chunk (the ``retry:`` frame, or ``:\\n\\n``),
+    because some servers and middleware hold the headers back until the first
+    body message; ``on_gap`` if the source could not resume; then
+    ``more_body`` messages of whole events, written as soon as they can be
+    read: the events the source holds at that moment go out together, up to
+    64 in one message; a keep-alive comment after ``keep_alive`` seconds
+    without a write. ``HEAD`` gets the headers and an empty body, and the
+    source is never read.
+
+    Ends: source exhausted, :class:`Lagged` (WARNING), a source exception
+    (ERROR, with traceback) or a failing ``receive()`` (ERROR) finish cleanly
+    with a last ``more_body=False`` message. A disconnect (``http.disconnect``,
+    or ``OSError`` from ``send``), a send timeout and a failing ``send()``
+    (ERROR) finish with nothing more sent. Cancellation propagates. On every
+    way out the source is closed and the pending ``receive()`` is cancelled
+    and awaited.
+
+    How it runs: in the server's task, which writes, and sleeps on one future
+    (``_wake``) while nothing can be written. Three things complete that
+    future: the source (through ``_wait``), the pending ``receive()`` (a task
+    of its own: the only one) when the client leaves or it fails, and the
+    one timer (``_tick``) when a keep-alive is due. The timer is also the send
+    timeout: when a send has taken ``send_timeout``, it cancels the server's
+    task out of that send, and so does the end of the client while a send is
+    in progress. ``_write`` knows that cancellation for its own by ``_abandon``
+    and the message it carries (``_ABANDONED``), takes the request back, and
+    ends the response; any other cancellation propagates. (On Python 3.10,
+    which counts no cancellations, one that the server makes in the very loop
+    iteration of the abandonment merges with it, and is taken for it.)
+
+    Raises:
+        RuntimeError: a non-``http`` scope (the source is closed first), or a
+            second call.
+    """
+
+    __slots__ = (
+        "_source",
+        "_config",
+        "_render",
+        "_on_gap",
+        # Set when called: the server's send and receive, its task and loop.
+        "_send",
+        "_receive",
+        "_task",
+        "_loop",
+        # The future the task sleeps on while nothing can be written, or None.
+        "_wake",
+        # The one timer, armed for the earliest of: the send in progress times
+        # out, a keep-alive is due; None when nothing is due.
+        "_timer",
+        # Loop time at which the send in progress started (None between sends),
+        # and at which the last write completed.
+        "_sending_since",
+        "_last_write",
+        # Why the send in progress is being abandoned ("timeout" or "client"),
+        # set just before the task is cancelled for it; else None.
+        "_abandon",
+        # The pending receive() (None when there is none), and whether request
+        # body messages may still come.
+        "_receiving",
+        "_more_body",
+        # None while the client is there; _GONE once it left; the exception
+        # if its receive() failed.
+        "_client",
+    )
+
+    def __init__(
         self,
-        events: AsyncIterable[Any],
+        source: _EventSource,
+        config: SseConfig,
         render: Callable[[Any], Event] | None = None,
-        *,
         on_gap: Event | None = None,
-    ) -> ASGIApp:
-        """An ASGI app that streams ``events`` as ``text/event-stream``.
+    ) -> None:
+        self._source = source
+        self._config = config
+        self._render = render
+        self._on_gap = on_gap
+        self._send: Send | None = None
+        self._receive: Receive | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending_since: float | None = None
+        self._last_write = 0.0
+        self._abandon: str | None = None
+        self._receiving: asyncio.Future[Message] | None = None
+        self._more_body = True
+        self._client: object = None
 
-        ``render`` maps each item to its :class:`Event` (needed unless the items
-        are Events). When ``events`` is a stream of a broadcaster with history,
-        each event is written with its item's id (replacing any id of its own),
-        so the client's ``Last-Event-ID`` resumes it; ``on_gap``, if given, is
-        written first when that stream could not resume (``resumed is False``),
-        so the client knows to reload its state.
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One coroutine for the whole response (its frame is what an idle
+        # connection holds); the steps it awaits are coroutines of their own.
+        if self._send is not None:
+            raise RuntimeError("an SSE response app can be called only once: make one per request")
+        self._send = send
+        try:
+            if scope.get("type") != "http":
+                raise RuntimeError(f"SSE responses serve 'http' scopes only, got {scope.get('type')!r}")
+            task = asyncio.current_task()
+            assert task is not None, "asyncio runs every coroutine in a task"
+            self._task, self._loop = task, task.get_loop()
+            if not await self._write_head(scope.get("method") == "HEAD"):
+                return
+            self._receive = receive
+            self._watch()
+            finish = False
+            try:
+                finish = await self._write_events()
+            except Lagged as exc:
+                logger.warning("SSE stream ended: %s", exc)
+                finish = True
+            except Exception:
+                logger.exception("SSE event source raised; ending the response")
+                finish = True
+            finally:
+                await self._unwatch()
+            if finish:
+                await self._write(dict(_FINAL))
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            try:
+                await self._source.aclose()
+            except Exception:
+                logger.exception("closing the SSE event source raised")
 
-        Call it once per request. ``events`` is closed (``aclose()``, when it has
-        one) on every way out; see :class:`_SseApp` for the wire behaviour.
-        """
-        return _SseApp(events, self._config, render, on_gap)
+    async def _write_head(self, head: bool) -> bool:
+        """The start message; then the whole empty body for ``HEAD`` (False:
+        nothing more to write), else the first chunk and ``on_gap`` when due.
+        False if a write did not complete."""
+        config = self._config
+        # A fresh list: middleware may edit the headers of a message in place.
+        start = {"type": "http.response.start", "status": 200, "headers": list(config._start)}  # pyright: ignore[reportPrivateUsage]
+        if not await self._write(start):
+            return False
+        if head:
+            await self._write(dict(_FINAL))
+            return False
+        if not await self._write(_body_message(config._first_chunk)):  # pyright: ignore[reportPrivateUsage]
+            return False
+        gap = self._on_gap
+        return gap is None or self._source.resumed is not False or await self._write(_body_message(gap.encode()))
 
-    def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
-        """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
+    async def _write_events(self) -> bool:
+        """Write the source's events as they come, and keep-alives on silence,
+        until the source is exhausted (True: finish cleanly), the client leaves
+        (False) or its receive() fails (True), or a write fails (False).
+        Raises what the source raises, once the events read before it are
+        written."""
+        loop = self._loop
+        assert loop is not None, "set by __call__"
+        keep_alive = self._config.keep_alive
+        while self._client is None:
+            try:
+                written = await self._write_ready()
+            except StopAsyncIteration:
+                return True
+            if written is None:
+                if keep_alive is not None and loop.time() - self._last_write >= keep_alive:
+                    written = await self._write(_body_message(self._config._keep_alive_frame))  # pyright: ignore[reportPrivateUsage]
+                else:
+                    wake = self._wake = loop.create_future()
+                    self._source._wait(wake)  # pyright: ignore[reportPrivateUsage]
+                    if keep_alive is not None:
+                        self._schedule(self._last_write + keep_alive)
+                    try:
+                        await wake
+                    finally:
+                        self._wake = None
+                    continue
+            if not written:
+                break
+        return self._client is not None and self._client is not _GONE
 
-        ``fn`` starts when the response starts (never for ``HEAD``); its queue
-        holds ``buffer`` events, so a fast ``fn`` waits for a slow client. Every
-        event it sent is written before the end. The response ends cleanly when
-        ``fn`` returns, ends cleanly with an ERROR log when it raises, and
-        cancels it when the client goes away. ``close()`` cancels it too and
-        ends the response cleanly after what it sent; after ``close()`` a new
-        channel response ends at once without starting ``fn``.
-        """
-        return _SseApp(_ChannelSource(fn, self._buffer, self), self._config)
+    async def _write_ready(self) -> bool | None:
+        """Write what the source holds now, up to 64 events in one message:
+        None if it holds nothing, else whether the write completed. Raises
+        StopAsyncIteration once the source is exhausted, and what the source
+        raises (after the events before it are written)."""
+        items, ids = self._source._take(_GATHER)  # pyright: ignore[reportPrivateUsage]
+        if not items:
+            return None
+        body, error = self._body(items, ids)
+        if body and not await self._write(_body_message(body)):
+            return False
+        if error is not None:
+            raise error
+        return True
+
+    async def _write(self, message: Message) -> bool:
+        """Send one message within ``send_timeout``; False if it did not
+        complete: the client is gone, the send failed or timed out (each
+        logged once, here or by the watcher), or it was abandoned."""
+        loop, send, task = self._loop, self._send, self._task
+        assert loop is not None and send is not None and task is not None, "set by __call__"
+        since = self._sending_since = loop.time()
+        timeout = self._config.send_timeout
+        if timeout is not None:
+            self._schedule(since + timeout)
+        try:
+            await send(message)
+        except asyncio.CancelledError as exc:
+            abandon, self._abandon = self._abandon, None
+            # Ours only if abandoned, with no other request pending once ours
+            # is taken back (3.11+ counts them), and carrying our message.
+            if abandon is None or _uncancel(task) or exc.args != (_ABANDONED,):
+                raise
+            if abandon == "timeout":
+                logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
+            return False
+        except OSError as exc:
+            logger.debug("SSE client disconnected: %r", exc)
+            self._client = _GONE
+            return False
+        except Exception:
+            logger.exception("ASGI send() failed; ending the SSE response")
+            return False
+        finally:
+            self._sending_since = None
+        if self._abandon is not None:  # the server's send() returned although abandoned
+            self._abandon = None
+            _uncancel(task)
+        self._last_write = loop.time()
+        return True
+
+    # -- the one timer: keep-alives and the send timeout --------------------------
+
+    def _schedule(self, when: float) -> None:
+        """Have ``_tick`` run at ``when`` at the latest."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        assert self._loop is not None, "set by __call__"
+        self._timer = self._loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        """Abandon a send that has taken ``send_timeout``; wake the response for
+        a keep-alive that is due; else re-arm for what comes next."""
+        assert self._loop is not None, "set by __call__"
+        self._timer = None
+        now = self._loop.time()
+        since = self._sending_since
+        timeout = self._config.send_timeout
+        if since is not None:
+            if timeout is None:  # armed for a keep-alive, but a send began since
+                return
+            if now - since >= timeout:
+                self._abandon_send("timeout")
+            else:
+                self._schedule(since + timeout)
+            return
+        keep_alive = self._config.keep_alive
+        if keep_alive is not None and self._wake is not None:
+            if now - self._last_write >= keep_alive:
+                _complete(self._wake)
+            else:
+                self._schedule(self._last_write + keep_alive)
+
+    def _abandon_send(self, why: str) -> None:
+        """Cancel the server's task out of the send in progress, for ``why``."""
+        assert self._task is not None, "set by __call__"
+        self._abandon = why
+        self._task.cancel(_ABANDONED)
+
+    # -- the watcher: the pending receive() ----------------------------------------
+
+    def _watch(self) -> None:
+        """Start the receive() that tells when the client leaves."""
+        assert self._receive is not None, "set by __call__"
+        receiving = self._receiving = asyncio.ensure_future(self._receive())
+        receiving.add_done_callback(self._received)
+
+    def _received(self, receiving: asyncio.Future[Message]) -> None:
+        if receiving is not self._receiving:  # cancelled by _unwatch
+            return
+        self._receiving = None
+        try:
+            message = _outcome(receiving, "ASGI receive() raised")
+            kind = message["type"]
+            if kind == "http.request" and self._more_body:
+                # Request body messages are read and dropped.
+                self._more_body = bool(message.get("more_body", False))
+                self._watch()
+                return
+            if kind != "http.disconnect":
+                raise RuntimeError(f"unexpected ASGI message while streaming: {kind!r}")
+            logger.debug("SSE client disconnected")
+            self._client = _GONE
+        except OSError:
+            logger.debug("SSE client disconnected")
+            self._client = _GONE
+        except Exception as exc:
+            logger.error("ASGI receive() failed; ending the SSE response", exc_info=exc)
+            self._client = exc
+        # Nothing more is written to a client that left, not even the rest of
+        # a send in progress; after a failed receive() the send completes and
+        # the response finishes cleanly.
+        if self._client is _GONE and self._sending_since is not None:
+            self._abandon_send("client")
+        else:
+            _complete(self._wake)
+
+    async def _unwatch(self) -> None:
+        """Cancel the pending receive() and wait until it is done."""
+        receiving, self._receiving = self._receiving, None
+        if receiving is not None:
+            receiving.cancel()
+            await _join(receiving)
+
+    # -- frames ----------------------------------------------------------------
+
+    def _body(self, items: list[Any], ids: list[str] | None) -> tuple[bytes, Exception | None]:
+        """One body message: the frames of ``items``, each with its id (from
+        ``ids``) unless its event carries that id already; and the error that
+        stopped it at an item, if any (the frames before it are kept)."""
+        frames: list[bytes]
+        if self._render is None:
+            # The common case at C speed: Event items carry their frames (with
+            # history, copies that carry their ids). Anything else is redone
+            # below, one by one, to raise at the right item.
+            if ids is None:
+                frames = [event._frame for event in items if isinstance(event, Event)]  # pyright: ignore[reportPrivateUsage]
+            else:
+                frames = [
+                    event._frame  # pyright: ignore[reportPrivateUsage]
+                    for event, id in zip(items, ids, strict=True)
+                    if isinstance(event, Event) and event.id == id
+                ]
+            if len(frames) == len(items):
+                return b"".join(frames), None
+        frames = []
+        try:
+            for index, item in enumerate(items):
+                frames.append(self._frame(item, None if ids is None else ids[index]))
+        except Exception as exc:
+            return b"".join(frames), exc
+        return b"".join(frames), None
+
+    def _frame(self, item: object, id: str | None) -> bytes:
+        """The frame of one item of the source: rendered if there is a
+        ``render``, then with ``id`` unless the event carries it already."""
+        render = self._render
+        event = item if render is None else render(item)
+        if not isinstance(event, Event):
+            raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
+        if id is None or event.id == id:
+            return event.encode()
+        return _with_id(event.encode(), id)
 
 
 # ---------------------------------------------------------------------------
-# Helpers for resuming: Last-Event-ID and replay
+# Other event sources: channel(), any async iterable, replay()
+#
+# Sender is the writing end of a bounded queue, and _FedSource the event
+# source that runs a coroutine feeding it, in a task of its own: the closure
+# of a channel() response, or _forward over an async iterable that is not an
+# event source already (response() wraps it so). replay() chains sources;
+# last_event_id() reads where a client is from its request.
 # ---------------------------------------------------------------------------
+
+
+class Sender:
+    """How a ``channel()`` closure sends events to its one client.
+
+    Its queue holds at most ``limit`` events; ``send`` waits for room, so a fast
+    closure is paced by a slow client.
+    """
+
+    __slots__ = ("_items", "_limit", "_closed", "_exited", "_error", "_reader", "_putters")
+
+    def __init__(self, limit: int) -> None:
+        self._items: deque[Any] = deque()
+        self._limit = limit
+        # The response is over (client gone, or ended): send() raises.
+        self._closed = False
+        # What feeds the queue returned or raised (with _error): the response
+        # stops once it has written what is queued.
+        self._exited = False
+        self._error: BaseException | None = None
+        # The future the response sleeps on until an item or the end comes.
+        self._reader: asyncio.Future[None] | None = None
+        # Feeders waiting for room; all are woken when room frees and re-check.
+        self._putters: list[asyncio.Future[None]] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once the response is over; ``send`` then raises ClientDisconnected."""
+        return self._closed
+
+    async def send(self, event: Event) -> None:
+        """Queue ``event`` for the client, waiting while the queue is full.
+
+        Raises:
+            TypeError: ``event`` is not an :class:`Event`.
+            ClientDisconnected: the client is gone or the response is over.
+        """
+        _check_type("Sender.send() event", event, Event, "an Event")
+        await self._put(event)
+
+    # -- internals: the feeder's side, then the response's (for _FedSource) ----
+
+    async def _put(self, item: object) -> None:
+        while True:
+            if self._closed or self._exited:
+                raise ClientDisconnected("the client is gone or the response is over")
+            if len(self._items) < self._limit:
+                break
+            room = asyncio.get_running_loop().create_future()
+            self._putters.append(room)
+            await room
+        self._items.append(item)
+        reader, self._reader = self._reader, None
+        _complete(reader)
+
+    def _take(self, limit: int) -> list[Any]:
+        """Up to ``limit`` queued items (see :class:`_EventSource`)."""
+        items = self._items
+        if items:
+            taken = [items.popleft() for _ in range(min(limit, len(items)))]
+            self._wake_putters()
+            return taken
+        if self._exited:
+            error, self._error = self._error, None
+            # ClientDisconnected means the feeder saw the response end.
+            if error is not None and not isinstance(error, ClientDisconnected):
+                raise error
+            raise StopAsyncIteration
+        return []
+
+    def _close(self) -> None:
+        """The response is over: ``send`` raises from now on."""
+        self._closed = True
+        self._wake_putters()
+
+    def _feeder_exited(self, error: BaseException | None) -> None:
+        """What feeds the queue returned (``error`` None) or failed."""
+        self._exited = True
+        self._error = error
+        reader, self._reader = self._reader, None
+        _complete(reader)
+        self._wake_putters()
+
+    def _wake_putters(self) -> None:
+        putters, self._putters = self._putters, []
+        for room in putters:
+            _complete(room)
+
+
+class _FedSource:
+    """An event source fed by a coroutine that it runs in a task of its own:
+    a ``channel()`` closure, or :func:`_forward` over an async iterable.
+
+    The task starts at the first read, unless the source belongs to a closed
+    broadcaster (then the response just ends); while it runs, the broadcaster
+    (if any) tracks the source, so that ``Broadcaster.close()`` can end it.
+    ``aclose`` cancels and awaits the task, then closes ``closes``.
+    """
+
+    __slots__ = ("_feed", "_sender", "_task", "_owner", "_what", "_closes", "loop")
+
+    def __init__(
+        self,
+        feed: Callable[[Sender], Awaitable[None]],
+        limit: int,
+        what: str,
+        owner: Broadcaster[Any, Any] | None = None,
+        closes: object = None,
+    ) -> None:
+        self._feed = feed
+        self._sender = Sender(limit)
+        self._task: asyncio.Task[None] | None = None
+        # What it is, in messages: "SSE channel closure" or "SSE event source".
+        self._what = what
+        self._owner = owner
+        self._closes = closes
+        # The loop the response runs on; None until the first read.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def resumed(self) -> None:
+        return None
+
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            if self._owner is None or self._owner._register_source(self):  # pyright: ignore[reportPrivateUsage]
+                self._task = self.loop.create_task(self._run())
+                self._task.add_done_callback(self._exited)
+            else:  # the broadcaster is closed: end at once
+                self._sender._close()  # pyright: ignore[reportPrivateUsage]
+                self._sender._feeder_exited(None)  # pyright: ignore[reportPrivateUsage]
+        return self._sender._take(limit), None  # pyright: ignore[reportPrivateUsage]
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        self._sender._reader = waiter  # pyright: ignore[reportPrivateUsage]
+
+    async def _run(self) -> None:
+        await self._feed(self._sender)
+
+    def _exited(self, task: asyncio.Task[None]) -> None:
+        # A cancellation is ours once the sender is closed (we close it, then
+        # cancel); any other is the feeder's own failure.
+        error: BaseException | None = None
+        if not (task.cancelled() and self._sender.closed):
+            try:
+                _outcome(task, f"the {self._what} raised")
+            except Exception as exc:
+                error = exc
+        self._sender._feeder_exited(error)  # pyright: ignore[reportPrivateUsage]
+
+    def end(self) -> None:
+        """End the response for ``Broadcaster.close()`` (on the source's loop):
+        the feeder is cancelled, what it already sent is still written, then
+        the response finishes cleanly. Harmless once the response is over (a
+        close() from another thread can be scheduled just before that)."""
+        self._sender._close()  # pyright: ignore[reportPrivateUsage]
+        if self._task is not None:
+            self._task.cancel()
+
+    async def aclose(self) -> None:
+        """Cancel the feeder and wait for it, close ``closes``; then raise what
+        the feeder failed with if the response never read it (it finished
+        first, e.g. on a disconnect), or log it if this is cancelled
+        meanwhile: it is never lost. A closure that sends after its client
+        left gets ClientDisconnected: that is how it learns, not an error."""
+        self._sender._close()  # pyright: ignore[reportPrivateUsage]
+        # The ended task's exception holds the feeder's frames, which hold
+        # this source: forget the task, or they live on in a cycle.
+        task, self._task = self._task, None
+        try:
+            try:
+                if task is not None:
+                    if self._owner is not None:
+                        self._owner._unregister_source(self)  # pyright: ignore[reportPrivateUsage]
+                    task.cancel()
+                    await _join(task)
+            finally:
+                await _close(self._closes)
+        except BaseException:
+            error = self._unread_error()
+            if error is not None:
+                logger.error("%s raised while it was being closed", self._what, exc_info=error)
+            raise
+        error = self._unread_error()
+        if error is not None:
+            raise error
+
+    def _unread_error(self) -> BaseException | None:
+        sender = self._sender
+        error, sender._error = sender._error, None  # pyright: ignore[reportPrivateUsage]
+        return None if isinstance(error, ClientDisconnected) else error
+
+
+async def _forward(iterable: AsyncIterable[Any], sender: Sender) -> None:
+    """Feed the items of ``iterable`` to a response (as many ahead as the
+    sender's queue holds)."""
+    async for item in iterable:
+        await sender._put(item)  # pyright: ignore[reportPrivateUsage]
+
+
+def _iterable_source(iterable: AsyncIterable[Any]) -> _FedSource:
+    """Any async iterable as an event source: read ahead in a task, at most
+    one message's worth (``_GATHER``) of items, and closed at the end."""
+    return _FedSource(functools.partial(_forward, iterable), _GATHER, "SSE event source", closes=iterable)
+
+
+class _Replay(AsyncIterator[T], Generic[T]):
+    """What :func:`replay` returns: ``items``, then ``live``; an event source
+    whose ids and ``resumed`` are ``live``'s.
+
+    ``aclose()`` closes both, even when iteration never started (which a bare
+    async generator cannot promise: its ``finally`` would not run).
+    """
+
+    __slots__ = ("_items", "_sources", "_live", "_closed")
+
+    def __init__(self, items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None) -> None:
+        # The plain items, until exhausted; then the event sources in order:
+        # the async items (if they are async), then live.
+        self._items: Iterator[T] | None = None
+        self._sources: deque[_EventSource] = deque()
+        if isinstance(items, AsyncIterable):
+            self._sources.append(_iterable_source(aiter(items)))
+        else:
+            self._items = iter(items)
+        self._live: _EventSource | None = None
+        if live is not None:
+            source = live if isinstance(live, _EventSource) else _iterable_source(aiter(live))
+            self._sources.append(source)
+            self._live = source
+        self._closed = False
+
+    @property
+    def resumed(self) -> bool | None:
+        return None if self._live is None else self._live.resumed
+
+    def __aiter__(self) -> _Replay[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while True:
+            items, _ = self._take(1)
+            if items:
+                item: T = items[0]
+                return item
+            waiter = asyncio.get_running_loop().create_future()
+            self._wait(waiter)
+            await waiter
+
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._items is not None:
+            items = list(itertools.islice(self._items, limit))
+            if items:
+                return items, None
+            self._items = None
+        while self._sources:
+            try:
+                return self._sources[0]._take(limit)  # pyright: ignore[reportPrivateUsage]
+            except StopAsyncIteration:
+                self._sources.popleft()
+        raise StopAsyncIteration
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        self._sources[0]._wait(waiter)  # pyright: ignore[reportPrivateUsage]
+
+    async def aclose(self) -> None:
+        """Close the replayed items' iterator and ``live``. Idempotent."""
+        self._closed = True
+        items, self._items = self._items, None
+        sources = list(self._sources)
+        self._sources.clear()
+        await _close_each([items, *sources])
+
+    async def __aenter__(self) -> _Replay[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def replay(items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None = None) -> _Replay[T]:
+    """Yield ``items`` (plain or async iterable), then everything from ``live``.
+
+    The race-free order to resume a client is: subscribe first, then load what
+    it missed, then ``replay(missed, stream)``. Loading first would lose what is
+    sent between the load and the subscribe; subscribing first can at worst
+    deliver an item both in ``missed`` and live, which the app can drop by id.
+    In a ``response()``, the events of ``live`` keep their ids and ``on_gap``
+    follows ``live.resumed``, as for ``live`` alone.
+    """
+    return _Replay(items, live)
 
 
 def last_event_id(scope: Scope) -> str | None:
@@ -1204,613 +2144,3 @@ def last_event_id(scope: Scope) -> str | None:
                 return None
             return text or None
     return None
-
-
-class _Replay(AsyncIterator[T], Generic[T]):
-    """What :func:`replay` returns: ``items``, then ``live``.
-
-    ``aclose()`` closes both, even when iteration never started (which a bare
-    async generator cannot promise: its ``finally`` would not run).
-    """
-
-    __slots__ = ("_sync_items", "_async_items", "_live", "_closed")
-
-    def __init__(self, items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None) -> None:
-        # At most one of the two is set until the items are exhausted.
-        self._sync_items: Iterator[T] | None = None
-        self._async_items: AsyncIterator[T] | None = None
-        if isinstance(items, AsyncIterable):
-            self._async_items = aiter(items)
-        else:
-            self._sync_items = iter(items)
-        self._live = None if live is None else aiter(live)
-        self._closed = False
-
-    def __aiter__(self) -> _Replay[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._sync_items is not None:
-            try:
-                return next(self._sync_items)
-            except StopIteration:
-                self._sync_items = None
-        if self._async_items is not None:
-            try:
-                return await anext(self._async_items)
-            except StopAsyncIteration:
-                self._async_items = None
-        if self._live is None:
-            raise StopAsyncIteration
-        return await anext(self._live)
-
-    async def aclose(self) -> None:
-        """Close the replayed items' iterator and ``live``. Idempotent."""
-        self._closed = True
-        items = self._sync_items if self._sync_items is not None else self._async_items
-        self._sync_items = self._async_items = None
-        live, self._live = self._live, None
-        try:
-            if items is not None:
-                await _close(items)
-        finally:
-            if live is not None:
-                await _close(live)
-
-    async def __aenter__(self) -> _Replay[T]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-async def _close(iterator: object) -> None:
-    """``aclose()`` an async iterator, or ``close()`` a generator, if it can."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-        return
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
-
-
-def replay(items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None = None) -> _Replay[T]:
-    """Yield ``items`` (plain or async iterable), then everything from ``live``.
-
-    The race-free order to resume a client is: subscribe first, then load what
-    it missed, then ``replay(missed, stream)``. Loading first would lose what is
-    sent between the load and the subscribe; subscribing first can at worst
-    deliver an item both in ``missed`` and live, which the app can drop by id.
-    """
-    return _Replay(items, live)
-
-
-# ---------------------------------------------------------------------------
-# The ASGI layer
-# ---------------------------------------------------------------------------
-
-
-class Sender:
-    """How a ``channel()`` closure sends events to its one client.
-
-    Its queue holds at most ``limit`` events; ``send`` waits for room, so a fast
-    closure is paced by a slow client.
-    """
-
-    __slots__ = ("_items", "_limit", "_closed", "_finished", "_error", "_reader", "_putters")
-
-    def __init__(self, limit: int) -> None:
-        self._items: deque[Event] = deque()
-        self._limit = limit
-        # The response is over (client gone, or ended): send() raises.
-        self._closed = False
-        # The closure returned or raised (with _error): the reader stops after the queue.
-        self._finished = False
-        self._error: BaseException | None = None
-        # The response's reader, when it waits for an event or the end.
-        self._reader: asyncio.Future[None] | None = None
-        # Closures waiting for room; all are woken when room frees and re-check.
-        self._putters: list[asyncio.Future[None]] = []
-
-    @property
-    def closed(self) -> bool:
-        """True once the response is over; ``send`` then raises ClientDisconnected."""
-        return self._closed
-
-    async def send(self, event: Event) -> None:
-        """Queue ``event`` for the client, waiting while the queue is full.
-
-        Raises:
-            TypeError: ``event`` is not an :class:`Event`.
-            ClientDisconnected: the client is gone or the response is over.
-        """
-        _check_type("Sender.send() event", event, Event, "an Event")
-        while True:
-            if self._closed or self._finished:
-                raise ClientDisconnected("the client is gone or the response is over")
-            if len(self._items) < self._limit:
-                break
-            room = asyncio.get_running_loop().create_future()
-            self._putters.append(room)
-            await room
-        self._items.append(event)
-        self._wake_reader()
-
-    def _wake_reader(self) -> None:
-        reader = self._reader
-        if reader is not None:
-            self._reader = None
-            if not reader.done():
-                reader.set_result(None)
-
-    def _wake_putters(self) -> None:
-        putters, self._putters = self._putters, []
-        for room in putters:
-            if not room.done():
-                room.set_result(None)
-
-    async def _get(self) -> Event:
-        while True:
-            if self._items:
-                event = self._items.popleft()
-                self._wake_putters()
-                return event
-            if self._finished:
-                error, self._error = self._error, None
-                # ClientDisconnected means the closure saw the response end.
-                if error is not None and not isinstance(error, ClientDisconnected):
-                    raise error
-                raise StopAsyncIteration
-            reader = asyncio.get_running_loop().create_future()
-            self._reader = reader
-            try:
-                await reader
-            finally:
-                if self._reader is reader:
-                    self._reader = None
-
-    def _finish(self, error: BaseException | None) -> None:
-        self._finished = True
-        self._error = error
-        self._wake_reader()
-        self._wake_putters()
-
-    def _close(self) -> None:
-        self._closed = True
-        self._wake_putters()
-
-
-class _ChannelSource:
-    """The event source of a ``channel()`` response: ``fn`` run in a task it owns.
-
-    The task starts at the first read, unless the broadcaster is closed (then
-    the response just ends). While it runs the broadcaster knows the source, so
-    that ``Broadcaster.close()`` can end it; ``aclose`` cancels and awaits it.
-    """
-
-    __slots__ = ("_fn", "_sender", "_task", "_owner", "_loop")
-
-    def __init__(self, fn: Callable[[Sender], Awaitable[None]], limit: int, owner: Broadcaster[Any, Any]) -> None:
-        self._fn = fn
-        self._sender = Sender(limit)
-        self._task: asyncio.Task[None] | None = None
-        self._owner = owner
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def __aiter__(self) -> _ChannelSource:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._task is None and self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            if self._owner._adopt(self):
-                self._task = self._loop.create_task(self._run())
-            else:  # the broadcaster is closed: end at once
-                self._sender._close()
-                self._sender._finish(None)
-        return await self._sender._get()
-
-    def _take(self, limit: int) -> list[Event]:
-        """Remove and return, in order, up to ``limit`` of the events queued."""
-        items = self._sender._items
-        taken = [items.popleft() for _ in range(min(limit, len(items)))]
-        if taken:
-            self._sender._wake_putters()
-        return taken
-
-    def _shutdown(self) -> None:
-        """End the response for ``Broadcaster.close()`` (on the source's loop):
-        the closure is cancelled, what it already sent is still written, then
-        the response ends cleanly. Harmless once the response has ended (a
-        close() from another thread can be scheduled just before that)."""
-        self._sender._close()
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        error: BaseException | None = None
-        try:
-            await self._fn(self._sender)
-        except Exception as exc:
-            error = exc
-        except BaseException as exc:
-            # A closure that ends by a cancellation it did not get from us (it
-            # awaited something that was cancelled) still ends the response.
-            if not self._sender._closed:
-                error = RuntimeError(f"the channel closure exited with {exc!r}")
-                error.__cause__ = exc
-            raise
-        finally:
-            self._sender._finish(error)
-
-    async def aclose(self) -> None:
-        sender = self._sender
-        sender._close()
-        task = self._task
-        if task is None:
-            return
-        self._owner._disown(self)
-        task.cancel()
-        try:
-            await _settle(task)
-        finally:
-            # The ended task's exception holds the closure's frames, which hold
-            # this source: forget the task, or the three live on in a cycle.
-            self._task = None
-            # An error the closure raised that the response never read (it ended
-            # first, e.g. on disconnect) is still reported, once. Sending after the
-            # client left is how a closure learns it left: not an error.
-            error, sender._error = sender._error, None
-            if error is not None and not isinstance(error, ClientDisconnected):
-                logger.error("SSE channel closure raised after the response ended", exc_info=error)
-
-
-_FINAL: Final = {"type": "http.response.body", "body": b"", "more_body": False}
-
-# How many events the pump writes in one body message at most: the one it read
-# and those that were waiting behind it (the default buffer: a message holds
-# no more than a stream could).
-_GATHER: Final = 64
-
-
-class _Writes:
-    """What the event pump tells the supervisor of a response (one loop, no lock)."""
-
-    __slots__ = ("lock", "sending_since", "last_write", "stopping")
-
-    def __init__(self, now: float) -> None:
-        # Serialises the pump's event writes with the supervisor's keep-alives.
-        self.lock = asyncio.Lock()
-        # Loop time at which the send() in progress started; None between sends.
-        self.sending_since: float | None = None
-        # Loop time at which the last write ended: keep-alive silence starts there.
-        self.last_write = now
-        # Set by the supervisor before it cancels the helpers: a CancelledError
-        # they see before that is not ours but the source's, send()'s or receive()'s.
-        self.stopping = False
-
-
-class _SseApp:
-    """The ASGI app of one SSE response (see ``Broadcaster.response``).
-
-    Wire behaviour: ``http.response.start`` with status 200 and the configured
-    headers; at once a first body chunk (the ``retry:`` frame, or ``:\\n\\n``),
-    because some servers and middleware hold the headers back until the first
-    body message; then ``more_body`` messages of whole events, written as soon
-    as one is read: the events a stream (or a ``channel()`` queue) already holds
-    at that moment go out in the same message, up to 64 of them; a keep-alive
-    comment after ``keep_alive`` seconds of silence. ``HEAD`` gets the headers
-    and an empty body, and the source is never read.
-
-    Ends: source exhausted, :class:`Lagged` (WARNING), a source exception (ERROR,
-    with traceback) or a failing ``receive()`` (ERROR) end cleanly with a final
-    ``more_body=False`` message. A disconnect (``http.disconnect``, or
-    ``OSError`` from ``send``), a send timeout and a failing ``send()`` (ERROR)
-    end it with nothing more sent. Cancellation propagates. On every way out the
-    source is closed and both helper tasks are cancelled and awaited.
-
-    Raises:
-        RuntimeError: a non-``http`` scope (the source is closed first), or a
-            second call.
-    """
-
-    __slots__ = ("_source", "_config", "_render", "_on_gap", "_called")
-
-    def __init__(
-        self,
-        source: AsyncIterable[Any],
-        config: SseConfig,
-        render: Callable[[Any], Event] | None = None,
-        on_gap: Event | None = None,
-    ) -> None:
-        self._source = source
-        self._config = config
-        self._render = render
-        self._on_gap = on_gap
-        self._called = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._called:
-            raise RuntimeError("an SSE response app can be called only once: make one per request")
-        self._called = True
-        try:
-            if scope.get("type") != "http":
-                raise RuntimeError(f"SSE responses serve 'http' scopes only, got {scope.get('type')!r}")
-            await self._respond(scope, receive, send)
-        finally:
-            await self._close_source()
-
-    async def _close_source(self) -> None:
-        try:
-            await _close(self._source)
-        except Exception:
-            logger.exception("closing the SSE event source raised")
-
-    async def _send(self, send: Send, message: Message) -> bool:
-        """Send a message outside the pump, within the send timeout; False if the
-        client is gone or the send failed."""
-        timeout = self._config.send_timeout
-        try:
-            if timeout is None:
-                await send(message)
-            else:
-                await _within(timeout, send(message))
-        except asyncio.TimeoutError:
-            logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
-            return False
-        except OSError as exc:
-            logger.debug("SSE client disconnected: %r", exc)
-            return False
-        except Exception:
-            logger.exception("ASGI send() failed; ending the SSE response")
-            return False
-        return True
-
-    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
-        config = self._config
-        # A fresh list: middleware may edit the headers of a message in place.
-        start = {"type": "http.response.start", "status": 200, "headers": list(config._start)}
-        if not await self._send(send, start):
-            return
-        if scope.get("method") == "HEAD":
-            await self._send(send, dict(_FINAL))
-            return
-        if not await self._send(send, {"type": "http.response.body", "body": config._first_chunk, "more_body": True}):
-            return
-        gap = self._on_gap
-        if gap is not None and isinstance(self._source, BroadcastStream) and self._source.resumed is False:
-            gap_frame = {"type": "http.response.body", "body": gap._frame, "more_body": True}
-            if not await self._send(send, gap_frame):
-                return
-        loop = asyncio.get_running_loop()
-        writes = _Writes(loop.time())
-        pump = loop.create_task(self._pump(send, writes))
-        watch = loop.create_task(_watch(receive, writes))
-        finish = False
-        try:
-            finish = await self._supervise(send, writes, pump, watch)
-        finally:
-            writes.stopping = True
-            pump.cancel()
-            watch.cancel()
-            await _settle(pump, watch)
-            finish = _report(pump, watch) and finish
-        if finish:
-            await self._send(send, dict(_FINAL))
-
-    async def _supervise(
-        self, send: Send, writes: _Writes, pump: asyncio.Task[bool], watch: asyncio.Task[None]
-    ) -> bool:
-        """Wait for the pump or the watcher to end, writing keep-alives on
-        silence and timing out a stuck send; False if a send timed out.
-
-        While no send is in progress, a send that starts later cannot time out
-        before ``send_timeout`` from now, so waking at most that often is exact.
-        """
-        loop = asyncio.get_running_loop()
-        keep_alive = self._config.keep_alive
-        timeout = self._config.send_timeout
-        frame = {"type": "http.response.body", "body": self._config._keep_alive_frame, "more_body": True}
-        while True:
-            now = loop.time()
-            since = writes.sending_since
-            wait: float | None
-            if since is not None:
-                if timeout is not None and now - since >= timeout:
-                    logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
-                    return False
-                wait = keep_alive if timeout is None else since + timeout - now
-            else:
-                if keep_alive is not None and now - writes.last_write >= keep_alive:
-                    async with writes.lock:
-                        if not await self._send(send, dict(frame)):
-                            return False
-                    writes.last_write = loop.time()
-                    continue
-                wait = timeout
-                if keep_alive is not None:
-                    due = writes.last_write + keep_alive - now
-                    wait = due if wait is None else min(wait, due)
-            done, _ = await asyncio.wait((pump, watch), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            if done:
-                return True
-
-    async def _pump(self, send: Send, writes: _Writes) -> bool:
-        """Write every event of the source; True if the source is exhausted,
-        False if the client went away or send() failed. Source errors propagate.
-
-        The events a stream or a ``channel()`` queue already holds when the pump
-        has read one go out with it in the same body message (up to ``_GATHER``
-        events): one ASGI send and one socket write for a burst instead of one
-        each, and nothing waits for more to come. An error met while rendering
-        them is raised once the events before it are written."""
-        source = aiter(self._source)
-        take: Callable[[int], list[Any]] | None = None
-        if isinstance(self._source, (BroadcastStream, _ChannelSource)):
-            take = self._source._take
-        # A stream with history yields items but takes entries (for their ids).
-        entries = self._source if isinstance(self._source, BroadcastStream) and self._source._ids else None
-        while True:
-            try:
-                item = await anext(source)
-            except StopAsyncIteration:
-                return True
-            except asyncio.CancelledError as exc:
-                if writes.stopping:
-                    raise
-                raise RuntimeError(f"the SSE event source raised {exc!r}") from exc
-            body = self._frame(item, None if entries is None else entries._last)
-            error: Exception | None = None
-            if take is not None:
-                body, error = self._gather(body, take(_GATHER - 1), entries is not None)
-            if not await self._write(send, writes, body):
-                return False
-            if error is not None:
-                raise error
-
-    async def _write(self, send: Send, writes: _Writes, body: bytes) -> bool:
-        """Send one body message of events; False if the client went away or
-        send() failed."""
-        loop = asyncio.get_running_loop()
-        async with writes.lock:
-            writes.sending_since = loop.time()
-            try:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-            except OSError as exc:
-                logger.debug("SSE client disconnected: %r", exc)
-                return False
-            except Exception:
-                logger.exception("ASGI send() failed; ending the SSE response")
-                return False
-            except asyncio.CancelledError:
-                if writes.stopping:
-                    raise
-                logger.exception("ASGI send() failed; ending the SSE response")
-                return False
-            writes.sending_since = None
-            writes.last_write = loop.time()
-        return True
-
-    def _gather(self, first: bytes, taken: list[Any], entries: bool) -> tuple[bytes, Exception | None]:
-        """The body of one message: ``first`` and the frames of the items
-        ``taken`` from the source (history entries if ``entries``), and the
-        error that stopped it at an item, if any."""
-        frames = [first]
-        if self._render is None:
-            # The common case at C speed: Event items carry their frames (with
-            # history, id'd copies). Any other item is redone below, to raise.
-            events = [entry.item for entry in taken] if entries else taken
-            frames += [event._frame for event in events if isinstance(event, Event)]
-            if len(frames) == len(taken) + 1:
-                return b"".join(frames), None
-            del frames[1:]
-        try:
-            for waiting in taken:
-                frames.append(self._frame(waiting.item, waiting) if entries else self._frame(waiting, None))
-        except Exception as exc:
-            return b"".join(frames), exc
-        return b"".join(frames), None
-
-    def _frame(self, item: object, entry: _Entry | None) -> bytes:
-        """The SSE frame of an item of the source: rendered if there is a
-        ``render``, then with the id of its history ``entry`` if it has one
-        (an Event item carries that id already)."""
-        render = self._render
-        event = item if render is None else render(item)
-        if not isinstance(event, Event):
-            raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
-        if entry is not None and render is not None:
-            return entry.with_id(event._frame)
-        return event._frame
-
-
-async def _settle(*tasks: asyncio.Task[Any]) -> None:
-    """Wait until every task is done, even through cancellations of the caller
-    (anyio's cancel scopes repeat them); then re-raise the last one."""
-    cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            await asyncio.wait(tasks)
-        except asyncio.CancelledError as exc:
-            cancelled = exc
-            continue
-        break
-    if cancelled is not None:
-        raise cancelled
-
-
-async def _within(timeout: float, awaitable: Awaitable[None]) -> None:
-    """Await ``awaitable`` in a task of its own for at most ``timeout`` seconds;
-    raise ``asyncio.TimeoutError`` (after cancelling it) past that.
-
-    Not ``asyncio.wait_for``: on Python 3.10 and 3.11 it swallows a cancellation
-    of the caller that arrives as the inner await completes (bpo-42130), and a
-    server cancelling a response must always win.
-    """
-    task = asyncio.ensure_future(awaitable)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=timeout)
-    finally:
-        if not task.done():
-            task.cancel()
-            await _settle(task)
-    if not done:
-        raise asyncio.TimeoutError
-    task.result()
-
-
-async def _watch(receive: Receive, writes: _Writes) -> None:
-    """Return when the client disconnects (``http.disconnect``, or an OSError
-    from ``receive``). Request body messages are read and dropped; anything
-    else is a protocol error."""
-    more_body = True
-    while True:
-        try:
-            message = await receive()
-        except OSError:
-            return
-        except asyncio.CancelledError as exc:
-            if writes.stopping:
-                raise
-            raise RuntimeError(f"ASGI receive() raised {exc!r}") from exc
-        kind = message["type"]
-        if kind == "http.disconnect":
-            return
-        if kind == "http.request" and more_body:
-            more_body = bool(message.get("more_body", False))
-            continue
-        raise RuntimeError(f"unexpected ASGI message while streaming: {kind!r}")
-
-
-def _report(pump: asyncio.Task[bool], watch: asyncio.Task[None]) -> bool:
-    """Log how a response ended; True if it may end with a final chunk.
-
-    A client that left (watcher returned, or the pump saw it) gets nothing more;
-    an end on the server's side (source exhausted or failed, receive failed)
-    gets a clean end.
-    """
-    finish = True
-    if watch.done() and not watch.cancelled():
-        error = watch.exception()
-        if error is None:
-            logger.debug("SSE client disconnected")
-            finish = False
-        else:
-            logger.error("ASGI receive() failed; ending the SSE response", exc_info=error)
-    if pump.done() and not pump.cancelled():
-        error = pump.exception()
-        if error is None:
-            finish = finish and pump.result()
-        elif isinstance(error, Lagged):
-            logger.warning("SSE stream ended: %s", error)
-        else:
-            logger.error("SSE event source raised; ending the response", exc_info=error)
-    return finish

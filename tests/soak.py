@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # The checkout's module, and the unit suite's leak-check cycles, wherever this runs from.
 from broadcaster import Broadcaster, Event
 from test_broadcaster import (
-    LEAK_DISCONNECT,
+    ASGI_DISCONNECT,
     LEAK_EVENT,
     LEAK_EVENT_DATA,
     LEAK_GAP,
@@ -126,7 +126,7 @@ class Peer:
     async def receive(self) -> Message:
         self._batch.streaming()
         if self._early:
-            return LEAK_DISCONNECT
+            return ASGI_DISCONNECT
         return await self._gone
 
     async def send(self, message: Message) -> None:
@@ -135,7 +135,7 @@ class Peer:
             if self._fail:
                 raise ConnectionResetError("peer reset")
             if not self._gone.done():
-                self._gone.set_result(LEAK_DISCONNECT)
+                self._gone.set_result(ASGI_DISCONNECT)
 
 
 async def asgi_batch(kind: str, b: Broadcaster[str, Event], early: bool, state: LeakResume) -> None:
