@@ -61,7 +61,10 @@ Server-Sent Events
     comments on silence, disconnect detection by a concurrent ``receive()``,
     a bound on every ``send()``, and on every way out the event source is
     closed and no task is left behind. Each response runs in the server's task
-    plus one task of its own (the pending ``receive()``).
+    plus one task of its own (the pending ``receive()``). What a response
+    reads is an event source (the contract ``_EventSource``): a stream,
+    ``replay()``, a ``channel()`` closure's queue, or any other async iterable,
+    read ahead in a task of the response's.
 
 How things end (the words this module uses, and only in these senses)
     *close*
@@ -88,6 +91,14 @@ How things end (the words this module uses, and only in these senses)
     *finish*
         an SSE response returns: *cleanly* with a last empty body message, or
         without it when the client is gone or a write failed.
+
+This file, in order: checking arguments; futures and closing (small
+helpers); encoding (Event); configuration (SseConfig); lag policies and
+exceptions; delivery state (what the registry holds, and delivering);
+the event-source contract; streams (BroadcastStream); the registry (its
+concurrency model, its lock, Broadcaster); the ASGI layer (_SseResponse);
+other event sources (channel()'s Sender, _FedSource, replay(),
+last_event_id()).
 """
 
 # pyright: strict
@@ -312,6 +323,29 @@ async def _close(closable: object) -> None:
     close = getattr(closable, "close", None)
     if close is not None:
         close()
+
+
+_C = TypeVar("_C", bound="_AsyncClosing")
+
+
+class _AsyncClosing:
+    """``async with`` for a class that has ``aclose()``: leaving the block,
+    with or without an exception, closes it."""
+
+    __slots__ = ()
+
+    aclose: Callable[[], Awaitable[None]]
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 async def _close_each(closables: Iterable[object]) -> None:
@@ -761,7 +795,7 @@ class _EventSource(Protocol):
 # ---------------------------------------------------------------------------
 
 
-class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
+class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
     """The items sent to one key, in send order; made by ``Broadcaster.subscribe``.
 
     An async iterator and an async context manager (leaving it closes it).
@@ -885,17 +919,6 @@ class BroadcastStream(AsyncIterator[T_co], Generic[T_co]):
 
     async def aclose(self) -> None:
         """The same as :meth:`close`, for ``contextlib.aclosing`` and friends."""
-        self.close()
-
-    async def __aenter__(self: _S) -> _S:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
         self.close()
 
     # -- internals: the one dequeue, and the event-source contract -------------
@@ -1295,7 +1318,8 @@ class Broadcaster(Generic[K, T]):
 
     @property
     def buffer(self) -> int:
-        """The per-stream bound given at construction."""
+        """The bound given at construction: the unread items a stream holds
+        before it drops the oldest (and a ``channel()`` queue's length)."""
         return self._buffer
 
     @property
@@ -1305,7 +1329,10 @@ class Broadcaster(Generic[K, T]):
 
     @property
     def history(self) -> int:
-        """How many items each channel retains (0: no history, no ids)."""
+        """How many items each channel retains, with their ids, for clients
+        to resume from (0: no history, no ids), as given at construction.
+
+        A channel keeps them while it has a stream, then ``linger`` seconds."""
         return self._history
 
     @property
@@ -2024,7 +2051,7 @@ def _iterable_source(iterable: AsyncIterable[Any]) -> _FedSource:
     return _FedSource(functools.partial(_forward, iterable), _GATHER, "SSE event source", closes=iterable)
 
 
-class _Replay(AsyncIterator[T], Generic[T]):
+class _Replay(_AsyncClosing, AsyncIterator[T], Generic[T]):
     """What :func:`replay` returns: ``items``, then ``live``; an event source
     whose ids and ``resumed`` are ``live``'s.
 
@@ -2092,17 +2119,6 @@ class _Replay(AsyncIterator[T], Generic[T]):
         sources = list(self._sources)
         self._sources.clear()
         await _close_each([items, *sources])
-
-    async def __aenter__(self) -> _Replay[T]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def replay(items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None = None) -> _Replay[T]:

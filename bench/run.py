@@ -185,7 +185,7 @@ def tables(results: dict) -> list[str]:
         ))
     if results.get("targets"):
         rows = [[t["target"], t["measured"], t["verdict"], t["note"]] for t in results["targets"]]
-        out.append(table("Targets (issue #4): measured vs target", ["target", "measured", "verdict", "note"], rows))
+        out.append(table("Targets: measured vs target", ["target", "measured", "verdict", "note"], rows))
     return out
 
 

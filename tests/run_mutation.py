@@ -1,4 +1,4 @@
-"""Mutation testing of broadcaster.py against test_broadcaster.py (issue 5).
+"""Mutation testing of broadcaster.py against test_broadcaster.py.
 
 Usage (from the repository root, with mutmut 3.x installed next to pytest):
 
