@@ -47,9 +47,9 @@ Bridges
 Threads and loops
     Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
     loop that subscribed it and is read on that loop only. ``send`` called on
-    that loop delivers synchronously; called from any other thread it delivers
-    through ``loop.call_soon_threadsafe``, so one thread's sends to one key keep
-    their order. The registry's lock and what it guards are described in one
+    that loop delivers synchronously (without history); called from any other
+    thread it delivers through ``loop.call_soon_threadsafe``, so one thread's
+    sends to one key keep their order. The registry's lock and what it guards are described in one
     place: "The concurrency model", above ``_RegistryLock``.
 
 Server-Sent Events
@@ -60,11 +60,12 @@ Server-Sent Events
     events already waiting behind it in the same body message), keep-alive
     comments on silence, disconnect detection by a concurrent ``receive()``,
     a bound on every ``send()``, and on every way out the event source is
-    closed and no task is left behind. Each response runs in the server's task
-    plus one task of its own (the pending ``receive()``). What a response
-    reads is an event source (the contract ``_EventSource``): a stream,
-    ``replay()``, a ``channel()`` closure's queue, or any other async iterable,
-    read ahead in a task of the response's.
+    closed and no task is left behind. What a response reads is an event
+    source (the contract ``_EventSource``): a stream or ``replay()`` of one,
+    read without a task of their own, so that such a response runs in the
+    server's task plus one task (its pending ``receive()``); or a
+    ``channel()`` closure, or any other async iterable, which runs (is read
+    ahead) in one more task.
 
 How things end (the words this module uses, and only in these senses)
     *close*
@@ -95,8 +96,9 @@ How things end (the words this module uses, and only in these senses)
 This file, in order: checking arguments; futures and closing (small
 helpers); encoding (Event); configuration (SseConfig); lag policies and
 exceptions; delivery state (what the registry holds, and delivering);
-the event-source contract; streams (BroadcastStream); the registry (its
-concurrency model, its lock, Broadcaster); the ASGI layer (_SseResponse);
+the event-source contract; the registry lock and the concurrency model;
+streams (BroadcastStream); the registry (Broadcaster); the ASGI layer
+(_SseResponse);
 other event sources (channel()'s Sender, _FedSource, replay(),
 last_event_id()).
 """
@@ -186,8 +188,9 @@ _FIELD_FORBIDDEN: Final = re.compile(r"[\r\n\x00]")
 # Header names on the wire: lowercase RFC 9110 tokens.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 # Control characters other than HTAB, which RFC 9110 forbids in a field value
-# (servers such as h11 would refuse them at send time, mid-response).
-_HEADER_VALUE_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# (servers such as h11 would refuse them at send time, mid-response); CR, LF and
+# NUL have a check of their own, with a more precise message.
+_HEADER_VALUE_CONTROL: Final = re.compile(r"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Headers that describe the framing of the body; the server owns them, and a
 # user value would corrupt the stream (a content-length on an endless body).
 _FRAMING_HEADERS: Final = frozenset({"connection", "content-length", "transfer-encoding"})
@@ -225,6 +228,27 @@ def _check_seconds(name: str, value: object, *, optional: bool = False) -> float
         hint = " (use None to disable)" if optional else ""
         raise ValueError(f"{name} must be > 0 and finite{hint}, got {value!r}")
     return float(value)
+
+
+def _check_callable(name: str, value: object, *, optional: bool = False) -> None:
+    """A callable; also None if ``optional``."""
+    if not callable(value) and not (optional and value is None):
+        expected = "callable or None" if optional else "callable"
+        raise TypeError(f"{name} must be {expected}, not {type(value).__name__}")
+
+
+def _check_async_iterable(name: str, value: object) -> None:
+    """An async iterable (it has ``__aiter__``)."""
+    if not isinstance(value, AsyncIterable):
+        raise TypeError(f"{name} must be an async iterable, not {type(value).__name__}")
+
+
+def _check_line(name: str, value: object) -> str:
+    """A str with no CR or LF (a comment line)."""
+    text = _check_str(name, value)
+    if "\r" in text or "\n" in text:
+        raise ValueError(f"{name} must not contain CR or LF: {text!r}")
+    return text
 
 
 def _check_field(name: str, value: object) -> str:
@@ -286,11 +310,10 @@ def _outcome(done: asyncio.Future[_X], what: str) -> _X:
     """The result of a finished task, or its exception re-raised; a
     CancelledError as ``RuntimeError(f"{what} {error!r}")``.
 
-    Callers ask only about tasks they did not cancel (they detach a task, or
-    note why, before cancelling it), so a cancellation here is the task's
-    own failure (it awaited something that was cancelled), not ours: this
-    is where the two are told apart, and an error is never mistaken for a
-    cancellation of the response."""
+    Callers ask only about tasks they did not cancel (see "Cancellations" in
+    the concurrency model), so a cancellation here is the task's own failure
+    (it awaited something that was cancelled), and is reported as an error,
+    never taken for a cancellation of the response."""
     try:
         return done.result()
     except asyncio.CancelledError as exc:
@@ -469,7 +492,7 @@ class SseConfig:
         retry: reconnection time in ms, written as the first frame of every
             response (``retry: N``) when set.
         send_timeout: the most one ASGI ``send()`` may take; past it the client
-            is treated as dead and the response ends. The default, 30 s, is far
+            is treated as dead and the response finishes. The default, 30 s, is far
             above any healthy write (a server's send returns once the bytes are
             in the socket buffer) and well under the minutes a dead peer can hold
             a TCP connection open. ``None`` waits forever.
@@ -497,9 +520,7 @@ class SseConfig:
     def __post_init__(self) -> None:
         _check_seconds("keep_alive", self.keep_alive, optional=True)
         _check_seconds("send_timeout", self.send_timeout, optional=True)
-        comment = _check_str("keep_alive_comment", self.keep_alive_comment)
-        if "\r" in comment or "\n" in comment:
-            raise ValueError(f"keep_alive_comment must not contain CR or LF: {comment!r}")
+        comment = _check_line("keep_alive_comment", self.keep_alive_comment)
         keep_alive = _utf8("keep_alive_comment", f": {comment}\n\n" if comment else ":\n\n")
         first = b":\n\n" if self.retry is None else f"retry: {_check_int('retry', self.retry, 0)}\n\n".encode()
         pairs = cast(
@@ -515,6 +536,9 @@ class SseConfig:
 
 # ---------------------------------------------------------------------------
 # What a reader can be told: lag policies and exceptions
+#
+# The public vocabulary of losses and ends, raised to readers of streams and
+# to channel() closures.
 # ---------------------------------------------------------------------------
 
 
@@ -788,6 +812,113 @@ class _EventSource(Protocol):
 
 
 # ---------------------------------------------------------------------------
+# The registry lock, and the concurrency model
+#
+# _RegistryLock is the one lock of a Broadcaster (below); streams hold it to
+# leave their channel. The whole concurrency model of the module is here.
+#
+# Threads. Every Broadcaster method may be called from any thread. Each
+# stream belongs to the event loop that subscribed it, and only that loop's
+# thread touches its _Subscriber's delivery state (one, queue, backlog,
+# lagged, reported, closed, waiter): deliveries and ends meant for it from
+# any other thread are scheduled there with call_soon_threadsafe (_run_on).
+# An SSE response, its Sender and its source's task are likewise touched
+# only on the loop that runs the response.
+#
+# The lock guards the registry: the channels by key (_channels), each
+# channel's members and history (with its seq and expiry), the grouping of
+# members by loop (built under it), the lingering channels, _closed, the
+# running channel() sources, and appends to the keys changed for on_change.
+# It is held only for those updates. Under it run only: the keys' own
+# __hash__ and __eq__ (dict lookups), and, with history, the scheduling of
+# deliveries with call_soon(_threadsafe), on purpose: concurrent sends then
+# queue up on every loop in the order of their ids. Deliveries themselves,
+# ends and on_change run after it is released.
+#
+# Read without the lock, and why that is safe:
+# - send() without history: _channels.get(key) and channel.groups. A dict
+#   lookup is atomic, and groups is an immutable tuple that is replaced,
+#   never changed: a send sees the grouping of just before or just after a
+#   concurrent subscribe or leave, and either order is a valid one for a
+#   send that races with it. A stream that left meanwhile is closed (_deliver
+#   skips it) or unreachable (the item lands in a queue that nobody reads and
+#   that is freed with it). A channel removed meanwhile only reaches streams
+#   being ended: their ends are scheduled on the same loops after the
+#   delivery, or have marked them closed already, and _deliver skips them.
+# - subscriber_count(): len(channel.members); __repr__: _closed and
+#   len(_channels). Momentary values, as any count read by another thread is.
+# - on_change's queue (_changed): appended under the lock, popped after its
+#   release by whichever thread released it (deque pops are atomic).
+# With history, send() takes the lock: retaining an item, numbering it and
+# choosing its recipients must be one step for resume to be exact.
+#
+# Leaving never waits for the lock. A stream leaves its channel through its
+# weakref.finalize: run once by close() (or LagPolicy.END), or by the garbage
+# collector when the stream is dropped unclosed - which may happen on any
+# thread, at any allocation, even in a thread that holds the lock already.
+# So the finalizer calls _RegistryLock.leave(sub), which queues sub and only
+# tries to take the lock; whoever holds the lock does every queued leave
+# (Broadcaster._leave) before releasing it, and checks the queue again
+# after releasing, in case a leave was queued between its last look and the
+# release. The path is: stream unreachable -> weakref.finalize ->
+# _RegistryLock.leave -> Broadcaster._leave (lock held) -> the channel goes,
+# or lingers with its history -> on_change after the release.
+#
+# Cancellations. The module cancels a task only after noting that it does,
+# where the task's outcome will be read: a response detaches its pending
+# receive() (_unwatch), _FedSource closes its Sender before cancelling its
+# feeder, and a response notes why it abandons a send (_abandon) before
+# cancelling the server's task out of it. A CancelledError without such a
+# note is not ours: it propagates from the server's task, and it is the
+# task's own failure anywhere else (_outcome turns it into a RuntimeError).
+# ---------------------------------------------------------------------------
+
+
+class _RegistryLock:
+    """The lock of one Broadcaster's registry; ``with lock:`` holds it.
+
+    Taking it expires the lingering channels whose time is over; its release
+    first does the leaves queued meanwhile and expires again, then reports
+    changed keys to ``on_change`` once the lock is free (see the concurrency
+    model above).
+    """
+
+    __slots__ = ("_mutex", "_leaving", "_registry")
+
+    def __init__(self, registry: Broadcaster[Any, Any]) -> None:
+        self._mutex = threading.Lock()
+        # Subscribers whose streams left; removed by the lock's next holder.
+        self._leaving: deque[_Subscriber] = deque()
+        self._registry = registry
+
+    def __enter__(self) -> None:
+        self._mutex.acquire()
+        # What the holder sees has no channel whose linger is over.
+        self._registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def leave(self, sub: _Subscriber) -> None:
+        """Take ``sub`` out of its channel now, or as soon as the lock is free;
+        never waits. Called only by a stream's ``weakref.finalize``."""
+        self._leaving.append(sub)
+        if self._mutex.acquire(blocking=False):
+            self._release()
+
+    def _release(self) -> None:
+        registry = self._registry
+        while True:
+            while self._leaving:
+                registry._leave(self._leaving.popleft())  # pyright: ignore[reportPrivateUsage]
+            registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
+            self._mutex.release()
+            if not self._leaving or not self._mutex.acquire(blocking=False):
+                break
+        registry._report_changes()  # pyright: ignore[reportPrivateUsage]
+
+
+# ---------------------------------------------------------------------------
 # Streams
 #
 # BroadcastStream is what subscribe() returns: the reader's side of one
@@ -895,10 +1026,13 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
 
     @property
     def closed(self) -> bool:
-        """True once no item will be added to this stream: after its own
-        ``close()``, ``remove(key)``, ``Broadcaster.close()``, or a loss under
-        ``LagPolicy.END``. Items delivered before may still be read (see
-        ``queued``): iteration stops once they are."""
+        """True once no item will be added to this stream: at once after its
+        own ``close()``; at the read that finds a loss under ``LagPolicy.END``;
+        after ``remove(key)`` or ``Broadcaster.close()``, once the end has
+        reached the stream's loop (at once when called on that loop without
+        history; with history, behind the deliveries already scheduled
+        there). Items delivered before may still be read (see ``queued``):
+        iteration stops once they are."""
         return self._sub.closed
 
     def __repr__(self) -> str:
@@ -984,94 +1118,12 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
 
 
 # ---------------------------------------------------------------------------
-# The registry: its lock, and Broadcaster
+# The registry: Broadcaster
 #
-# The concurrency model
-# ---------------------
-# Threads. Every Broadcaster method may be called from any thread. Each
-# stream belongs to the event loop that subscribed it, and only that loop's
-# thread touches its _Subscriber's delivery state (one, queue, backlog,
-# lagged, reported, closed, waiter): deliveries and ends meant for it from
-# any other thread are scheduled there with call_soon_threadsafe (_run_on).
-# An SSE response, its Sender and its channel() source are likewise touched
-# only on the loop that runs the response.
-#
-# The lock. One _RegistryLock per Broadcaster guards the registry: the
-# channels by key (_channels), each channel's members and history (with its
-# seq and expiry), the grouping of members by loop (built under it), the
-# lingering channels, _closed, the running channel() sources, and appends to
-# the keys changed for on_change. It is held only for those updates, never
-# while calling out (deliveries are scheduled or run after it for other
-# loops; on_change runs after it is released).
-#
-# Read without the lock, and why that is safe:
-# - send() without history: _channels.get(key) and channel.groups. A dict
-#   lookup is atomic, and groups is an immutable tuple that is replaced,
-#   never changed: a send sees the grouping of just before or just after a
-#   concurrent subscribe or leave, and either order is a valid one for a
-#   send that races with it. A stream that left meanwhile is closed, so
-#   _deliver skips it; a channel removed meanwhile only reaches streams that
-#   are being ended (those ends are scheduled on the same loops after it, or
-#   mark the streams closed first, and _deliver then skips them).
-# - subscriber_count(): len(channel.members), a momentary count.
-# - on_change's queue (_changed): appended under the lock, popped after its
-#   release by whichever thread released it (deque pops are atomic).
-# With history, send() takes the lock: retaining an item, numbering it and
-# choosing its recipients must be one step for resume to be exact.
-#
-# Leaving never waits for the lock. A stream leaves its channel through its
-# weakref.finalize: run once by close() (or LagPolicy.END), or by the garbage
-# collector when the stream is dropped unclosed - which may happen on any
-# thread, at any allocation, even in a thread that holds the lock already.
-# So the finalizer calls _RegistryLock.leave(sub), which queues sub and only
-# tries to take the lock; whoever holds the lock does every queued leave
-# (Broadcaster._remove_member) before releasing it, and checks the queue again
-# after releasing, in case a leave was queued between its last look and the
-# release. The path is: stream unreachable -> weakref.finalize ->
-# _RegistryLock.leave -> Broadcaster._remove_member (lock held) -> the
-# channel is removed, or lingers with its history -> on_change after release.
+# The public registry. It builds the responses and sources of the sections
+# below it (response(), channel()), which call back into it: the one cycle
+# between sections.
 # ---------------------------------------------------------------------------
-
-
-class _RegistryLock:
-    """The lock of one Broadcaster's registry; ``with lock:`` holds it.
-
-    Its release first does the leaves queued meanwhile and expires the
-    lingering channels whose time is over, then reports changed keys to
-    ``on_change`` after the lock is free (see the concurrency model above).
-    """
-
-    __slots__ = ("_mutex", "_leaving", "_registry")
-
-    def __init__(self, registry: Broadcaster[Any, Any]) -> None:
-        self._mutex = threading.Lock()
-        # Subscribers whose streams left; removed by the lock's next holder.
-        self._leaving: deque[_Subscriber] = deque()
-        self._registry = registry
-
-    def __enter__(self) -> None:
-        self._mutex.acquire()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._release()
-
-    def leave(self, sub: _Subscriber) -> None:
-        """Take ``sub`` out of its channel now, or as soon as the lock is free;
-        never waits. Called only by a stream's ``weakref.finalize``."""
-        self._leaving.append(sub)
-        if self._mutex.acquire(blocking=False):
-            self._release()
-
-    def _release(self) -> None:
-        registry = self._registry
-        while True:
-            while self._leaving:
-                registry._remove_member(self._leaving.popleft())  # pyright: ignore[reportPrivateUsage]
-            registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
-            self._mutex.release()
-            if not self._leaving or not self._mutex.acquire(blocking=False):
-                break
-        registry._report_changes()  # pyright: ignore[reportPrivateUsage]
 
 
 class Broadcaster(Generic[K, T]):
@@ -1117,8 +1169,7 @@ class Broadcaster(Generic[K, T]):
         )
         self._history: Final = _check_int("history", history, 0)
         self._linger: Final = cast("float", _check_seconds("linger", linger))
-        if on_change is not None and not callable(on_change):
-            raise TypeError(f"on_change must be callable or None, not {type(on_change).__name__}")
+        _check_callable("on_change", on_change, optional=True)
         self._on_change: Final = on_change
         self._lock: Final = _RegistryLock(self)
         # Everything below is guarded by _lock; see the concurrency model.
@@ -1207,7 +1258,7 @@ class Broadcaster(Generic[K, T]):
         """
         if self._history:
             if id is not None:
-                _check_field("id", id)
+                _utf8("id", _check_field("id", id))
             return self._send_with_history(key, item, id)
         if id is not None:
             raise ValueError("send(id=...) needs a broadcaster with history")
@@ -1298,6 +1349,10 @@ class Broadcaster(Generic[K, T]):
         Call it once per request. ``events`` is closed (``aclose()``, when it has
         one) on every way out; see :class:`_SseResponse` for the wire behaviour.
         """
+        _check_async_iterable("events", events)
+        _check_callable("render", render, optional=True)
+        if on_gap is not None:
+            _check_type("on_gap", on_gap, Event, "an Event or None")
         source = events if isinstance(events, _EventSource) else _iterable_source(events)
         return _SseResponse(source, self._config, render, on_gap)
 
@@ -1306,12 +1361,13 @@ class Broadcaster(Generic[K, T]):
 
         ``fn`` starts when the response starts (never for ``HEAD``); its queue
         holds ``buffer`` events, so a fast ``fn`` waits for a slow client. Every
-        event it sent is written before the end. The response ends cleanly when
-        ``fn`` returns, ends cleanly with an ERROR log when it raises, and
+        event it sent is written before the end. The response finishes cleanly
+        when ``fn`` returns, cleanly with an ERROR log when it raises, and
         cancels it when the client goes away. ``close()`` cancels it too and
         ends the response cleanly after what it sent; after ``close()`` a new
         channel response ends at once without starting ``fn``.
         """
+        _check_callable("fn", fn)
         return _SseResponse(_FedSource(fn, self._buffer, "SSE channel closure", owner=self), self._config)
 
     # -- what it is -------------------------------------------------------------
@@ -1344,12 +1400,10 @@ class Broadcaster(Generic[K, T]):
         """The number of live channels: keys with at least one stream, and with
         history, keys whose channel still lingers."""
         with self._lock:
-            self._expire_lingering()
             return len(self._channels)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
-            self._expire_lingering()
             return key in self._channels
 
     def __repr__(self) -> str:
@@ -1365,8 +1419,9 @@ class Broadcaster(Generic[K, T]):
             if channel is None:
                 return 0
             assert channel.history is not None, "a broadcaster with history gives every channel one"
-            channel.seq += 1
-            entry = _Entry(f"{channel.epoch}-{channel.seq}" if id is None else id, item)
+            seq = channel.seq + 1
+            entry = _Entry(f"{channel.epoch}-{seq}" if id is None else id, item)
+            channel.seq = seq
             channel.history.append(entry)
             groups = channel.groups if channel.groups is not None else channel.regroup()
             # Scheduled while the lock is held, so the deliveries of concurrent
@@ -1379,7 +1434,7 @@ class Broadcaster(Generic[K, T]):
         # already scheduled on each loop, so every stream drains them first.
         _on_loops(channel.regroup(), bool(self._history), _end_streams)
 
-    def _remove_member(self, sub: _Subscriber) -> None:
+    def _leave(self, sub: _Subscriber) -> None:
         """Take a subscriber whose stream left out of its channel; the channel
         goes with its last member, or lingers if it has history. A subscriber
         whose channel was removed (or replaced by a newer channel of the same
@@ -1469,7 +1524,9 @@ _GONE: Final = "gone"
 _ABANDONED: Final = "SSE response: send abandoned"
 
 # Task.uncancel() (Python 3.11+) takes back a cancellation request once it is
-# handled and returns how many others are pending; Python 3.10 counts none.
+# handled and returns how many others are pending; Python 3.10 counts none, so
+# there the message of the CancelledError is all that tells ours apart.
+_COUNTS_CANCELLATIONS: Final = hasattr(asyncio.Task, "uncancel")
 _uncancel: Final[Callable[[asyncio.Task[Any]], int]] = getattr(asyncio.Task, "uncancel", lambda task: 0)  # pyright: ignore[reportUnknownLambdaType]
 
 
@@ -1490,26 +1547,28 @@ class _SseResponse:
     without a write. ``HEAD`` gets the headers and an empty body, and the
     source is never read.
 
-    Ends: source exhausted, :class:`Lagged` (WARNING), a source exception
-    (ERROR, with traceback) or a failing ``receive()`` (ERROR) finish cleanly
-    with a last ``more_body=False`` message. A disconnect (``http.disconnect``,
-    or ``OSError`` from ``send``), a send timeout and a failing ``send()``
-    (ERROR) finish with nothing more sent. Cancellation propagates. On every
-    way out the source is closed and the pending ``receive()`` is cancelled
-    and awaited.
+    How it finishes: source exhausted, :class:`Lagged` (WARNING), a source
+    exception (ERROR, with traceback) or a failing ``receive()`` (ERROR)
+    finish cleanly with a last ``more_body=False`` message (a send in progress
+    when ``receive()`` fails completes first). A disconnect
+    (``http.disconnect``, or ``OSError`` from ``send``), a send timeout and a
+    failing ``send()`` (ERROR) finish with nothing more sent. Cancellation
+    propagates. On every way out the source is closed and the pending
+    ``receive()`` is cancelled and awaited.
 
     How it runs: in the server's task, which writes, and sleeps on one future
     (``_wake``) while nothing can be written. Three things complete that
-    future: the source (through ``_wait``), the pending ``receive()`` (a task
-    of its own: the only one) when the client leaves or it fails, and the
+    future: the source (through ``_wait``), the pending ``receive()`` (the one
+    task of the response's own) when the client leaves or it fails, and the
     one timer (``_tick``) when a keep-alive is due. The timer is also the send
     timeout: when a send has taken ``send_timeout``, it cancels the server's
-    task out of that send, and so does the end of the client while a send is
+    task out of that send, and so does the client's departure while a send is
     in progress. ``_write`` knows that cancellation for its own by ``_abandon``
-    and the message it carries (``_ABANDONED``), takes the request back, and
-    ends the response; any other cancellation propagates. (On Python 3.10,
-    which counts no cancellations, one that the server makes in the very loop
-    iteration of the abandonment merges with it, and is taken for it.)
+    and, on Python 3.10, by the message it carries (``_ABANDONED``); it takes
+    the request back and finishes the response; any other cancellation
+    propagates. (On Python 3.10, which counts no cancellations, one that the
+    server makes in the very loop iteration of the abandonment merges with
+    it, and is taken for it.)
 
     Raises:
         RuntimeError: a non-``http`` scope (the source is closed first), or a
@@ -1685,10 +1744,10 @@ class _SseResponse:
         try:
             await send(message)
         except asyncio.CancelledError as exc:
-            abandon, self._abandon = self._abandon, None
-            # Ours only if abandoned, with no other request pending once ours
-            # is taken back (3.11+ counts them), and carrying our message.
-            if abandon is None or _uncancel(task) or exc.args != (_ABANDONED,):
+            abandon, others = self._take_back_abandon()
+            # Ours only if this send was abandoned and no other cancellation is
+            # pending: 3.11+ counts them; 3.10 only has the message to go by.
+            if abandon is None or others or not (_COUNTS_CANCELLATIONS or exc.args == (_ABANDONED,)):
                 raise
             if abandon == "timeout":
                 logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
@@ -1702,9 +1761,8 @@ class _SseResponse:
             return False
         finally:
             self._sending_since = None
-        if self._abandon is not None:  # the server's send() returned although abandoned
-            self._abandon = None
-            _uncancel(task)
+            # A send abandoned that returned or failed otherwise all the same.
+            self._take_back_abandon()
         self._last_write = loop.time()
         return True
 
@@ -1744,10 +1802,20 @@ class _SseResponse:
                 self._schedule(self._last_write + keep_alive)
 
     def _abandon_send(self, why: str) -> None:
-        """Cancel the server's task out of the send in progress, for ``why``."""
+        """Cancel the server's task out of the send in progress, for ``why``
+        (once: the first reason stands)."""
         assert self._task is not None, "set by __call__"
-        self._abandon = why
-        self._task.cancel(_ABANDONED)
+        if self._abandon is None:
+            self._abandon = why
+            self._task.cancel(_ABANDONED)
+
+    def _take_back_abandon(self) -> tuple[str | None, int]:
+        """Why the send in progress was abandoned (None: it was not), and how
+        many other cancellation requests are pending once ours, if any, is
+        taken back."""
+        abandon, self._abandon = self._abandon, None
+        assert self._task is not None, "set by __call__"
+        return abandon, (0 if abandon is None else _uncancel(self._task))
 
     # -- the watcher: the pending receive() ----------------------------------------
 
@@ -1793,6 +1861,8 @@ class _SseResponse:
         if receiving is not None:
             receiving.cancel()
             await _join(receiving)
+            if not receiving.cancelled() and receiving.exception() is not None:
+                logger.debug("ASGI receive() raised while cancelled", exc_info=receiving.exception())
 
     # -- frames ----------------------------------------------------------------
 
@@ -1819,6 +1889,10 @@ class _SseResponse:
         try:
             for index, item in enumerate(items):
                 frames.append(self._frame(item, None if ids is None else ids[index]))
+        except StopAsyncIteration as exc:  # from render: it must not pass for the end of the source
+            error = RuntimeError(f"render raised {exc!r}")
+            error.__cause__ = exc
+            return b"".join(frames), error
         except Exception as exc:
             return b"".join(frames), exc
         return b"".join(frames), None
@@ -1858,7 +1932,8 @@ class Sender:
     def __init__(self, limit: int) -> None:
         self._items: deque[Any] = deque()
         self._limit = limit
-        # The response is over (client gone, or ended): send() raises.
+        # Sends are refused: the response is over, or ending (client gone,
+        # Broadcaster.close(): what is queued may still be written).
         self._closed = False
         # What feeds the queue returned or raised (with _error): the response
         # stops once it has written what is queued.
@@ -1871,7 +1946,9 @@ class Sender:
 
     @property
     def closed(self) -> bool:
-        """True once the response is over; ``send`` then raises ClientDisconnected."""
+        """True once sends are refused (``send`` raises ClientDisconnected): the
+        client is gone, or the response is over or ending (after
+        ``Broadcaster.close()`` what was queued is still written)."""
         return self._closed
 
     async def send(self, event: Event) -> None:
@@ -1915,7 +1992,7 @@ class Sender:
         return []
 
     def _close(self) -> None:
-        """The response is over: ``send`` raises from now on."""
+        """Refuse sends from now on: the response is over or ending."""
         self._closed = True
         self._wake_putters()
 
@@ -1967,34 +2044,6 @@ class _FedSource:
     def resumed(self) -> None:
         return None
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
-            if self._owner is None or self._owner._register_source(self):  # pyright: ignore[reportPrivateUsage]
-                self._task = self.loop.create_task(self._run())
-                self._task.add_done_callback(self._exited)
-            else:  # the broadcaster is closed: end at once
-                self._sender._close()  # pyright: ignore[reportPrivateUsage]
-                self._sender._feeder_exited(None)  # pyright: ignore[reportPrivateUsage]
-        return self._sender._take(limit), None  # pyright: ignore[reportPrivateUsage]
-
-    def _wait(self, waiter: asyncio.Future[None]) -> None:
-        self._sender._reader = waiter  # pyright: ignore[reportPrivateUsage]
-
-    async def _run(self) -> None:
-        await self._feed(self._sender)
-
-    def _exited(self, task: asyncio.Task[None]) -> None:
-        # A cancellation is ours once the sender is closed (we close it, then
-        # cancel); any other is the feeder's own failure.
-        error: BaseException | None = None
-        if not (task.cancelled() and self._sender.closed):
-            try:
-                _outcome(task, f"the {self._what} raised")
-            except Exception as exc:
-                error = exc
-        self._sender._feeder_exited(error)  # pyright: ignore[reportPrivateUsage]
-
     def end(self) -> None:
         """End the response for ``Broadcaster.close()`` (on the source's loop):
         the feeder is cancelled, what it already sent is still written, then
@@ -2032,6 +2081,39 @@ class _FedSource:
         if error is not None:
             raise error
 
+    # -- internals: the event-source contract, the feeder's task -------------------
+
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            if self._owner is None or self._owner._register_source(self):  # pyright: ignore[reportPrivateUsage]
+                self._task = self.loop.create_task(self._run())
+                self._task.add_done_callback(self._exited)
+            else:  # the broadcaster is closed: end at once
+                self._sender._close()  # pyright: ignore[reportPrivateUsage]
+                self._sender._feeder_exited(None)  # pyright: ignore[reportPrivateUsage]
+        return self._sender._take(limit), None  # pyright: ignore[reportPrivateUsage]
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        self._sender._reader = waiter  # pyright: ignore[reportPrivateUsage]
+
+    async def _run(self) -> None:
+        await self._feed(self._sender)
+
+    def _exited(self, task: asyncio.Task[None]) -> None:
+        # A cancellation is ours once the sender is closed (we close it, then
+        # cancel); any other is the feeder's own failure.
+        error: BaseException | None = None
+        if not (task.cancelled() and self._sender.closed):
+            try:
+                _outcome(task, f"the {self._what} raised")
+            except StopAsyncIteration as exc:  # it must not pass for the end of the source
+                error = RuntimeError(f"the {self._what} raised {exc!r}")
+                error.__cause__ = exc
+            except Exception as exc:
+                error = exc
+        self._sender._feeder_exited(error)  # pyright: ignore[reportPrivateUsage]
+
     def _unread_error(self) -> BaseException | None:
         sender = self._sender
         error, sender._error = sender._error, None  # pyright: ignore[reportPrivateUsage]
@@ -2052,73 +2134,89 @@ def _iterable_source(iterable: AsyncIterable[Any]) -> _FedSource:
 
 
 class _Replay(_AsyncClosing, AsyncIterator[T], Generic[T]):
-    """What :func:`replay` returns: ``items``, then ``live``; an event source
-    whose ids and ``resumed`` are ``live``'s.
+    """What :func:`replay` returns: ``items``, then ``live``.
 
-    ``aclose()`` closes both, even when iteration never started (which a bare
-    async generator cannot promise: its ``finally`` would not run).
+    Iterated, it awaits each part in the caller's task, as an async generator
+    would. Read by a response, it is an event source whose ids and
+    ``resumed`` are ``live``'s, and a part that is a plain async iterable is
+    read ahead by a task of the response's. Read it one way or the other, not
+    both. ``aclose()`` closes every part, even when iteration never started
+    (which a bare async generator cannot promise: its ``finally`` would not
+    run) or a part was exhausted.
     """
 
-    __slots__ = ("_items", "_sources", "_live", "_closed")
+    __slots__ = ("_items", "_parts", "_sources", "_at", "_live")
 
     def __init__(self, items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None) -> None:
-        # The plain items, until exhausted; then the event sources in order:
-        # the async items (if they are async), then live.
+        # The plain items, until exhausted; then the async parts in order (the
+        # items if they are async, then live), and the event source that a
+        # response reads each of them through, made at its first read.
         self._items: Iterator[T] | None = None
-        self._sources: deque[_EventSource] = deque()
+        self._parts: list[AsyncIterator[T]] = []
         if isinstance(items, AsyncIterable):
-            self._sources.append(_iterable_source(aiter(items)))
+            self._parts.append(aiter(items))
         else:
             self._items = iter(items)
-        self._live: _EventSource | None = None
         if live is not None:
-            source = live if isinstance(live, _EventSource) else _iterable_source(aiter(live))
-            self._sources.append(source)
-            self._live = source
-        self._closed = False
+            self._parts.append(aiter(live))
+        self._sources: list[_EventSource | None] = [None] * len(self._parts)
+        self._at = 0  # the part being read
+        self._live = live
 
     @property
     def resumed(self) -> bool | None:
-        return None if self._live is None else self._live.resumed
+        live = self._live
+        return live.resumed if isinstance(live, _EventSource) else None
 
     def __aiter__(self) -> _Replay[T]:
         return self
 
     async def __anext__(self) -> T:
-        while True:
-            items, _ = self._take(1)
-            if items:
-                item: T = items[0]
-                return item
-            waiter = asyncio.get_running_loop().create_future()
-            self._wait(waiter)
-            await waiter
+        if self._items is not None:
+            try:
+                return next(self._items)
+            except StopIteration:
+                self._items = None
+        while self._at < len(self._parts):
+            try:
+                return await anext(self._parts[self._at])
+            except StopAsyncIteration:
+                self._at += 1
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Close the replayed items' iterator and ``live``; then iteration
+        stops. Idempotent."""
+        items, self._items = self._items, None
+        parts = [part if source is None else source for part, source in zip(self._parts, self._sources, strict=True)]
+        self._parts, self._sources = [], []
+        await _close_each([items, *parts])
+
+    # -- internals: the event-source contract ------------------------------------
 
     def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
-        if self._closed:
-            raise StopAsyncIteration
         if self._items is not None:
             items = list(itertools.islice(self._items, limit))
             if items:
                 return items, None
             self._items = None
-        while self._sources:
+        while self._at < len(self._parts):
             try:
-                return self._sources[0]._take(limit)  # pyright: ignore[reportPrivateUsage]
+                return self._source()._take(limit)  # pyright: ignore[reportPrivateUsage]
             except StopAsyncIteration:
-                self._sources.popleft()
+                self._at += 1
         raise StopAsyncIteration
 
     def _wait(self, waiter: asyncio.Future[None]) -> None:
-        self._sources[0]._wait(waiter)  # pyright: ignore[reportPrivateUsage]
+        self._source()._wait(waiter)  # pyright: ignore[reportPrivateUsage]
 
-    async def aclose(self) -> None:
-        """Close the replayed items' iterator and ``live``. Idempotent."""
-        self._closed = True
-        items, self._items = self._items, None
-        sources = list(self._sources)
-        self._sources.clear()
-        await _close_each([items, *sources])
+    def _source(self) -> _EventSource:
+        """The event source of the part being read."""
+        source = self._sources[self._at]
+        if source is None:
+            part = self._parts[self._at]
+            source = self._sources[self._at] = part if isinstance(part, _EventSource) else _iterable_source(part)
+        return source
 
 
 def replay(items: Iterable[T] | AsyncIterable[T], live: AsyncIterable[T] | None = None) -> _Replay[T]:

@@ -3715,6 +3715,25 @@ async def test_history_channel_lingers_after_its_last_stream_then_goes() -> None
 
 
 @async_test()
+async def test_history_channel_whose_linger_is_over_is_not_revived() -> None:
+    """A subscribe after the linger time is over, with nothing using the
+    registry meanwhile, finds the channel gone (on_change says so first): it
+    cannot resume from the old history."""
+    changes: list[str] = []
+    b: Broadcaster[str, int] = Broadcaster(history=4, linger=0.01, on_change=changes.append)
+    stream = b.subscribe("k")
+    b.send("k", 1)
+    epoch = b._channels["k"].epoch
+    stream.close()
+    await asyncio.sleep(0.05)  # the linger time under test passes, nothing touches the registry
+    assert changes == ["k"], changes
+    again = b.subscribe("k", last_event_id=f"{epoch}-0")
+    assert again.resumed is False and again.queued == 0
+    assert changes == ["k", "k", "k"], f"expected appear, go, appear: {changes}"
+    again.close()
+
+
+@async_test()
 async def test_history_resubscribing_restarts_the_linger_period() -> None:
     """A subscribe during the linger keeps the channel; its own leaving starts a
     new full period."""
@@ -3971,6 +3990,26 @@ async def test_send_with_an_explicit_id_is_checked() -> None:
     for bad in ("a\nb", "a\rb", "a\x00b"):
         with pytest.raises(ValueError, match=r"^id must not contain CR, LF or NUL"):
             b.send("k", 1, id=bad)
+
+
+@async_test()
+async def test_send_with_an_id_that_cannot_be_written_leaves_no_trace() -> None:
+    """An explicit id with a lone surrogate is refused before anything is
+    retained or numbered: a later resume is exact."""
+    b: Broadcaster[str, Event] = Broadcaster(history=8)
+    keeper = b.subscribe("k")
+    b.send("k", Event("a"))
+    b.send("k", Event("b"))
+    with pytest.raises(ValueError, match=r"^id contains a lone surrogate: '\\ud800'$"):
+        b.send("k", Event("bad"), id="\ud800")
+    b.send("k", Event("c"))
+    await asyncio.sleep(0)  # deliveries with history go through the loop
+    epoch = b._channels["k"].epoch
+    resumed = b.subscribe("k", last_event_id=f"{epoch}-2")  # the client had a and b
+    assert resumed.resumed and [(await anext(resumed)).data] == ["c"] and resumed.queued == 0
+    assert [(await anext(keeper)).data for _ in range(3)] == ["a", "b", "c"]
+    resumed.close()
+    keeper.close()
 
 
 @async_test()
@@ -4581,6 +4620,32 @@ def test_response_writes_the_events_before_a_waiting_item_that_is_no_event(caplo
     assert errors[0].exc_info is not None and str(errors[0].exc_info[1]) == "SSE events must be Event objects, got str"
 
 
+def test_response_render_raising_stop_async_iteration_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A render that raises StopAsyncIteration does not end the response as if
+    the source were exhausted: it is an ERROR after the events before it."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    def render(n: int) -> Event:
+        if n == 2:
+            raise StopAsyncIteration
+        return Event(str(n))
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, int] = Broadcaster(config=SseConfig(keep_alive=None))
+        stream = b.subscribe("k")
+        for n in (1, 2, 3):
+            b.send("k", n)
+        peer = AsgiPeer()
+        await asgi_call(b.response(stream, render), peer)
+        assert peer.bodies == [b":\n\n", b"data: 1\n\n", b""], peer.bodies
+
+    scenario()
+    [record] = asgi_records(caplog, logging.ERROR)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert str(record.exc_info[1]) == "render raised StopAsyncIteration()"
+
+
 @pytest.mark.parametrize("policy", list(LagPolicy), ids=lambda p: p.name)
 @async_test()
 async def test_response_reports_a_due_lag_before_taking_anything(policy: LagPolicy) -> None:
@@ -4871,6 +4936,75 @@ async def test_response_whose_abandoned_send_returns_anyway_goes_on() -> None:
     assert peer.bodies == [b":\n\n", b"data: slow\n\n", b"data: next\n\n", b""], peer.bodies
 
 
+@async_test()
+async def test_response_whose_abandoned_send_fails_otherwise_takes_its_cancellation_back() -> None:
+    """A server's send() that turns the cancellation of a timed-out send into
+    another error (as a transport may) ends the response as that error says,
+    and leaves no cancellation pending in the server's task (3.11+ counts
+    them)."""
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.02))
+    peer = AsgiPeer()
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"data: slow\n\n":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise ConnectionResetError("peer reset") from None
+        await peer.send(message)
+
+    async def server() -> int:
+        await b.response(b.subscribe("k"))(peer.scope, peer.receive, send)
+        task = asyncio.current_task()
+        assert task is not None
+        return int(getattr(task, "cancelling", lambda: 0)())
+
+    task = asyncio.ensure_future(server())
+    await peer.wait_for_bodies(1)
+    b.send("k", Event("slow"))
+    assert await task == 0, "a cancellation request was left pending"
+    assert peer.bodies == [b":\n\n"], peer.bodies
+
+
+def test_response_client_leaving_as_its_send_times_out_abandons_the_send_once() -> None:
+    """The client leaves and the send in progress times out in the same loop
+    iteration: the send is abandoned once, the app returns (no cancellation
+    escapes), and no cancellation is left pending in the server's task."""
+
+    async def scenario() -> tuple[bool, int]:
+        b = Broadcaster[str, Event](config=SseConfig(send_timeout=0.05, keep_alive=None))
+        loop = asyncio.get_running_loop()
+        left = loop.create_future()
+        calls = 0
+
+        async def receive() -> AsgiMessage:
+            await left
+            return ASGI_DISCONNECT
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:  # the first event: it hangs, and the client leaves as it times out
+
+                def arrange() -> None:
+                    left.set_result(None)  # receive() returns at the next iteration...
+                    loop.call_soon(time.sleep, 0.1)  # ...which blocks the loop past the send's deadline
+
+                loop.call_soon(arrange)
+                await asyncio.Event().wait()
+
+        scope = {"type": "http", "method": "GET", "headers": []}
+        task = asyncio.ensure_future(b.response(b.subscribe("k"))(scope, receive, send))
+        await asyncio.sleep(0)
+        b.send("k", Event("x"))
+        await asyncio.wait((task,), timeout=2)
+        return task.cancelled(), int(getattr(task, "cancelling", lambda: 0)())
+
+    cancelled, pending = asyncio.run(scenario())
+    assert not cancelled, "the response raised a cancellation nobody asked for"
+    assert pending == 0, f"{pending} cancellation request(s) left pending"
+
+
 # ---------------------------------------------------------------------------
 # The client side: receive(), disconnects
 # ---------------------------------------------------------------------------
@@ -5041,6 +5175,38 @@ async def test_response_returns_only_after_its_pending_receive_has_finished() ->
     b.remove("k")
     await asgi_ended(task)
     assert finished == [True], "the app returned while its receive() was still running"
+
+
+def test_response_receive_failing_as_it_is_cancelled_is_retrieved_and_logged_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server's receive() that raises instead of honouring the response's
+    cancellation of it (the response is finishing) has its error read and
+    logged at DEBUG: asyncio reports no exception never retrieved."""
+    caplog.set_level(logging.DEBUG)
+
+    @fault_test()
+    async def scenario(probe: FaultProbe) -> None:
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+        waiting = asyncio.Event()
+
+        async def receive() -> AsgiMessage:
+            try:
+                waiting.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise OSError("transport closed while receiving") from None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(b.subscribe("k")), peer, receive=receive)
+        await waiting.wait()
+        b.remove("k")
+        await asgi_ended(task)
+        assert peer.ended
+        assert probe.logged() == [("DEBUG", "OSError")], probe.messages()
+
+    scenario()
 
 
 # ---------------------------------------------------------------------------
@@ -5498,6 +5664,24 @@ async def test_response_app_can_be_called_only_once() -> None:
     with pytest.raises(RuntimeError, match=r"^an SSE response app can be called only once: make one per request$"):
         await asgi_call(app, second)
     assert second.sent == [], f"the second call sent: {second.sent}"
+
+
+@async_test()
+async def test_response_and_channel_check_their_arguments() -> None:
+    """response() and channel() refuse what they cannot use, at once: events
+    that are not an async iterable, a render that is not callable, an on_gap
+    that is not an Event, a closure that is not callable."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    bad_calls: list[tuple[Callable[[], object], str]] = [
+        (lambda: b.response([Event("x")]), "events must be an async iterable, not list"),  # type: ignore[call-overload]
+        (lambda: b.response(b.subscribe("k"), "render"), "render must be callable or None, not str"),  # type: ignore[call-overload]
+        (lambda: b.response(b.subscribe("k"), on_gap="reload"), "on_gap must be an Event or None, not str"),  # type: ignore[call-overload]
+        (lambda: b.channel(None), "fn must be callable, not NoneType"),  # type: ignore[arg-type]
+    ]
+    for call, message in bad_calls:
+        with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+            call()
+    assert b.subscriber_count("k") == 0, "a refused response kept its subscription"
 
 
 # ---------------------------------------------------------------------------
@@ -6838,6 +7022,28 @@ async def test_channel_send_rejects_a_non_event() -> None:
     assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
 
 
+def test_channel_closure_leaking_stop_async_iteration_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A StopAsyncIteration that escapes a closure (it read an exhausted
+    iterator) does not pass for the end of the response: it is an ERROR, as
+    PEP 479 makes it in a generator, after what the closure sent."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def closure(tx: Sender) -> None:
+        await tx.send(Event("one"))
+        await anext(aiter(AsgiRecordingSource()))  # a bug: StopAsyncIteration escapes
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_call(Broadcaster[str, Event]().channel(closure), peer)
+        assert peer.bodies == [b":\n\n", b"data: one\n\n", b""], peer.bodies
+
+    scenario()
+    [record] = asgi_records(caplog, logging.ERROR)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert str(record.exc_info[1]) == "the SSE channel closure raised StopAsyncIteration()"
+
+
 @async_test()
 async def test_channel_sender_closed_only_after_the_response() -> None:
     """Sender.closed is False while the response runs and True once it is over."""
@@ -7253,6 +7459,48 @@ async def test_replay_aclose_is_idempotent() -> None:
     await stream.aclose()
     await stream.aclose()
     assert live.aclosed == 1, f"live was aclosed {live.aclosed} times"
+
+
+@async_test()
+async def test_replay_iterated_reads_in_the_callers_task_and_leaves_nothing_running() -> None:
+    """Iterated directly, replay() reads its async items in the caller's task
+    (as an async generator would): leaving the loop early leaves no task
+    behind, and aclose() runs the items' clean-up."""
+    cleaned: list[str] = []
+    before = asyncio.all_tasks()
+
+    async def missed() -> AsyncIterator[str]:
+        try:
+            for text in ("a", "b", "c"):
+                yield text
+        finally:
+            cleaned.append("items")
+
+    resumed = replay(missed(), _RecordingLive(["d"]))
+    async for text in resumed:
+        assert text == "a"
+        break
+    assert asyncio.all_tasks() == before, asyncio.all_tasks() - before
+    await resumed.aclose()
+    assert cleaned == ["items"]
+
+
+@async_test()
+async def test_replay_aclose_closes_a_live_part_that_was_exhausted() -> None:
+    """aclose() closes every part, the exhausted ones too (a custom live
+    iterable may hold something until it is closed), in a response as when
+    iterated."""
+    for in_response in (False, True):
+        live = _RecordingLive([])
+        resumed = replay(["a"], live)
+        if in_response:
+            peer = AsgiPeer()
+            await asgi_call(Broadcaster[str, str]().response(resumed, Event), peer)
+            assert peer.bodies == [b":\n\n", b"data: a\n\n", b""], peer.bodies
+        else:
+            assert [text async for text in resumed] == ["a"]
+            await resumed.aclose()
+        assert live.aclosed == 1, f"live was not closed once (in a response: {in_response})"
 
 
 @async_test()
