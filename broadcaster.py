@@ -682,9 +682,13 @@ class _Channel:
 
 
 def _wake(sub: _Subscriber) -> None:
-    """Wake the reader of ``sub``, if it sleeps."""
-    waiter, sub.waiter = sub.waiter, None
-    _complete(waiter)
+    """Wake the reader of ``sub``, if it sleeps (on the path of every delivery
+    to an idle stream: :func:`_complete`, spelled out)."""
+    waiter = sub.waiter
+    if waiter is not None:
+        sub.waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
@@ -877,10 +881,9 @@ class _EventSource(Protocol):
 class _RegistryLock:
     """The lock of one Broadcaster's registry; ``with lock:`` holds it.
 
-    Taking it expires the lingering channels whose time is over; its release
-    first does the leaves queued meanwhile and expires again, then reports
-    changed keys to ``on_change`` once the lock is free (see the concurrency
-    model above).
+    Its release first does the leaves queued meanwhile and expires the
+    lingering channels whose time is over, then reports changed keys to
+    ``on_change`` once the lock is free (see the concurrency model above).
     """
 
     __slots__ = ("_mutex", "_leaving", "_registry")
@@ -893,29 +896,29 @@ class _RegistryLock:
 
     def __enter__(self) -> None:
         self._mutex.acquire()
-        # What the holder sees has no channel whose linger is over.
-        self._registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._release()
 
     def leave(self, sub: _Subscriber) -> None:
         """Take ``sub`` out of its channel now, or as soon as the lock is free;
         never waits. Called only by a stream's ``weakref.finalize``."""
         self._leaving.append(sub)
         if self._mutex.acquire(blocking=False):
-            self._release()
+            self.__exit__()
 
-    def _release(self) -> None:
+    def __exit__(self, *exc_info: object) -> None:
+        """The release: the leaves queued meanwhile and what is due are done
+        first. (The checks before each call save a call per release: it is
+        on the path of every subscribe and leave.)"""
         registry = self._registry
         while True:
             while self._leaving:
                 registry._leave(self._leaving.popleft())  # pyright: ignore[reportPrivateUsage]
-            registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
+            if registry._lingering:  # pyright: ignore[reportPrivateUsage]
+                registry._expire_lingering()  # pyright: ignore[reportPrivateUsage]
             self._mutex.release()
             if not self._leaving or not self._mutex.acquire(blocking=False):
                 break
-        registry._report_changes()  # pyright: ignore[reportPrivateUsage]
+        if registry._changed:  # pyright: ignore[reportPrivateUsage]
+            registry._report_changes()  # pyright: ignore[reportPrivateUsage]
 
 
 # ---------------------------------------------------------------------------
@@ -947,8 +950,8 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
         self,
         sub: _Subscriber,
         lock: _RegistryLock,
-        entries: bool = False,
-        resumed: bool | None = None,
+        entries: bool,
+        resumed: bool | None,
     ) -> None:
         self._sub = sub
         self._policy = LagPolicy.ERROR
@@ -1217,6 +1220,8 @@ class Broadcaster(Generic[K, T]):
         sub = _Subscriber(key, loop)
         resumed: bool | None = None if last_event_id is None else False
         with self._lock:
+            if self._lingering:  # a channel whose linger is over is not revived
+                self._expire_lingering()
             if self._closed:
                 sub.closed = True
             else:
@@ -1400,10 +1405,12 @@ class Broadcaster(Generic[K, T]):
         """The number of live channels: keys with at least one stream, and with
         history, keys whose channel still lingers."""
         with self._lock:
+            self._expire_lingering()
             return len(self._channels)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
+            self._expire_lingering()
             return key in self._channels
 
     def __repr__(self) -> str:
@@ -1646,7 +1653,6 @@ class _SseResponse:
                 return
             self._receive = receive
             self._watch()
-            finish = False
             try:
                 finish = await self._write_events()
             except Lagged as exc:

@@ -49,6 +49,7 @@ from collections.abc import (
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple, TypeVar, cast
 
 import pytest
@@ -2399,8 +2400,9 @@ async def test_stream_finalizer_does_not_run_at_interpreter_exit() -> None:
 
 @async_test()
 async def test_cancelled_read_loses_nothing_and_leaves_the_stream_usable() -> None:
-    """Cancelling a task blocked in __anext__ removes nothing; the next read gets
-    the next item sent."""
+    """Cancelling a task blocked in __anext__ removes nothing and takes its
+    waiter away with it (the stream holds no future); the next read gets the
+    next item sent."""
     b: Broadcaster[str, int] = Broadcaster()
     stream = b.subscribe("k")
     reader = asyncio.ensure_future(anext(stream))
@@ -2408,6 +2410,7 @@ async def test_cancelled_read_loses_nothing_and_leaves_the_stream_usable() -> No
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
+    assert stream._sub.waiter is None, f"the cancelled read left its waiter behind: {stream._sub.waiter!r}"
     b.send("k", 1)
     assert await anext(stream) == 1
     assert b.subscriber_count("k") == 1
@@ -2489,6 +2492,20 @@ async def test_send_from_another_thread_wakes_a_blocked_reader() -> None:
     thread.start()
     assert await reader == "hello"
     thread.join()
+    stream.close()
+
+
+@async_test()
+async def test_send_from_another_thread_drops_the_oldest_item_of_a_full_stream() -> None:
+    """Items sent from a plain thread are bounded by the buffer as on the
+    stream's loop: a full stream drops its oldest item and counts it."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("k").on_lag(LagPolicy.SKIP)
+    # The thread's deliveries are queued on the loop before to_thread's result.
+    counts = await asyncio.to_thread(lambda: [b.send("k", i) for i in range(4)])
+    assert counts == [1] * 4, f"wrong counts: {counts}"
+    assert (stream.queued, stream.lagged) == (2, 2), f"queued {stream.queued}, lagged {stream.lagged}"
+    assert [await anext(stream), await anext(stream)] == [2, 3]
     stream.close()
 
 
@@ -2746,6 +2763,32 @@ def test_leave_never_waits_for_the_lock_even_when_it_must_retake_it() -> None:
     assert "k" not in b, "the leave queued during the release was not done"
 
 
+@async_test()
+async def test_send_without_history_never_waits_for_the_lock() -> None:
+    """send() without history reads the key's channel and its grouping by loop
+    without the registry lock: it delivers while another thread holds the lock."""
+    b = Broadcaster[str, int]()
+    stream = b.subscribe("k")
+    b.send("k", 0)  # groups the key's subscribers by loop, once
+    locked, sent = threading.Event(), threading.Event()
+    waited: list[bool] = []
+
+    def holder() -> None:
+        with b._lock:
+            locked.set()
+            waited.append(not sent.wait(2))
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert locked.wait(5)
+    count = b.send("k", 1)
+    sent.set()
+    thread.join(5)
+    assert waited == [False], "send() waited for the registry lock"
+    assert count == 1 and stream.queued == 2, f"count {count}, queued {stream.queued}"
+    stream.close()
+
+
 # ---------------------------------------------------------------------------
 # on_change
 # ---------------------------------------------------------------------------
@@ -2753,10 +2796,17 @@ def test_leave_never_waits_for_the_lock_even_when_it_must_retake_it() -> None:
 
 @async_test()
 async def test_on_change_reports_a_key_when_its_channel_appears_and_goes() -> None:
-    """on_change(key) runs when the first stream of a key subscribes and when
-    the last one leaves (by close or by garbage collection), and not between."""
+    """on_change(key) runs, with that key, when the first stream of a key
+    subscribes and when the last one leaves (by close or by garbage
+    collection), and not between."""
     changes: list[tuple[str, bool]] = []
-    b: Broadcaster[str, int] = Broadcaster(on_change=lambda key: changes.append((key, key in b)))
+
+    def hook(key: str) -> None:
+        if key != "k":  # pytest.fail raises a BaseException: the registry does not catch it
+            pytest.fail(f"on_change was called with {key!r}")
+        changes.append((key, key in b))
+
+    b: Broadcaster[str, int] = Broadcaster(on_change=hook)
     s1 = b.subscribe("k")
     s2 = b.subscribe("k")
     assert changes == [("k", True)]
@@ -3523,6 +3573,29 @@ async def test_resumed_stream_drops_its_backlog_once_replayed_and_keeps_live_ite
     first.close()
 
 
+@async_test()
+async def test_resumed_stream_take_gives_the_backlog_then_the_queue_within_its_limit() -> None:
+    """A take from a resumed stream holding a backlog and several live items
+    gives the backlog first, then the queue, in id order, never more than its
+    limit (the rest stays for the next take)."""
+    b: Broadcaster[str, int] = Broadcaster(history=8)
+    first = b.subscribe("k")
+    for n in range(3):
+        b.send("k", n)
+    await asyncio.sleep(0)  # deliveries with history go through the loop
+    epoch = b._channels["k"].epoch
+    stream = b.subscribe("k", last_event_id=f"{epoch}-1")
+    for n in range(3, 6):
+        b.send("k", n)
+    await asyncio.sleep(0)
+    assert stream.queued == 5, f"expected a backlog of 2 and 3 live items, got {stream.queued}"
+    ids = [f"{epoch}-{seq}" for seq in range(2, 7)]
+    assert stream._take(3) == ([1, 2, 3], ids[:3]), "the first take"
+    assert stream._take(10) == ([4, 5], ids[3:]), "the second take"
+    assert stream.queued == 0 and stream.last_event_id == ids[-1]
+    first.close()
+
+
 def test_history_defaults_and_properties() -> None:
     """By default a broadcaster keeps no history and lingers 30 s if it had one."""
     b: Broadcaster[str, int] = Broadcaster()
@@ -3712,6 +3785,20 @@ async def test_history_channel_lingers_after_its_last_stream_then_goes() -> None
     await asyncio.sleep(0.1)  # timing under test: the linger period passes
     assert ("k" in b, len(b)) == (False, 0)
     assert b.subscribe("k", last_event_id=last).resumed is False
+
+
+@async_test()
+async def test_history_channel_goes_the_moment_its_linger_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lingering channel stays until exactly `linger` seconds after its last
+    stream left, and is gone at that moment (read on the module's clock)."""
+    now = [1000.0]
+    monkeypatch.setattr(broadcaster, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    b: Broadcaster[str, int] = Broadcaster(history=2, linger=2.5)
+    b.subscribe("k").close()
+    now[0] = 1002.25
+    assert "k" in b, "the channel went before its linger was over"
+    now[0] = 1002.5
+    assert "k" not in b, "the channel outlived its linger"
 
 
 @async_test()
@@ -4133,7 +4220,8 @@ async def test_history_response_with_render_maps_items_and_writes_ids() -> None:
 
 @async_test()
 async def test_response_render_without_history_maps_items() -> None:
-    """render works for any source: a plain async iterable of other items."""
+    """render works for any source: a plain async iterable of other items; the
+    events it makes are written as they are, with the ids they carry."""
     b: Broadcaster[str, int] = Broadcaster(config=SseConfig(keep_alive=None))
     peer = AsgiPeer()
 
@@ -4141,8 +4229,36 @@ async def test_response_render_without_history_maps_items() -> None:
         yield 1
         yield 2
 
-    await b.response(numbers(), lambda n: Event(str(n)))(peer.scope, peer.receive, peer.send)
-    assert peer.bodies == [b":\n\n", b"data: 1\n\ndata: 2\n\n", b""]
+    def render(n: int) -> Event:
+        return Event(str(n), id=f"n{n}" if n == 2 else None)
+
+    await b.response(numbers(), render)(peer.scope, peer.receive, peer.send)
+    assert peer.bodies == [b":\n\n", b"data: 1\n\nid: n2\ndata: 2\n\n", b""], peer.bodies
+
+
+def test_history_response_item_that_is_not_an_event_is_an_error_naming_its_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With history too, an item that is no Event ends the response with an
+    ERROR naming its type, after the events before it (with their ids)."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Any] = Broadcaster(history=4, config=SseConfig(keep_alive=None))
+        stream = b.subscribe("k")
+        for item in (Event("a"), "b", Event("c")):
+            b.send("k", item)
+        b.remove("k")
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        assert len(peer.bodies) == 3 and peer.ended, peer.sent
+        assert re.fullmatch(rb"id: [0-9a-f]{12}-1\ndata: a\n\n", peer.bodies[1]), peer.bodies[1]
+
+    scenario()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["SSE event source raised; ending the response"], errors
+    assert errors[0].exc_info is not None and str(errors[0].exc_info[1]) == "SSE events must be Event objects, got str"
 
 
 @pytest.mark.parametrize(("last_id", "gap_written"), [("unknown-1", True), (None, False), ("newest", False)])
@@ -4626,7 +4742,7 @@ def test_response_render_raising_stop_async_iteration_is_an_error(caplog: pytest
     caplog.set_level(logging.DEBUG, logger="broadcaster")
 
     def render(n: int) -> Event:
-        if n == 2:
+        if n == 3:
             raise StopAsyncIteration
         return Event(str(n))
 
@@ -4634,16 +4750,18 @@ def test_response_render_raising_stop_async_iteration_is_an_error(caplog: pytest
     async def scenario() -> None:
         b: Broadcaster[str, int] = Broadcaster(config=SseConfig(keep_alive=None))
         stream = b.subscribe("k")
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 4):
             b.send("k", n)
         peer = AsgiPeer()
         await asgi_call(b.response(stream, render), peer)
-        assert peer.bodies == [b":\n\n", b"data: 1\n\n", b""], peer.bodies
+        assert peer.bodies == [b":\n\n", b"data: 1\n\ndata: 2\n\n", b""], peer.bodies
 
     scenario()
     [record] = asgi_records(caplog, logging.ERROR)
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
     assert str(record.exc_info[1]) == "render raised StopAsyncIteration()"
+    cause = record.exc_info[1].__cause__
+    assert isinstance(cause, StopAsyncIteration), f"the error does not name render's exception as its cause: {cause!r}"
 
 
 @pytest.mark.parametrize("policy", list(LagPolicy), ids=lambda p: p.name)
@@ -4866,12 +4984,24 @@ async def test_response_send_that_hangs_midway_through_a_wait_times_out_without_
     assert ticks[0] == 2, f"the timer ran {ticks[0]} times for one timeout"
 
 
+def coarse_loop_clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Make the running loop's clock advance in steps of 1/64 s (as Windows'
+    monotonic clock did before Python 3.13), so that a deadline that is a
+    whole number of steps away is read exactly; returns the step."""
+    step = 1 / 64
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", lambda: time.monotonic() // step * step)
+    return step
+
+
+@pytest.mark.parametrize("clock", ["fine", "coarse"])
 @async_test()
-async def test_response_keep_alives_are_written_without_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_response_keep_alives_are_written_without_spinning(monkeypatch: pytest.MonkeyPatch, clock: str) -> None:
     """Between keep-alives the timer sleeps until the next one is due: one
-    wake-up per keep-alive (never polls)."""
+    wake-up per keep-alive (never polls), also on a coarse clock, which reads
+    the very moment a keep-alive falls due."""
+    interval = 4 * coarse_loop_clock(monkeypatch) if clock == "coarse" else 0.05
     ticks = count_timer_ticks(monkeypatch)
-    b = Broadcaster[str, Event](config=SseConfig(keep_alive=0.05, send_timeout=None))
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=interval, send_timeout=None))
     stream = b.subscribe("k")
     peer = AsgiPeer()
     task = asgi_serve(b.response(stream), peer)
@@ -4880,6 +5010,54 @@ async def test_response_keep_alives_are_written_without_spinning(monkeypatch: py
     await asgi_ended(task)
     assert peer.bodies[1:3] == [b":\n\n", b":\n\n"], f"wrong bodies: {peer.bodies}"
     assert ticks[0] == 2, f"the timer ran {ticks[0]} times for two keep-alives"
+
+
+@async_test()
+async def test_response_send_timeout_on_a_coarse_clock_ends_the_response_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a coarse loop clock, which reads the very moment a hung send() reaches
+    send_timeout, the send is abandoned then: the timer runs once for it (it
+    does not poll until the clock moves on)."""
+    timeout = 4 * coarse_loop_clock(monkeypatch)
+    ticks = count_timer_ticks(monkeypatch)
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=timeout))
+    peer = AsgiPeer()
+    peer.send_hangs = True
+    await asgi_ended(asgi_serve(b.response(b.subscribe("k")), peer))
+    assert peer.sent == [], f"wrong messages: {peer.sent}"
+    assert ticks[0] == 1, f"the timer ran {ticks[0]} times for one timeout"
+
+
+@async_test()
+async def test_response_timer_run_at_a_write_deadline_waits_on_for_the_keep_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With send_timeout shorter than keep_alive, the timer armed by a write
+    runs at that write's deadline, finds it done and no keep-alive due, and
+    re-arms for the keep-alive without waking the response: the source is read
+    only when the keep-alive is due (and after each write), and the timer runs
+    twice in all (never polls)."""
+    ticks = count_timer_ticks(monkeypatch)
+    takes = [0]
+    take = BroadcastStream._take
+
+    def counting_take(self: BroadcastStream[Any], limit: int) -> tuple[list[Any], list[str] | None]:
+        takes[0] += 1
+        return take(self, limit)
+
+    monkeypatch.setattr(BroadcastStream, "_take", counting_take)
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=0.1, send_timeout=0.01))
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(b.subscribe("k")), peer)
+    await peer.wait_for_bodies(2)  # the first chunk, then a keep-alive
+    seen = (ticks[0], takes[0])
+    b.remove("k")
+    await asgi_ended(task)
+    assert peer.bodies == [b":\n\n", b":\n\n", b""], peer.bodies
+    # Reads: after the first chunk, when the keep-alive is due, after it. A
+    # stalled loop may run the first timer only once the keep-alive is due.
+    assert seen[1] == 3 and seen[0] in (1, 2), f"the timer ran {seen[0]} times and the source was read {seen[1]} times"
 
 
 @async_test()
@@ -4963,6 +5141,66 @@ async def test_response_whose_abandoned_send_fails_otherwise_takes_its_cancellat
     await peer.wait_for_bodies(1)
     b.send("k", Event("slow"))
     assert await task == 0, "a cancellation request was left pending"
+    assert peer.bodies == [b":\n\n"], peer.bodies
+
+
+@async_test()
+async def test_response_abandons_a_send_with_a_cancellation_that_says_so() -> None:
+    """The cancellation with which a response abandons a timed-out send()
+    carries the message "SSE response: send abandoned", so that the server's
+    send sees why it is cancelled."""
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.02))
+    peer = AsgiPeer()
+    seen: list[tuple[Any, ...]] = []
+
+    async def send(message: AsgiMessage) -> None:
+        if message.get("body") == b"data: slow\n\n":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError as exc:
+                seen.append(exc.args)
+                raise
+        await peer.send(message)
+
+    task = asgi_serve(b.response(b.subscribe("k")), peer, send)
+    await peer.wait_for_bodies(1)
+    b.send("k", Event("slow"))
+    await asgi_ended(task)
+    assert seen == [("SSE response: send abandoned",)], f"the send was cancelled with {seen}"
+
+
+@async_test()
+async def test_response_whose_abandoned_send_raises_a_bare_cancellation_knows_it_on_3_11() -> None:
+    """A server's send() that answers the abandonment of a timed-out send with a
+    CancelledError of its own, without the message: Python 3.11+ counts the
+    cancellation requests, so the response knows it for its own and ends (none
+    left pending); 3.10 has only the message to go by, and lets it propagate."""
+    b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.02))
+    peer = AsgiPeer()
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"data: slow\n\n":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise asyncio.CancelledError from None
+        await peer.send(message)
+
+    async def server() -> int:
+        await b.response(b.subscribe("k"))(peer.scope, peer.receive, send)
+        task = asyncio.current_task()
+        assert task is not None
+        return int(getattr(task, "cancelling", lambda: 0)())
+
+    task = asyncio.ensure_future(server())
+    await peer.wait_for_bodies(1)
+    b.send("k", Event("slow"))
+    await asyncio.wait((task,), timeout=3.0)
+    if sys.version_info >= (3, 11):
+        assert not task.cancelled(), "the abandonment was taken for a cancellation of the server's"
+        assert task.result() == 0, "a cancellation request was left pending"
+    else:
+        assert task.cancelled(), "a cancellation without the message was swallowed on 3.10"
     assert peer.bodies == [b":\n\n"], peer.bodies
 
 
@@ -5205,6 +5443,7 @@ def test_response_receive_failing_as_it_is_cancelled_is_retrieved_and_logged_at_
         await asgi_ended(task)
         assert peer.ended
         assert probe.logged() == [("DEBUG", "OSError")], probe.messages()
+        assert probe.messages() == ["ASGI receive() raised while cancelled"], probe.messages()
 
     scenario()
 
@@ -5632,6 +5871,39 @@ async def test_response_cancellation_as_a_send_completes_is_not_swallowed() -> N
         await task
     assert done and task.cancelled(), "the cancellation was swallowed: the response went on streaming"
     assert stream.closed and b.subscriber_count("k") == 0, "subscription outlived the task"
+
+
+@async_test()
+async def test_response_cancelled_during_a_send_leaves_the_cancellation_pending() -> None:
+    """Cancelling the server's task while a send() is in progress propagates out
+    of the app with the cancellation request still counted in the task (3.11+),
+    as asyncio.timeout() and TaskGroup, which count them, expect."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    peer = AsgiPeer()
+    entered = asyncio.Event()
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"data: stuck\n\n":
+            entered.set()
+            await asyncio.Event().wait()
+        await peer.send(message)
+
+    async def server() -> int | None:
+        try:
+            await b.response(b.subscribe("k"))(peer.scope, peer.receive, send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            return cast("int | None", getattr(task, "cancelling", lambda: None)())
+        raise AssertionError("the app returned although it was cancelled")
+
+    task = asyncio.ensure_future(server())
+    await peer.wait_for_bodies(1)
+    b.send("k", Event("stuck"))
+    await entered.wait()
+    task.cancel()
+    pending = await task
+    assert pending == (1 if sys.version_info >= (3, 11) else None), f"{pending} cancellation request(s) pending"
 
 
 @pytest.mark.parametrize("kind", ["websocket", "lifespan"])
@@ -6340,6 +6612,7 @@ async def test_fault_receive_misbehaving_at_each_moment_ends_the_response_once_l
     if error_name is None:
         assert rig.peer.sent == expected, f"wrong messages after a disconnect: {rig.peer.sent}"
         assert probe.logged() == [("DEBUG", None)], f"a disconnect must be one DEBUG record: {probe.messages()}"
+        assert probe.messages() == ["SSE client disconnected"], probe.messages()
     else:
         assert rig.peer.sent == [*expected, ASGI_FINAL], f"wrong messages: {rig.peer.sent}"
         assert probe.logged() == [("ERROR", error_name)], f"expected one ERROR: {probe.messages()}"
@@ -6757,6 +7030,9 @@ async def test_fault_cancel_while_a_channel_closure_is_slow_to_exit(probe: Fault
     left = await fault_cancel_during_cleanup(probe, task, release)
     assert not left, f"the app ended while its closure still ran: {left}"
     assert probe.serious() == [("ERROR", "ValueError")], f"the closure's error was not logged once: {probe.messages()}"
+    assert probe.messages() == ["SSE client disconnected", "SSE channel closure raised while it was being closed"], (
+        f"wrong records: {probe.messages()}"
+    )
     assert not rig.b._sources
 
 
@@ -6784,6 +7060,9 @@ async def test_fault_cancel_as_a_channel_closure_exits_keeps_its_error(probe: Fa
     await asyncio.wait((task,))
     assert task.cancelled(), "the cancellation was lost"
     assert probe.serious() == [("ERROR", "ValueError")], f"the closure's error was dropped: {probe.messages()}"
+    assert probe.messages() == ["SSE client disconnected", "SSE channel closure raised while it was being closed"], (
+        f"wrong records: {probe.messages()}"
+    )
     assert not rig.b._sources
 
 
@@ -7042,6 +7321,8 @@ def test_channel_closure_leaking_stop_async_iteration_is_an_error(caplog: pytest
     [record] = asgi_records(caplog, logging.ERROR)
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
     assert str(record.exc_info[1]) == "the SSE channel closure raised StopAsyncIteration()"
+    cause = record.exc_info[1].__cause__
+    assert isinstance(cause, StopAsyncIteration), f"the error does not name the closure's as its cause: {cause!r}"
 
 
 @async_test()
@@ -7317,6 +7598,37 @@ def test_channel_closure_ended_by_a_foreign_cancellation_is_logged_as_an_error(
     assert isinstance(error, RuntimeError), f"wrong error: {error!r}"
     assert str(error) == "the SSE channel closure raised CancelledError()", f"wrong message: {error}"
     assert isinstance(error.__cause__, asyncio.CancelledError), f"wrong cause: {error.__cause__!r}"
+
+
+def test_channel_closure_raising_a_cancellation_while_handling_another_is_reported_with_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A closure that raises CancelledError("outer") while it handles another
+    cancellation is reported with its own: the RuntimeError names
+    CancelledError('outer'), which is its cause, not the one it handled."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def closure(tx: Sender) -> None:
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel("inner")
+        try:
+            await inner
+        except asyncio.CancelledError:
+            raise asyncio.CancelledError("outer") from None
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(Broadcaster[str, Event]().channel(closure), peer))
+        assert peer.sent == [asgi_start(), ASGI_FIRST, ASGI_FINAL], f"wrong messages: {peer.sent}"
+
+    scenario()
+    [record] = asgi_records(caplog, logging.ERROR)
+    assert record.exc_info is not None, "no traceback logged"
+    error = record.exc_info[1]
+    assert str(error) == "the SSE channel closure raised CancelledError('outer')", f"wrong message: {error}"
+    assert error is not None and isinstance(error.__cause__, asyncio.CancelledError), f"wrong cause: {error!r}"
+    assert error.__cause__.args == ("outer",), f"wrong cause: {error.__cause__!r}"
 
 
 @async_test()
@@ -7662,6 +7974,43 @@ async def test_replay_in_a_response_writes_live_ids_and_gathers_what_waits() -> 
     epoch = stream.last_event_id.rpartition("-")[0] if stream.last_event_id else ""
     live = Event("a", id=f"{epoch}-1").encode() + Event("b", id=f"{epoch}-2").encode()
     assert peer.bodies == [b":\n\n", missed[0].encode() + missed[1].encode(), live, b""], peer.bodies
+
+
+def test_replay_in_a_response_reads_async_items_then_live_and_ends_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    """In a response, replay(async items, stream) writes the items, then the
+    live events, and ends cleanly once both are exhausted, logging nothing."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def missed() -> AsyncIterator[Event]:
+        yield Event("m1")
+        yield Event("m2")
+
+    @async_test()
+    async def scenario() -> None:
+        b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+        stream = b.subscribe("k")
+        b.send("k", Event("live"))
+        b.remove("k")
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(b.response(replay(missed(), stream)), peer))
+        expected = [b":\n\n", Event("m1").encode() + Event("m2").encode(), Event("live").encode(), b""]
+        assert peer.bodies == expected, peer.bodies
+        assert peer.ended and stream.closed
+
+    scenario()
+    records = [f"{r.levelname} {r.getMessage()}" for r in caplog.records if r.name == "broadcaster"]
+    assert records == [], f"a clean end was logged: {records}"
+
+
+@async_test()
+async def test_replay_in_a_response_writes_its_plain_items_64_to_a_message() -> None:
+    """In a response, replay()'s plain items go out as waiting events do: at
+    most 64 in one body message."""
+    items = [Event(str(n)) for n in range(65)]
+    peer = AsgiPeer()
+    await asgi_call(Broadcaster[str, Event](config=SseConfig(keep_alive=None)).response(replay(items)), peer)
+    frames = [event.encode() for event in items]
+    assert peer.bodies == [b":\n\n", b"".join(frames[:64]), frames[64], b""], [len(body) for body in peer.bodies]
 
 
 @async_test()

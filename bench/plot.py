@@ -49,6 +49,7 @@ def bars(ax, labels, series: dict[str, list[float | None]], log: bool, ylabel: s
 
 def main() -> None:
     results = json.load(open(sys.argv[1]))
+    NAMES["candidate"] = results.get("candidate_label") or NAMES["candidate"]
     cases = results["cases"]
     fig, axes = plt.subplots(2, 5, figsize=(25, 9))
     axes = axes.ravel()

@@ -196,7 +196,7 @@ def targets(cases: dict, me: str = "ours") -> list[dict]:
     """Measured figure of ``me`` (ours, or the patched candidate), its ratio to
     the target, met or missed."""
     out = []
-    prefix = "" if me == "ours" else "[patched] "
+    prefix = "" if me == "ours" else f"[{NAMES['candidate']}] "
 
     def add(target: str, measured: str, ok: bool | None, note: str = "") -> None:
         out.append({"target": prefix + target, "measured": measured,
@@ -292,12 +292,15 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated cases of: {', '.join(CASES)}")
     ap.add_argument("--python", default=sys.executable, help="interpreter that creates the environments")
     ap.add_argument("--candidate", type=Path, help="folder holding a patched broadcaster.py to measure beside ours")
+    ap.add_argument("--candidate-label", default=NAMES["candidate"],
+                    help='its name in the tables and the plot (default "ours, patched"; e.g. "before")')
     ap.add_argument("--out", type=Path, default=BENCH / "results", help="output prefix (.json, .png)")
     ap.add_argument("--reps-scale", type=float, default=1.0, help="multiply every repetition count")
     ap.add_argument("--skip", default="", help="comma-separated implementations to leave out, e.g. fastapi,ring")
     args = ap.parse_args()
     if args.candidate is not None and not (args.candidate / "broadcaster.py").is_file():
         raise SystemExit(f"--candidate: no broadcaster.py in {args.candidate}")
+    NAMES["candidate"] = args.candidate_label
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     for c in only:
         if c not in CASES:
@@ -317,6 +320,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "candidate": str(args.candidate) if args.candidate else None,
+        "candidate_label": args.candidate_label,
         "cases": {},
         "seconds": {},
     }

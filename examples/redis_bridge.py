@@ -94,7 +94,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from broadcaster import Broadcaster, BroadcastStream, Event, SseConfig, replay
 

@@ -55,9 +55,10 @@ def free_port() -> int:
 
 
 def drain(pipe: IO[str], put: Callable[[str | None], None]) -> None:
-    """Hand every line of ``pipe`` to ``put``, then None at the end."""
-    for line in pipe:
-        put(line)
+    """Hand every line of ``pipe`` to ``put``, then None at the end, and close it."""
+    with pipe:
+        for line in pipe:
+            put(line)
     put(None)
 
 

@@ -202,10 +202,11 @@ class Server:
                 pytest.fail(f"{spec.id} did not start (exit code {self.proc.returncode}):\n{self.output}")
 
     def _read(self, pipe: IO[bytes]) -> None:
-        for raw in pipe:
-            with self._changed:
-                self.lines.append(raw.decode("utf-8", "replace"))
-                self._changed.notify_all()
+        with pipe:
+            for raw in pipe:
+                with self._changed:
+                    self.lines.append(raw.decode("utf-8", "replace"))
+                    self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
 
