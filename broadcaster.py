@@ -119,6 +119,7 @@ import json
 import logging
 import re
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -306,6 +307,12 @@ def _complete(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+# Python 3.10's Task.result() of a task that raised CancelledError by itself
+# raises a new, bare CancelledError whose context is the task's own; later
+# versions raise the task's own.
+_RESULT_IS_A_COPY: Final = sys.version_info < (3, 11)
+
+
 def _outcome(done: asyncio.Future[_X], what: str) -> _X:
     """The result of a finished task, or its exception re-raised; a
     CancelledError as ``RuntimeError(f"{what} {error!r}")``.
@@ -318,7 +325,7 @@ def _outcome(done: asyncio.Future[_X], what: str) -> _X:
         return done.result()
     except asyncio.CancelledError as exc:
         # Python 3.10 raises a bare copy, whose context is the task's own.
-        own = exc.__context__ if not exc.args and isinstance(exc.__context__, asyncio.CancelledError) else exc
+        own = exc.__context__ if _RESULT_IS_A_COPY and isinstance(exc.__context__, asyncio.CancelledError) else exc
         raise RuntimeError(f"{what} {own!r}") from own
 
 
@@ -1587,6 +1594,7 @@ class _SseResponse:
         "_config",
         "_render",
         "_on_gap",
+        "_called",
         # Set when called: the server's send and receive, its task and loop.
         "_send",
         "_receive",
@@ -1613,6 +1621,12 @@ class _SseResponse:
         "_client",
     )
 
+    # Set when called, and read only after that.
+    _send: Send
+    _receive: Receive
+    _task: asyncio.Task[Any]
+    _loop: asyncio.AbstractEventLoop
+
     def __init__(
         self,
         source: _EventSource,
@@ -1624,10 +1638,7 @@ class _SseResponse:
         self._config = config
         self._render = render
         self._on_gap = on_gap
-        self._send: Send | None = None
-        self._receive: Receive | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._called = False
         self._wake: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._sending_since: float | None = None
@@ -1640,8 +1651,9 @@ class _SseResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One coroutine for the whole response (its frame is what an idle
         # connection holds); the steps it awaits are coroutines of their own.
-        if self._send is not None:
+        if self._called:
             raise RuntimeError("an SSE response app can be called only once: make one per request")
+        self._called = True
         self._send = send
         try:
             if scope.get("type") != "http":
@@ -1694,11 +1706,11 @@ class _SseResponse:
     async def _write_events(self) -> bool:
         """Write the source's events as they come, and keep-alives on silence,
         until the source is exhausted (True: finish cleanly), the client leaves
-        (False) or its receive() fails (True), or a write fails (False).
+        (False) or its receive() fails (True), or a write fails (False, even
+        after a failed receive()).
         Raises what the source raises, once the events read before it are
         written."""
         loop = self._loop
-        assert loop is not None, "set by __call__"
         keep_alive = self._config.keep_alive
         while self._client is None:
             try:
@@ -1718,9 +1730,9 @@ class _SseResponse:
                     finally:
                         self._wake = None
                     continue
-            if not written:
-                break
-        return self._client is not None and self._client is not _GONE
+            if not written:  # nothing more goes to a server whose send failed
+                return False
+        return self._client is not _GONE
 
     async def _write_ready(self) -> bool | None:
         """Write what the source holds now, up to 64 events in one message:
@@ -1741,8 +1753,7 @@ class _SseResponse:
         """Send one message within ``send_timeout``; False if it did not
         complete: the client is gone, the send failed or timed out (each
         logged once, here or by the watcher), or it was abandoned."""
-        loop, send, task = self._loop, self._send, self._task
-        assert loop is not None and send is not None and task is not None, "set by __call__"
+        loop, send = self._loop, self._send
         since = self._sending_since = loop.time()
         timeout = self._config.send_timeout
         if timeout is not None:
@@ -1760,7 +1771,6 @@ class _SseResponse:
             return False
         except OSError as exc:
             logger.debug("SSE client disconnected: %r", exc)
-            self._client = _GONE
             return False
         except Exception:
             logger.exception("ASGI send() failed; ending the SSE response")
@@ -1781,13 +1791,11 @@ class _SseResponse:
             if timer.when() <= when:
                 return
             timer.cancel()
-        assert self._loop is not None, "set by __call__"
         self._timer = self._loop.call_at(when, self._tick)
 
     def _tick(self) -> None:
         """Abandon a send that has taken ``send_timeout``; wake the response for
         a keep-alive that is due; else re-arm for what comes next."""
-        assert self._loop is not None, "set by __call__"
         self._timer = None
         now = self._loop.time()
         since = self._sending_since
@@ -1810,7 +1818,6 @@ class _SseResponse:
     def _abandon_send(self, why: str) -> None:
         """Cancel the server's task out of the send in progress, for ``why``
         (once: the first reason stands)."""
-        assert self._task is not None, "set by __call__"
         if self._abandon is None:
             self._abandon = why
             self._task.cancel(_ABANDONED)
@@ -1820,14 +1827,12 @@ class _SseResponse:
         many other cancellation requests are pending once ours, if any, is
         taken back."""
         abandon, self._abandon = self._abandon, None
-        assert self._task is not None, "set by __call__"
         return abandon, (0 if abandon is None else _uncancel(self._task))
 
     # -- the watcher: the pending receive() ----------------------------------------
 
     def _watch(self) -> None:
         """Start the receive() that tells when the client leaves."""
-        assert self._receive is not None, "set by __call__"
         receiving = self._receiving = asyncio.ensure_future(self._receive())
         receiving.add_done_callback(self._received)
 

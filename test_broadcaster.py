@@ -6623,6 +6623,37 @@ async def test_fault_receive_misbehaving_at_each_moment_ends_the_response_once_l
     assert rig.unreleased() == [], rig.unreleased()
 
 
+@pytest.mark.parametrize("failure", ["raises", "times_out"])
+@fault_test()
+async def test_fault_send_failing_after_a_failed_receive_sends_nothing_more(probe: FaultProbe, failure: str) -> None:
+    """receive() fails while an event is being sent, and then that send fails
+    too (it raises, or times out): nothing more is sent (no last message to a
+    server whose send just failed), and each failure is logged once."""
+    rig = FaultRig("response", send_timeout=FAULT_SEND_TIMEOUT)
+    receive = FaultReceive()
+    entered, fail = asyncio.Event(), asyncio.Event()
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"data: e0\n\n":
+            entered.set()
+            await fail.wait()  # until the test fails it; forever if it times out
+            raise FaultServerBug("send broke")
+        await rig.peer.send(message)
+
+    task = asgi_serve(rig.app, rig.peer, send, receive)
+    rig.emit(Event("e0"))
+    await entered.wait()
+    receive.push(FaultRaise(RuntimeError("receive broke")))
+    await receive.drained.wait()
+    if failure == "raises":
+        fail.set()
+    await asgi_ended(task)
+    assert rig.peer.sent == [asgi_start(), ASGI_FIRST], f"sent after the failed send: {rig.peer.sent}"
+    levels = [level for level, _ in probe.logged()]
+    assert levels == (["ERROR", "ERROR"] if failure == "raises" else ["ERROR", "INFO"]), probe.messages()
+    assert rig.unreleased() == [], rig.unreleased()
+
+
 @pytest.mark.parametrize("kind", ["response", "channel"])
 @fault_test()
 async def test_fault_receive_raising_cancelled_error_is_never_swallowed(probe: FaultProbe, kind: str) -> None:
@@ -7629,6 +7660,33 @@ def test_channel_closure_raising_a_cancellation_while_handling_another_is_report
     assert str(error) == "the SSE channel closure raised CancelledError('outer')", f"wrong message: {error}"
     assert error is not None and isinstance(error.__cause__, asyncio.CancelledError), f"wrong cause: {error!r}"
     assert error.__cause__.args == ("outer",), f"wrong cause: {error.__cause__!r}"
+
+
+def test_channel_closure_raising_a_bare_cancellation_while_handling_another_is_reported_with_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A closure that raises a bare CancelledError() while it handles another
+    cancellation is reported with that bare one, on every Python (not with
+    the one it handled, which is only its context)."""
+    caplog.set_level(logging.DEBUG, logger="broadcaster")
+
+    async def closure(tx: Sender) -> None:
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel("inner")
+        try:
+            await inner
+        except asyncio.CancelledError:
+            raise asyncio.CancelledError from None
+
+    @async_test()
+    async def scenario() -> None:
+        peer = AsgiPeer()
+        await asgi_ended(asgi_serve(Broadcaster[str, Event]().channel(closure), peer))
+
+    scenario()
+    [record] = asgi_records(caplog, logging.ERROR)
+    assert record.exc_info is not None, "no traceback logged"
+    assert str(record.exc_info[1]) == "the SSE channel closure raised CancelledError()", str(record.exc_info[1])
 
 
 @async_test()
