@@ -987,8 +987,10 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
         while True:
             if sub.lagged != sub.reported:
                 self._report_lag()
-            record = self._pop()
-            if record is not _EMPTY:
+            # Looked at before the call: a reader that finds its stream empty
+            # (the most common read of all) pays no call.
+            if sub.one is not _EMPTY or sub.queue is not None or sub.backlog is not None:
+                record = self._pop()
                 if self._entries:
                     self._last = record
                     record = record.item
@@ -1072,18 +1074,18 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
         return the oldest record readable now (an _Entry with history), or
         _EMPTY. The backlog comes first; a drained deque is dropped."""
         sub = self._sub
-        assert sub.one is _EMPTY or sub.queue is None, "a lone item is held only while there is no queue"
         queue = sub.backlog if sub.backlog is not None else sub.queue
-        if queue is not None:
-            record = queue.popleft()
-            if not queue:
-                if queue is sub.backlog:
-                    sub.backlog = None
-                else:
-                    sub.queue = None
+        if queue is None:
+            record = sub.one
+            sub.one = _EMPTY
             return record
-        record = sub.one
-        sub.one = _EMPTY
+        assert sub.one is _EMPTY or sub.queue is None, "a lone item is held only while there is no queue"
+        record = queue.popleft()
+        if not queue:
+            if queue is sub.backlog:
+                sub.backlog = None
+            else:
+                sub.queue = None
         return record
 
     def _report_lag(self) -> None:
