@@ -334,6 +334,35 @@ class AsgiStampedSend:
             self.stamps.append((asyncio.get_running_loop().time(), message["body"]))
 
 
+def asgi_stalled_send(
+    peer: AsgiPeer, on_cancel: Callable[[asyncio.CancelledError], None]
+) -> Callable[[AsgiMessage], Awaitable[None]]:
+    """A send() forwarding to ``peer`` that stalls on the body ``data: slow``
+    until it is cancelled, then calls ``on_cancel`` with the cancellation:
+    what it raises comes out of the send; if it returns, the send writes."""
+
+    async def send(message: AsgiMessage) -> None:
+        if message.get("body") == b"data: slow\n\n":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError as exc:
+                on_cancel(exc)
+        await peer.send(message)
+
+    return send
+
+
+async def asgi_pending_cancellations(
+    app: AsgiApp, peer: AsgiPeer, send: Callable[[AsgiMessage], Awaitable[None]]
+) -> int:
+    """Await ``app`` as a server's task would, then return how many
+    cancellation requests that task has pending (3.11+ counts them; 0 on 3.10)."""
+    await app(peer.scope, peer.receive, send)
+    task = asyncio.current_task()
+    assert task is not None
+    return int(getattr(task, "cancelling", lambda: 0)())
+
+
 class LeakResume:
     """The state of the resume cycles: the ids of the last two items seen."""
 
@@ -2690,44 +2719,11 @@ def test_leave_while_another_thread_holds_the_lock_is_done_by_that_thread() -> N
     assert "k" not in b and not b._lock._leaving
 
 
-def test_leave_queued_between_drain_and_release_is_done_by_the_releaser() -> None:
+def test_leave_queued_during_the_release_is_done_without_waiting_for_the_lock() -> None:
     """The race the release loop exists for: a leave that another thread queues after
-    the holder's last drain, but before its release, is still done by the holder."""
-    b: Broadcaster[str, int] = Broadcaster()
-    streams: list[BroadcastStream[int]] = []
-
-    async def subscribe() -> None:
-        streams.extend([b.subscribe("k"), b.subscribe("k")])
-
-    asyncio.run(subscribe())
-    late = streams.pop()._sub
-
-    class RacingLock:
-        """A lock whose first release lets a leave slip in just before it."""
-
-        def __init__(self) -> None:
-            self.inner = threading.Lock()
-            self.raced = False
-
-        def acquire(self, blocking: bool = True) -> bool:
-            return self.inner.acquire(blocking)
-
-        def release(self) -> None:
-            if not self.raced:
-                self.raced = True
-                b._lock._leaving.append(late)  # as another thread's failed leave would
-            self.inner.release()
-
-    mutex = RacingLock()
-    b._lock._mutex = mutex  # type: ignore[assignment]  # a test double with the same protocol
-    streams.pop().close()
-    assert mutex.raced and not b._lock._leaving
-    assert "k" not in b, "the leave queued during the release was not done"
-
-
-def test_leave_never_waits_for_the_lock_even_when_it_must_retake_it() -> None:
-    """A leave that finds another leave queued after its release retries the lock without
-    blocking (the leaver never waits for another thread: "leaving never blocks")."""
+    the holder's last drain, but before its release, is still done by the holder, which
+    retakes the lock without blocking (the leaver never waits for another thread:
+    "leaving never blocks")."""
     b = Broadcaster[str, int]()
     streams: list[BroadcastStream[int]] = []
 
@@ -2760,7 +2756,7 @@ def test_leave_never_waits_for_the_lock_even_when_it_must_retake_it() -> None:
     streams.pop().close()
     assert lock.raced and len(lock.blocking) == 2, f"the scenario did not happen: {lock.blocking}"
     assert not any(lock.blocking), f"a leave waited for the lock: acquire(blocking=...) calls {lock.blocking}"
-    assert "k" not in b, "the leave queued during the release was not done"
+    assert "k" not in b and not b._lock._leaving, "the leave queued during the release was not done"
 
 
 @async_test()
@@ -5094,15 +5090,7 @@ async def test_response_whose_abandoned_send_returns_anyway_goes_on() -> None:
     b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.02))
     peer = AsgiPeer()
     swallowed = asyncio.Event()
-
-    async def send(message: AsgiMessage) -> None:
-        if message.get("body") == b"data: slow\n\n":
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                swallowed.set()
-        await peer.send(message)
-
+    send = asgi_stalled_send(peer, lambda exc: swallowed.set())
     task = asgi_serve(b.response(b.subscribe("k")), peer, send)
     await peer.wait_for_bodies(1)
     b.send("k", Event("slow"))
@@ -5123,21 +5111,11 @@ async def test_response_whose_abandoned_send_fails_otherwise_takes_its_cancellat
     b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.02))
     peer = AsgiPeer()
 
-    async def send(message: MutableMapping[str, Any]) -> None:
-        if message.get("body") == b"data: slow\n\n":
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                raise ConnectionResetError("peer reset") from None
-        await peer.send(message)
+    def reset(exc: asyncio.CancelledError) -> None:
+        raise ConnectionResetError("peer reset") from None
 
-    async def server() -> int:
-        await b.response(b.subscribe("k"))(peer.scope, peer.receive, send)
-        task = asyncio.current_task()
-        assert task is not None
-        return int(getattr(task, "cancelling", lambda: 0)())
-
-    task = asyncio.ensure_future(server())
+    send = asgi_stalled_send(peer, reset)
+    task = asyncio.ensure_future(asgi_pending_cancellations(b.response(b.subscribe("k")), peer, send))
     await peer.wait_for_bodies(1)
     b.send("k", Event("slow"))
     assert await task == 0, "a cancellation request was left pending"
@@ -5153,16 +5131,11 @@ async def test_response_abandons_a_send_with_a_cancellation_that_says_so() -> No
     peer = AsgiPeer()
     seen: list[tuple[Any, ...]] = []
 
-    async def send(message: AsgiMessage) -> None:
-        if message.get("body") == b"data: slow\n\n":
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError as exc:
-                seen.append(exc.args)
-                raise
-        await peer.send(message)
+    def record(exc: asyncio.CancelledError) -> None:
+        seen.append(exc.args)
+        raise exc
 
-    task = asgi_serve(b.response(b.subscribe("k")), peer, send)
+    task = asgi_serve(b.response(b.subscribe("k")), peer, asgi_stalled_send(peer, record))
     await peer.wait_for_bodies(1)
     b.send("k", Event("slow"))
     await asgi_ended(task)
@@ -5178,21 +5151,11 @@ async def test_response_whose_abandoned_send_raises_a_bare_cancellation_knows_it
     b = Broadcaster[str, Event](config=SseConfig(keep_alive=None, send_timeout=0.02))
     peer = AsgiPeer()
 
-    async def send(message: MutableMapping[str, Any]) -> None:
-        if message.get("body") == b"data: slow\n\n":
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                raise asyncio.CancelledError from None
-        await peer.send(message)
+    def bare(exc: asyncio.CancelledError) -> None:
+        raise asyncio.CancelledError from None
 
-    async def server() -> int:
-        await b.response(b.subscribe("k"))(peer.scope, peer.receive, send)
-        task = asyncio.current_task()
-        assert task is not None
-        return int(getattr(task, "cancelling", lambda: 0)())
-
-    task = asyncio.ensure_future(server())
+    send = asgi_stalled_send(peer, bare)
+    task = asyncio.ensure_future(asgi_pending_cancellations(b.response(b.subscribe("k")), peer, send))
     await peer.wait_for_bodies(1)
     b.send("k", Event("slow"))
     await asyncio.wait((task,), timeout=3.0)
