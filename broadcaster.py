@@ -111,6 +111,7 @@ last_event_id()).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import functools
@@ -135,12 +136,13 @@ from collections.abc import (
     MutableMapping,
 )
 from types import TracebackType
-from typing import Any, Final, Generic, Protocol, TypeVar, cast, overload, runtime_checkable
-from urllib.parse import unquote_to_bytes
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar, cast, overload, runtime_checkable
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 __all__ = [
     "Broadcaster",
     "BroadcastStream",
+    "KeyedStream",
     "Event",
     "LagPolicy",
     "Lagged",
@@ -148,6 +150,7 @@ __all__ = [
     "SseConfig",
     "ClientDisconnected",
     "last_event_id",
+    "merge",
     "replay",
 ]
 
@@ -157,7 +160,13 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 S = TypeVar("S")
+K_co = TypeVar("K_co", bound=Hashable, covariant=True)
+K2 = TypeVar("K2", bound=Hashable)
+K3 = TypeVar("K3", bound=Hashable)
+T2 = TypeVar("T2")
+T3 = TypeVar("T3")
 _S = TypeVar("_S", bound="BroadcastStream[Any]")
+_KS = TypeVar("_KS", bound="KeyedStream[Any, Any]")
 _X = TypeVar("_X")
 
 # ASGI types, loose on purpose: they are the conventional ones (the same as
@@ -471,6 +480,82 @@ def _with_id(frame: bytes, id: str) -> bytes:
     return frame[:-1] + f"id: {id}\n\n".encode()
 
 
+# The id of a keyed stream: the position reached in each of its keys, as
+# "<name>=<id>" pairs joined by ",", in the stream's order of keys. Names and
+# per-key ids are percent-escaped as UTF-8 (every byte outside _SAFE, so
+# neither holds "," "=" "%", a space or a control character); a text is read
+# back only in the form _escape writes, so one id has one meaning. Bounds: a
+# stream has at most _MAX_KEYS keys, a per-key id is at most _MAX_KEY_ID bytes
+# escaped (send() refuses longer ones), and subscribe_many() and merge()
+# refuse keys whose ids could exceed _MAX_ID bytes, so that the id fits in a
+# request header: the client sends it back as Last-Event-ID.
+_SAFE: Final = "!#$&'()*+-./:;<>?@[]^_`{|}~"
+_MAX_KEYS: Final = 100
+_MAX_KEY_ID: Final = 48
+_MAX_ID: Final = 8192
+
+
+def _escape(text: str) -> str:
+    return quote(text, safe=_SAFE)
+
+
+def _check_id_room(names: Iterable[str]) -> None:
+    """Refuse keys (by their names) whose id could exceed _MAX_ID bytes."""
+    names = list(names)
+    most = sum(len(_escape(name)) + 1 + _MAX_KEY_ID for name in names) + len(names) - 1
+    if most > _MAX_ID:
+        raise ValueError(
+            f"the id of a stream over these {len(names)} keys could take {most} bytes, over the "
+            f"{_MAX_ID} that fit in a Last-Event-ID header: use fewer keys, or shorter names for them"
+        )
+
+
+def _read_positions(text: str) -> dict[str, str] | None:
+    """The per-key ids of a keyed stream's id, by name; None if ``text`` is not
+    one (malformed, foreign, or too long: every key then has a gap). Never
+    does more than a bounded amount of work, whatever the client sent."""
+    if len(text) > _MAX_ID:
+        return None
+    pairs = text.split(",")
+    if len(pairs) > _MAX_KEYS:
+        return None
+    positions: dict[str, str] = {}
+    for pair in pairs:
+        escaped_name, equals, escaped_id = pair.partition("=")
+        try:
+            name, id = unquote(escaped_name, errors="strict"), unquote(escaped_id, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if not equals or _escape(name) != escaped_name or _escape(id) != escaped_id or name in positions:
+            return None
+        positions[name] = id
+    return positions
+
+
+def _check_keys(keys: object, name: Callable[[Any], str]) -> dict[Hashable, str]:
+    """The keys of a keyed stream, in order, with their names (see
+    ``Broadcaster.subscribe_many`` for the rules they must follow)."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f"keys must be an iterable of keys, not {type(keys).__name__} (for one key: [key])")
+    if not isinstance(keys, Iterable):
+        raise TypeError(f"keys must be an iterable of keys, not {type(keys).__name__}")
+    given = tuple(cast("Iterable[Hashable]", keys))
+    if not given:
+        raise ValueError("subscribe_many() needs at least one key")
+    if len(given) > _MAX_KEYS:
+        raise ValueError(f"a stream takes at most {_MAX_KEYS} keys, got {len(given)}")
+    if len(set(given)) != len(given):
+        twice = [key for key, count in collections.Counter(given).items() if count > 1]
+        raise ValueError(f"each key may be given once: {twice!r} given more than once")
+    _check_callable("name", name)
+    names = {key: _check_field("a key's name", name(key)) for key in given}
+    if not all(names.values()):
+        raise ValueError("a key's name must not be empty")
+    if len(set(names.values())) != len(names):
+        raise ValueError(f"each key needs its own name: {sorted(names.values())!r}")
+    return names
+
+
 # ---------------------------------------------------------------------------
 # Configuration of the SSE responses
 #
@@ -617,6 +702,29 @@ class _Subscriber:
     # done future when no one waits.
     waiter: asyncio.Future[None] | None = None
 
+    def all_keys(self) -> tuple[Hashable, ...]:
+        """The keys whose channels this subscriber joined."""
+        return (self.key,)
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _KeyedSubscriber(_Subscriber):
+    """The delivery state of a :class:`KeyedStream`'s part: one subscriber in
+    the channels of several keys (``key`` holds them all, in order). Its
+    records are ``(key, record)`` pairs; an end reaches it one key at a time,
+    and it is closed once every key has ended."""
+
+    # The keys not ended yet (by remove() or Broadcaster.close()).
+    open: set[Hashable] = dataclasses.field(default_factory=set[Hashable])
+
+    def all_keys(self) -> tuple[Hashable, ...]:
+        return cast("tuple[Hashable, ...]", self.key)
+
+
+# The members of a channel on one loop: (loop, single-key subscribers, keyed
+# subscribers). Delivered to as a unit (see _deliver_group).
+_Group = tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...], tuple[_Subscriber, ...]]
+
 
 class _Entry:
     """An item with its id, as a channel with history retains and delivers it.
@@ -645,7 +753,7 @@ class _Channel:
         self.members: dict[_Subscriber, None] = {}
         # ``members`` grouped by event loop, as immutable tuples for send() to
         # iterate without the lock; None after any change (rebuilt lazily).
-        self.groups: tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...] | None = None
+        self.groups: tuple[_Group, ...] | None = None
         # The last ``history`` entries, oldest first; None without history.
         self.history: deque[_Entry] | None = deque(maxlen=history) if history else None
         # Ids are f"{epoch}-{seq}": the epoch is random per channel lifetime, so
@@ -655,14 +763,23 @@ class _Channel:
         # time.monotonic() deadline of a lingering channel (no members); else None.
         self.expires: float | None = None
 
-    def regroup(self) -> tuple[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]], ...]:
-        """Group the members by loop and cache that (registry lock held, or
-        the channel out of the registry)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Subscriber]] = {}
+    def regroup(self) -> tuple[_Group, ...]:
+        """Group the members by loop, single-key streams apart from keyed
+        ones, and cache that (registry lock held, or the channel out of the
+        registry)."""
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[_Subscriber], list[_Subscriber]]] = {}
         for sub in self.members:
-            by_loop.setdefault(sub.loop, []).append(sub)
-        self.groups = tuple((loop, tuple(subs)) for loop, subs in by_loop.items())
+            by_loop.setdefault(sub.loop, ([], []))[isinstance(sub, _KeyedSubscriber)].append(sub)
+        self.groups = tuple((loop, tuple(plain), tuple(keyed)) for loop, (plain, keyed) in by_loop.items())
         return self.groups
+
+    def position(self) -> str:
+        """The id that means "everything retained so far has been read": the
+        last entry's (so that an id given to ``send(id=...)`` by a bridge
+        stays global), or ``<epoch>-<seq>`` while nothing is retained."""
+        history = self.history
+        assert history is not None, "only channels with history have positions"
+        return history[-1].id if history else f"{self.epoch}-{self.seq}"
 
     def after(self, last_id: str) -> deque[_Entry] | None:
         """The retained entries after ``last_id``, or None if this channel cannot
@@ -717,12 +834,76 @@ def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
         queue.append(item)
 
 
-def _end_streams(subs: Iterable[_Subscriber]) -> None:
-    """End every subscriber's stream: it drains what it holds, then stops (on
-    their loop's thread)."""
-    for sub in subs:
+def _deliver_group(
+    plain: tuple[_Subscriber, ...], keyed: tuple[_Subscriber, ...], item: object, key: Hashable, buffer: int
+) -> None:
+    """Deliver ``item``, sent to ``key``, to one loop's subscribers of that
+    key: as it is to single-key streams, as ``(key, item)`` to keyed ones."""
+    if plain:
+        _deliver(plain, item, buffer)
+    if keyed:
+        _deliver(keyed, (key, item), buffer)
+
+
+def _end_group(plain: tuple[_Subscriber, ...], keyed: tuple[_Subscriber, ...], key: Hashable) -> None:
+    """End the part ``key`` plays in one loop's subscribers of it: a stream
+    ends (it drains what it holds, then stops) with its last key."""
+    for sub in plain:
         sub.closed = True
         _wake(sub)
+    for sub in keyed:
+        assert isinstance(sub, _KeyedSubscriber), "regroup() puts only keyed subscribers here"
+        sub.open.discard(key)
+        if not sub.open:
+            sub.closed = True
+            _wake(sub)
+
+
+def _pop(sub: _Subscriber) -> Any:
+    """The one dequeue: remove and return the oldest record readable now, or
+    _EMPTY. The backlog comes first; a drained deque is dropped."""
+    queue = sub.backlog if sub.backlog is not None else sub.queue
+    if queue is None:
+        record = sub.one
+        sub.one = _EMPTY
+        return record
+    assert sub.one is _EMPTY or sub.queue is None, "a lone item is held only while there is no queue"
+    record = queue.popleft()
+    if not queue:
+        if queue is sub.backlog:
+            sub.backlog = None
+        else:
+            sub.queue = None
+    return record
+
+
+def _pop_many(sub: _Subscriber, limit: int) -> list[Any]:
+    """Up to ``limit`` records, as ``_pop`` would return them one by one, in
+    order. Those queued in one deque are taken in one piece, all but the
+    last, which ``_pop`` takes (it alone drops a drained deque)."""
+    records: list[Any] = []
+    while len(records) < limit:
+        queue = sub.backlog if sub.backlog is not None else sub.queue
+        if queue is not None and len(queue) > 1:
+            records += [queue.popleft() for _ in range(min(limit - len(records), len(queue)) - 1)]
+        record = _pop(sub)
+        if record is _EMPTY:
+            break
+        records.append(record)
+    return records
+
+
+def _queued(sub: _Subscriber) -> int:
+    """How many records ``sub`` holds."""
+    return (sub.one is not _EMPTY) + (len(sub.queue) if sub.queue else 0) + (len(sub.backlog) if sub.backlog else 0)
+
+
+def _discard(sub: _Subscriber) -> None:
+    """Close ``sub`` for its reader, dropping what it holds (on its loop's thread)."""
+    sub.closed = True
+    sub.queue = sub.backlog = None
+    sub.one = _EMPTY
+    _wake(sub)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -756,19 +937,14 @@ def _run_on(
     return True
 
 
-def _on_loops(
-    groups: Iterable[tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...]]],
-    defer: bool,
-    fn: Callable[..., None],
-    *args: Any,
-) -> int:
-    """``fn(subs, *args)`` for each loop's subscribers, on that loop's thread
-    (see :func:`_run_on`); how many subscribers were addressed."""
+def _on_loops(groups: Iterable[_Group], defer: bool, fn: Callable[..., None], *args: Any) -> int:
+    """``fn(plain, keyed, *args)`` for each loop's subscribers, on that loop's
+    thread (see :func:`_run_on`); how many subscribers were addressed."""
     running = _running_loop()
     count = 0
-    for loop, subs in groups:
-        if _run_on(loop, running, defer, fn, subs, *args):
-            count += len(subs)
+    for loop, plain, keyed in groups:
+        if _run_on(loop, running, defer, fn, plain, keyed, *args):
+            count += len(plain) + len(keyed)
     return count
 
 
@@ -792,16 +968,20 @@ class _EventSource(Protocol):
     """
 
     @property
-    def resumed(self) -> bool | None:
-        """False if the source was asked to resume and could not: the client
-        missed items it cannot be given (``on_gap`` is then written first)."""
+    def gaps(self) -> tuple[Any, ...]:
+        """The keys the source was asked to resume and could not: the client
+        missed items of theirs that it cannot be given (``on_gap`` is then
+        written first). Empty when it resumed or was not asked to."""
         ...
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
         """Remove and return, oldest first, up to ``limit`` items that can be
-        read now, and their ids: None when the source writes no ids, else one
-        per item (written with the item's frame unless its event carries that
-        id already). Nothing readable yet: ``([], None)``.
+        read now; their ids: None when the source writes no ids, else one per
+        item (written with the item's frame unless its event carries that id
+        already); and their ``event:`` lines: None, or for a keyed source (its
+        items are ``(key, event)`` pairs) one per item, naming the key, written
+        when the response has no ``render``. Nothing readable yet: ``([],
+        None, None)``.
 
         Raises:
             StopAsyncIteration: the source is exhausted.
@@ -990,7 +1170,7 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
             # Looked at before the call: a reader that finds its stream empty
             # (the most common read of all) pays no call.
             if sub.one is not _EMPTY or sub.queue is not None or sub.backlog is not None:
-                record = self._pop()
+                record = _pop(sub)
                 if self._entries:
                     self._last = record
                     record = record.item
@@ -1020,8 +1200,7 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
     @property
     def queued(self) -> int:
         """Items delivered to this stream (or replayed to it) and not read yet."""
-        sub = self._sub
-        return (sub.one is not _EMPTY) + (len(sub.queue) if sub.queue else 0) + (len(sub.backlog) if sub.backlog else 0)
+        return _queued(self._sub)
 
     @property
     def resumed(self) -> bool | None:
@@ -1030,6 +1209,12 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
         or too old an id: tell the client to reload its state), None if no id
         was given."""
         return self._resumed
+
+    @property
+    def gaps(self) -> tuple[Hashable, ...]:
+        """``(key,)`` when ``resumed`` is False, else ``()``: the keys whose
+        missed items could not be replayed (as for :class:`KeyedStream`)."""
+        return (self._sub.key,) if self._resumed is False else ()
 
     @property
     def last_event_id(self) -> str | None:
@@ -1056,37 +1241,14 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
 
     def close(self) -> None:
         """Leave the channel now and discard what is buffered. Idempotent."""
-        sub = self._sub
-        sub.closed = True
-        sub.queue = sub.backlog = None
-        sub.one = _EMPTY
-        _wake(sub)
+        _discard(self._sub)
         self._finalizer()
 
     async def aclose(self) -> None:
         """The same as :meth:`close`, for ``contextlib.aclosing`` and friends."""
         self.close()
 
-    # -- internals: the one dequeue, and the event-source contract -------------
-
-    def _pop(self) -> Any:
-        """The one dequeue, shared by ``__anext__`` and ``_take``: remove and
-        return the oldest record readable now (an _Entry with history), or
-        _EMPTY. The backlog comes first; a drained deque is dropped."""
-        sub = self._sub
-        queue = sub.backlog if sub.backlog is not None else sub.queue
-        if queue is None:
-            record = sub.one
-            sub.one = _EMPTY
-            return record
-        assert sub.one is _EMPTY or sub.queue is None, "a lone item is held only while there is no queue"
-        record = queue.popleft()
-        if not queue:
-            if queue is sub.backlog:
-                sub.backlog = None
-            else:
-                sub.queue = None
-        return record
+    # -- internals: the event-source contract -----------------------------------
 
     def _report_lag(self) -> None:
         """Apply the lag policy to the items dropped since the last report."""
@@ -1098,35 +1260,305 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
         if self._policy is LagPolicy.END:
             self.close()
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, None]:
         """The event-source read (see :class:`_EventSource`): the lag policy
         applies first, as at ``__anext__``; then the records ``_pop`` would
-        return, in order. Those queued in one deque are taken in one piece,
-        all but the last, which ``_pop`` takes (it alone drops a drained
-        deque)."""
+        return, in order."""
         sub = self._sub
         if sub.lagged != sub.reported:
             self._report_lag()
-        records: list[Any] = []
-        while len(records) < limit:
-            queue = sub.backlog if sub.backlog is not None else sub.queue
-            if queue is not None and len(queue) > 1:
-                records += [queue.popleft() for _ in range(min(limit - len(records), len(queue)) - 1)]
-            record = self._pop()
-            if record is _EMPTY:
-                break
-            records.append(record)
+        records = _pop_many(sub, limit)
         if not records:
             if sub.closed:
                 raise StopAsyncIteration
-            return records, None
+            return records, None, None
         if not self._entries:
-            return records, None
+            return records, None, None
         self._last = records[-1]
-        return [entry.item for entry in records], [entry.id for entry in records]
+        return [entry.item for entry in records], [entry.id for entry in records], None
 
     def _wait(self, waiter: asyncio.Future[None]) -> None:
         self._sub.waiter = waiter
+
+
+class _Part:
+    """One broadcaster's share of a :class:`KeyedStream`: a subscriber in the
+    channels of some of its keys, and with history the position the reader
+    has reached in each key. Leaves its channels through its own
+    ``weakref.finalize``, as a stream does."""
+
+    __slots__ = ("sub", "entries", "names", "lines", "prefixes", "marks", "finalizer", "__weakref__")
+
+    def __init__(
+        self,
+        sub: _KeyedSubscriber,
+        lock: _RegistryLock,
+        names: dict[Hashable, str],
+        positions: dict[Hashable, str] | None,
+    ) -> None:
+        self.sub = sub
+        # With history the records are (key, _Entry) pairs, else (key, item).
+        self.entries = positions is not None
+        self.names = names
+        # What a response writes by default to name the key of an event.
+        self.lines = {key: f"event: {name}\n".encode() for key, name in names.items()}
+        # With history, per key: "<name>=" and "<name>=<id>", escaped.
+        self.prefixes = {key: _escape(name) + "=" for key, name in names.items()} if positions is not None else {}
+        self.marks = {key: self.prefixes[key] + _escape(id) for key, id in positions.items()} if positions else {}
+        self.finalizer = weakref.finalize(self, _RegistryLock.leave, lock, sub)
+        self.finalizer.atexit = False
+
+    def read(self, key: Hashable, record: Any) -> tuple[Hashable, Any]:
+        """The item of one of this part's records, as ``(key, item)``; with
+        history the key's position moves to its id."""
+        if self.entries:
+            self.marks[key] = self.prefixes[key] + _escape(record.id)
+            return key, record.item
+        return key, record
+
+
+class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co, T_co]):
+    """The items sent to several keys, as ``(key, item)`` pairs, in the order
+    they reached the stream; made by ``Broadcaster.subscribe_many`` (and
+    combined across broadcasters by :func:`merge`).
+
+    The items of one key come in send order. The stream is a member of every
+    key's channel, as a stream from ``subscribe`` would be (``send`` counts it
+    once per key), and leaves them all at once: at ``close()``, at a loss
+    under ``LagPolicy.END``, or when it is garbage-collected. ``remove(key)``
+    ends that key's part only: the stream goes on with its other keys (see
+    ``keys``) and stops once every key has ended and what they delivered is
+    read. The broadcaster's ``buffer`` bounds the whole stream (each
+    broadcaster's, after ``merge``): under a burst on one key, the oldest
+    items of any key are dropped first.
+
+    With history, ``last_event_id`` names the position reached in every key:
+    resuming from it with ``subscribe_many(keys, last_event_id=...)`` replays,
+    per key, exactly what came after. A response writes it as each event's
+    id. Cancellation, threads and loops: as for :class:`BroadcastStream`.
+    """
+
+    __slots__ = ("_parts", "_reading", "_policy", "_resumed", "_gaps", "_turn", "__weakref__")
+
+    def __init__(self, parts: list[_Part], resumed: bool | None, gaps: tuple[Hashable, ...]) -> None:
+        self._parts = parts
+        # The parts not exhausted yet; and the one the next read starts at
+        # (in turn, so that a busy key of one broadcaster cannot starve the
+        # others).
+        self._reading = list(parts)
+        self._turn = 0
+        self._policy = LagPolicy.ERROR
+        self._resumed = resumed
+        self._gaps = gaps
+
+    # -- reading ----------------------------------------------------------------
+
+    def on_lag(self: _KS, policy: LagPolicy) -> _KS:
+        """Set what the next read does after items were dropped; returns self."""
+        self._policy = _check_type("policy", policy, LagPolicy, "a LagPolicy")
+        return self
+
+    def __aiter__(self: _KS) -> _KS:
+        return self
+
+    async def __anext__(self) -> tuple[K_co, T_co]:
+        while True:
+            items, _, _ = self._take(1, ids=False)
+            if items:
+                item: tuple[K_co, T_co] = items[0]
+                return item
+            waiter = self._parts[0].sub.loop.create_future()
+            self._wait(waiter)
+            try:
+                await waiter
+            finally:
+                for part in self._parts:
+                    if part.sub.waiter is waiter:
+                        part.sub.waiter = None
+
+    # -- what it is -------------------------------------------------------------
+
+    @property
+    def keys(self) -> tuple[K_co, ...]:
+        """The keys whose part has not ended (by ``remove(key)`` or
+        ``Broadcaster.close()``), in the order given. Closing the stream
+        ends none: this tells what the registry ended."""
+        keys = [key for part in self._parts for key in part.sub.all_keys() if key in part.sub.open]
+        return cast("tuple[K_co, ...]", tuple(keys))
+
+    @property
+    def resumed(self) -> bool | None:
+        """Whether ``subscribe_many(keys, last_event_id=...)`` could resume: True
+        if it replays what came after that id in every key, False if some key
+        could not (see ``gaps``), None if no id was given."""
+        return self._resumed
+
+    @property
+    def gaps(self) -> tuple[K_co, ...]:
+        """The keys that could not resume, in the order given: the id named no
+        position in them (a key added since, an id of another stream, or a
+        malformed one), or one that their channel cannot resume from (unknown,
+        or older than its history), or their broadcaster keeps no history.
+        The client should reload their state; ``response(..., on_gap=...)``
+        can tell it which. Empty when ``resumed`` is not False."""
+        return cast("tuple[K_co, ...]", self._gaps)
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The position reached in every key with history, as an id to resume
+        from (see the class docstring); None when no key has history."""
+        return self._id() if any(part.entries for part in self._parts) else None
+
+    @property
+    def lagged(self) -> int:
+        """Running total of items dropped because this stream was full."""
+        return sum(part.sub.lagged for part in self._parts)
+
+    @property
+    def queued(self) -> int:
+        """Items delivered to this stream (or replayed to it) and not read yet."""
+        return sum(_queued(part.sub) for part in self._parts)
+
+    @property
+    def closed(self) -> bool:
+        """True once no item will be added to this stream: after its own
+        ``close()``, a loss under ``LagPolicy.END``, or once every key has
+        ended (see :attr:`BroadcastStream.closed` for when an end is seen).
+        Items delivered before may still be read (see ``queued``)."""
+        return all(part.sub.closed for part in self._parts)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<KeyedStream keys={list(self.keys)!r} {state} queued={self.queued} lagged={self.lagged}>"
+
+    # -- closing ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Leave every channel now and discard what is buffered. Idempotent."""
+        self._reading = []
+        for part in self._parts:
+            _discard(part.sub)
+            part.finalizer()
+
+    async def aclose(self) -> None:
+        """The same as :meth:`close`, for ``contextlib.aclosing`` and friends."""
+        self.close()
+
+    # -- internals: the event-source contract -----------------------------------
+
+    def _report_lag(self, sub: _Subscriber) -> None:
+        """Apply the lag policy to the items ``sub`` dropped since the last report."""
+        missed = sub.lagged - sub.reported
+        sub.reported = sub.lagged
+        if self._policy is LagPolicy.ERROR:
+            raise Lagged(missed)
+        if self._policy is LagPolicy.END:
+            self.close()
+
+    def _take(self, limit: int, *, ids: bool = True) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
+        """The event-source read (see :class:`_EventSource`): the lag policy
+        of every part first, then from each part in turn its records in
+        order, until ``limit``. Each item's id is the stream's id once it is
+        read (with ``ids``, and when some key has history)."""
+        reading = self._reading
+        if not reading:
+            raise StopAsyncIteration
+        for part in reading:  # before anything is taken, so that Lagged loses nothing
+            if part.sub.lagged != part.sub.reported:
+                self._report_lag(part.sub)
+        with_ids = ids and any(part.entries for part in self._parts)
+        items: list[Any] = []
+        item_ids: list[str] = []
+        lines: list[bytes] = []
+        start = self._turn % len(reading)
+        self._turn = start + 1
+        for part in reading[start:] + reading[:start]:
+            for key, record in _pop_many(part.sub, limit - len(items)):
+                items.append(part.read(key, record))
+                lines.append(part.lines[key])
+                if with_ids:
+                    item_ids.append(self._id())
+            if len(items) == limit:
+                break
+        # A part is exhausted once closed and drained.
+        self._reading = [part for part in self._reading if not part.sub.closed or _queued(part.sub)]
+        if not items:
+            if not self._reading:
+                raise StopAsyncIteration
+            return items, None, None
+        return items, (item_ids if with_ids else None), lines
+
+    def _id(self) -> str:
+        """The position in every key with history, as an id."""
+        return ",".join(mark for part in self._parts for mark in part.marks.values())
+
+    def _wait(self, waiter: asyncio.Future[None]) -> None:
+        for part in self._reading:
+            part.sub.waiter = waiter
+
+
+@overload
+def merge(first: KeyedStream[K, T], /) -> KeyedStream[K, T]: ...
+
+
+@overload
+def merge(first: KeyedStream[K, T], second: KeyedStream[K2, T2], /) -> KeyedStream[K | K2, T | T2]: ...
+
+
+@overload
+def merge(
+    first: KeyedStream[K, T], second: KeyedStream[K2, T2], third: KeyedStream[K3, T3], /
+) -> KeyedStream[K | K2 | K3, T | T2 | T3]: ...
+
+
+@overload
+def merge(*streams: KeyedStream[Any, Any]) -> KeyedStream[Any, Any]: ...
+
+
+def merge(*streams: KeyedStream[Any, Any]) -> KeyedStream[Any, Any]:
+    """One stream of the items of ``streams`` (of several broadcasters, or of
+    one), for one response: each keeps its keys, buffer and history, and the
+    merged stream's id names the position in every key that has history,
+    so resuming each of them with that id (``subscribe_many(keys,
+    last_event_id=id)`` on its broadcaster) is exact per key. Give the
+    broadcasters without history no id: they cannot resume, so every key of
+    theirs would be a gap.
+
+    The streams given are taken over: they are empty afterwards; read and
+    close the merged one. Its lag policy is ERROR until ``on_lag``. Its
+    ``resumed`` is None if no stream was given an id, else False if any
+    stream has gaps; ``gaps`` lists them all.
+
+    Raises:
+        TypeError: an argument that is not a KeyedStream.
+        ValueError: no stream, one given twice or already merged, streams of
+            different event loops, more than 100 keys in all, or two keys
+            with history of the same name (their positions would clash in
+            the id), or keys whose id could exceed 8,192 bytes.
+    """
+    if not streams:
+        raise ValueError("merge() needs at least one stream")
+    for stream in streams:
+        _check_type("merge() argument", stream, KeyedStream, "a KeyedStream")
+    if len({id(stream) for stream in streams}) != len(streams) or not all(s._parts for s in streams):  # pyright: ignore[reportPrivateUsage]
+        raise ValueError("each stream may be merged once: it is empty afterwards")
+    parts = [part for stream in streams for part in stream._parts]  # pyright: ignore[reportPrivateUsage]
+    if len({part.sub.loop for part in parts}) != 1:
+        raise ValueError("merge() takes streams of one event loop")
+    count = sum(len(part.names) for part in parts)
+    if count > _MAX_KEYS:
+        raise ValueError(f"a stream takes at most {_MAX_KEYS} keys, got {count}")
+    names = [name for part in parts if part.entries for name in part.names.values()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"keys with history need distinct names across the merged streams: {sorted(names)!r}")
+    if names:
+        _check_id_room(names)
+    states = [stream.resumed for stream in streams]
+    resumed = None if all(state is None for state in states) else False not in states
+    gaps = tuple(key for stream in streams for key in stream.gaps)
+    for stream in streams:
+        stream._parts, stream._reading = [], []  # pyright: ignore[reportPrivateUsage]
+    return KeyedStream(parts, resumed, gaps)
 
 
 # ---------------------------------------------------------------------------
@@ -1136,6 +1568,11 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
 # below it (response(), channel()), which call back into it: the one cycle
 # between sections.
 # ---------------------------------------------------------------------------
+
+
+# What response() writes first for a source that could not resume some keys:
+# an event, or a function of those keys (a tuple) that makes one.
+_OnGap: TypeAlias = Event | Callable[[tuple[Any, ...]], Event] | None
 
 
 class Broadcaster(Generic[K, T]):
@@ -1234,15 +1671,7 @@ class Broadcaster(Generic[K, T]):
             if self._closed:
                 sub.closed = True
             else:
-                channel = self._channels.get(key)
-                if channel is None:
-                    channel = self._channels[key] = _Channel(self._history)
-                    self._record_change(key)
-                elif channel.expires is not None:
-                    channel.expires = None
-                    del self._lingering[key]
-                channel.members[sub] = None
-                channel.groups = None
+                channel = self._join(key, sub)
                 if last_event_id is not None and channel.history is not None:
                     # Under the lock, as send() retains and picks recipients
                     # under it: every later entry reaches this stream live,
@@ -1252,6 +1681,86 @@ class Broadcaster(Generic[K, T]):
                         sub.backlog = backlog or None  # None: nothing to replay
                         resumed = True
         return BroadcastStream(sub, self._lock, self._history > 0, resumed)
+
+    def subscribe_many(
+        self,
+        keys: Iterable[K],
+        last_event_id: str | None = None,
+        *,
+        name: Callable[[K], str] = str,
+    ) -> KeyedStream[K, T]:
+        """One stream of every item later sent to any of ``keys``, as ``(key,
+        item)`` pairs: one connection for many keys (see :class:`KeyedStream`).
+
+        Creates the keys' channels as ``subscribe`` does, all at once. Each key
+        has a name, ``name(key)`` (``str(key)`` by default): a response writes
+        it as each event's type (``event:``) unless it has a ``render``, and,
+        with history, the stream's ids name each key's position by it. Names
+        must be non-empty, one line, distinct, and the same for a key in every
+        process and after every restart (``str`` of a str, an int or a UUID
+        is).
+
+        With ``last_event_id`` (a ``KeyedStream.last_event_id`` the client
+        got, as from :func:`last_event_id`) and history, every key whose
+        position the id names, and whose channel still has what came after
+        it, first yields that, then live items: no gap and no duplicate in any
+        key, even with concurrent sends. The others go on live and are listed
+        in ``stream.gaps`` (``resumed`` is then False): the client should
+        reload them. An id that is not one of a keyed stream, malformed or too
+        long, is a gap for every key, not an error.
+
+        At most 100 keys, and (with history) no more than fit an 8,192-byte id:
+        each key takes its escaped name plus 50 bytes.
+
+        Raises:
+            RuntimeError: no event loop is running in this thread.
+            TypeError: ``keys`` a str, bytes or not iterable, a key not
+                hashable, ``name`` not callable or returning a non-str,
+                ``last_event_id`` not a str.
+            ValueError: no keys, more than 100, the same key twice, a name
+                that is empty, not one line, or the same as another's, or keys
+                whose id could exceed 8,192 bytes.
+        """
+        names = _check_keys(keys, name)
+        if self._history:
+            _check_id_room(names.values())
+        if last_event_id is not None:
+            _check_type("last_event_id", last_event_id, str, "a str or None")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "Broadcaster.subscribe_many() needs a running event loop: call it from async code"
+            ) from None
+        # Read before taking the lock: bounded work, whatever the client sent.
+        wanted = None if last_event_id is None else _read_positions(last_event_id)
+        sub = _KeyedSubscriber(tuple(names), loop, open=set(names))
+        positions: dict[Hashable, str] | None = {} if self._history else None
+        resumable: list[Hashable] = []
+        with self._lock:
+            if self._lingering:  # a channel whose linger is over is not revived
+                self._expire_lingering()
+            if self._closed:
+                sub.closed = True
+                sub.open.clear()
+                positions = None
+            else:
+                backlog: list[tuple[Hashable, _Entry]] = []
+                for key, key_name in names.items():
+                    channel = self._join(key, sub)
+                    if positions is None:
+                        continue
+                    # Under the lock, as for subscribe(): exact per key.
+                    last = None if wanted is None else wanted.get(key_name)
+                    after = None if last is None else channel.after(last)
+                    positions[key] = channel.position() if last is None or after is None else last
+                    if after is not None:
+                        resumable.append(key)
+                        backlog += [(key, entry) for entry in after]
+                sub.backlog = deque(backlog) if backlog else None
+        gaps = () if last_event_id is None else tuple(key for key in names if key not in resumable)
+        resumed = None if last_event_id is None else not gaps
+        return KeyedStream([_Part(sub, self._lock, names, positions)], resumed, gaps)
 
     def send(self, key: K, item: T, *, id: str | None = None) -> int:
         """Deliver ``item`` to every current subscriber of ``key``; never waits.
@@ -1268,11 +1777,17 @@ class Broadcaster(Generic[K, T]):
         process's sends (they must increase; they are matched exactly on resume).
 
         Raises:
-            ValueError: ``id`` without history, or holding CR, LF or NUL.
+            ValueError: ``id`` without history, holding CR, LF or NUL, or
+                longer than 48 bytes once percent-escaped.
         """
         if self._history:
             if id is not None:
                 _utf8("id", _check_field("id", id))
+                if len(_escape(id)) > _MAX_KEY_ID:
+                    raise ValueError(
+                        f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped (the id of a "
+                        f"keyed stream holds one per key): {id!r}"
+                    )
             return self._send_with_history(key, item, id)
         if id is not None:
             raise ValueError("send(id=...) needs a broadcaster with history")
@@ -1287,9 +1802,13 @@ class Broadcaster(Generic[K, T]):
         if len(groups) == 1 and groups[0][0] is _running_loop():
             # The common case, spelled out (it saves a third of a send to one
             # stream): every subscriber is on the caller's loop.
-            _deliver(groups[0][1], item, self._buffer)
-            return len(groups[0][1])
-        return _on_loops(groups, False, _deliver, item, self._buffer)
+            _, plain, keyed = groups[0]
+            if plain:
+                _deliver(plain, item, self._buffer)
+            if keyed:
+                _deliver(keyed, (key, item), self._buffer)
+            return len(plain) + len(keyed)
+        return _on_loops(groups, False, _deliver_group, item, key, self._buffer)
 
     def subscriber_count(self, key: K) -> int:
         """How many streams are subscribed to ``key`` (0 if it has no channel)."""
@@ -1306,7 +1825,7 @@ class Broadcaster(Generic[K, T]):
             if channel is not None:
                 self._record_change(key)
         if channel is not None:
-            self._end_channel(channel)
+            self._end_channel(key, channel)
 
     def close(self) -> None:
         """End every stream of every key (each drains first) and every running
@@ -1319,14 +1838,14 @@ class Broadcaster(Generic[K, T]):
         """
         with self._lock:
             self._closed = True
-            channels = list(self._channels.values())
+            channels = list(self._channels.items())
             for key in self._channels:
                 self._record_change(key)
             self._channels.clear()
             self._lingering.clear()
             sources, self._sources = self._sources, set()
-        for channel in channels:
-            self._end_channel(channel)
+        for key, channel in channels:
+            self._end_channel(key, channel)
         running = _running_loop()
         for source in sources:
             assert source.loop is not None, "a tracked source has started on a loop"
@@ -1335,40 +1854,49 @@ class Broadcaster(Generic[K, T]):
     # -- SSE responses --------------------------------------------------------
 
     @overload
-    def response(self, events: AsyncIterable[Event], *, on_gap: Event | None = None) -> ASGIApp: ...
+    def response(self, events: AsyncIterable[Event], *, on_gap: _OnGap = None) -> ASGIApp: ...
 
     @overload
-    def response(
-        self, events: AsyncIterable[S], render: Callable[[S], Event], *, on_gap: Event | None = None
-    ) -> ASGIApp: ...
+    def response(self, events: KeyedStream[Any, Event], *, on_gap: _OnGap = None) -> ASGIApp: ...
+
+    @overload
+    def response(self, events: AsyncIterable[S], render: Callable[[S], Event], *, on_gap: _OnGap = None) -> ASGIApp: ...
 
     def response(
         self,
         events: AsyncIterable[Any],
         render: Callable[[Any], Event] | None = None,
         *,
-        on_gap: Event | None = None,
+        on_gap: _OnGap = None,
     ) -> ASGIApp:
         """An ASGI app that streams ``events`` as ``text/event-stream``.
 
         ``render`` maps each item to its :class:`Event` (needed unless the items
-        are Events). When ``events`` carries ids (a stream of a broadcaster with
-        history, or ``replay()`` over one), each event is written with its
-        item's id (replacing any id of its own), so the client's
-        ``Last-Event-ID`` resumes it; ``on_gap``, if given, is written first
-        when ``events`` could not resume (``resumed is False``), so the client
-        knows to reload its state. A stream, ``replay()`` and any other async
-        iterable alike have their waiting events written together.
+        are Events, or ``events`` is a :class:`KeyedStream` of Events: each is
+        then written with its key's name as its type, ``event: <name>``).
+        When ``events`` carries ids (a stream of a broadcaster with history,
+        or ``replay()`` over one), each event is written with its item's id
+        (replacing any id of its own), so the client's ``Last-Event-ID``
+        resumes it. ``on_gap``, if given, is written first when ``events``
+        could not resume some keys (its ``gaps``), so the client knows to
+        reload their state: an Event, or a function of the gaps (a tuple of
+        keys) that returns one, called here. A stream, ``replay()`` and any
+        other async iterable alike have their waiting events written
+        together.
 
         Call it once per request. ``events`` is closed (``aclose()``, when it has
         one) on every way out; see :class:`_SseResponse` for the wire behaviour.
         """
         _check_async_iterable("events", events)
         _check_callable("render", render, optional=True)
-        if on_gap is not None:
-            _check_type("on_gap", on_gap, Event, "an Event or None")
+        if on_gap is not None and not isinstance(on_gap, Event) and not callable(on_gap):
+            raise TypeError(f"on_gap must be an Event, a function of the gaps, or None, not {type(on_gap).__name__}")
         source = events if isinstance(events, _EventSource) else _iterable_source(events)
-        return _SseResponse(source, self._config, render, on_gap)
+        gap = None
+        if on_gap is not None and source.gaps:
+            gap = on_gap if isinstance(on_gap, Event) else on_gap(source.gaps)
+            _check_type("on_gap's result", gap, Event, "an Event")
+        return _SseResponse(source, self._config, render, gap)
 
     def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
         """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
@@ -1428,6 +1956,20 @@ class Broadcaster(Generic[K, T]):
 
     # -- internals (registry lock held unless said otherwise) -----------------
 
+    def _join(self, key: Hashable, sub: _Subscriber) -> _Channel:
+        """Make ``sub`` a member of the channel of ``key``: a new channel, a
+        lingering one revived, or the live one."""
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = _Channel(self._history)
+            self._record_change(key)
+        elif channel.expires is not None:
+            channel.expires = None
+            del self._lingering[key]
+        channel.members[sub] = None
+        channel.groups = None
+        return channel
+
     def _send_with_history(self, key: K, item: T, id: str | None) -> int:
         # Lock not held: takes it.
         with self._lock:
@@ -1442,32 +1984,33 @@ class Broadcaster(Generic[K, T]):
             groups = channel.groups if channel.groups is not None else channel.regroup()
             # Scheduled while the lock is held, so the deliveries of concurrent
             # sends queue up on every loop in the order of their ids.
-            return _on_loops(groups, True, _deliver, entry, self._buffer)
+            return _on_loops(groups, True, _deliver_group, entry, key, self._buffer)
 
-    def _end_channel(self, channel: _Channel) -> None:
+    def _end_channel(self, key: Hashable, channel: _Channel) -> None:
         # Lock not held. The channel is out of the registry: its members no
         # longer change. With history the ends queue up behind the deliveries
         # already scheduled on each loop, so every stream drains them first.
-        _on_loops(channel.regroup(), bool(self._history), _end_streams)
+        _on_loops(channel.regroup(), bool(self._history), _end_group, key)
 
     def _leave(self, sub: _Subscriber) -> None:
-        """Take a subscriber whose stream left out of its channel; the channel
-        goes with its last member, or lingers if it has history. A subscriber
-        whose channel was removed (or replaced by a newer channel of the same
-        key) is in no channel: nothing to do."""
-        channel = self._channels.get(sub.key)
-        if channel is None or sub not in channel.members:
-            return
-        del channel.members[sub]
-        channel.groups = None
-        if channel.members:
-            return
-        if channel.history is None:
-            del self._channels[sub.key]
-            self._record_change(sub.key)
-        else:
-            channel.expires = time.monotonic() + self._linger
-            self._lingering[sub.key] = channel
+        """Take a subscriber whose stream left out of its channels; a channel
+        goes with its last member, or lingers if it has history. A channel
+        that was removed (or replaced by a newer channel of the same key) no
+        longer holds the subscriber: nothing to do there."""
+        for key in sub.all_keys():
+            channel = self._channels.get(key)
+            if channel is None or sub not in channel.members:
+                continue
+            del channel.members[sub]
+            channel.groups = None
+            if channel.members:
+                continue
+            if channel.history is None:
+                del self._channels[key]
+                self._record_change(key)
+            else:
+                channel.expires = time.monotonic() + self._linger
+                self._lingering[key] = channel
 
     def _expire_lingering(self) -> None:
         """Remove the lingering channels whose time is over."""
@@ -1703,7 +2246,7 @@ class _SseResponse:
         if not await self._write(_body_message(config._first_chunk)):  # pyright: ignore[reportPrivateUsage]
             return False
         gap = self._on_gap
-        return gap is None or self._source.resumed is not False or await self._write(_body_message(gap.encode()))
+        return gap is None or await self._write(_body_message(gap.encode()))
 
     async def _write_events(self) -> bool:
         """Write the source's events as they come, and keep-alives on silence,
@@ -1741,10 +2284,10 @@ class _SseResponse:
         None if it holds nothing, else whether the write completed. Raises
         StopAsyncIteration once the source is exhausted, and what the source
         raises (after the events before it are written)."""
-        items, ids = self._source._take(_GATHER)  # pyright: ignore[reportPrivateUsage]
+        items, ids, lines = self._source._take(_GATHER)  # pyright: ignore[reportPrivateUsage]
         if not items:
             return None
-        body, error = self._body(items, ids)
+        body, error = self._body(items, ids, lines)
         if body and not await self._write(_body_message(body)):
             return False
         if error is not None:
@@ -1879,12 +2422,15 @@ class _SseResponse:
 
     # -- frames ----------------------------------------------------------------
 
-    def _body(self, items: list[Any], ids: list[str] | None) -> tuple[bytes, Exception | None]:
+    def _body(
+        self, items: list[Any], ids: list[str] | None, lines: list[bytes] | None
+    ) -> tuple[bytes, Exception | None]:
         """One body message: the frames of ``items``, each with its id (from
-        ``ids``) unless its event carries that id already; and the error that
+        ``ids``) unless its event carries that id already, and without a
+        ``render`` its ``event:`` line (from ``lines``); and the error that
         stopped it at an item, if any (the frames before it are kept)."""
         frames: list[bytes]
-        if self._render is None:
+        if self._render is None and lines is None:
             # The common case at C speed: Event items carry their frames (with
             # history, copies that carry their ids). Anything else is redone
             # below, one by one, to raise at the right item.
@@ -1901,7 +2447,9 @@ class _SseResponse:
         frames = []
         try:
             for index, item in enumerate(items):
-                frames.append(self._frame(item, None if ids is None else ids[index]))
+                frames.append(
+                    self._frame(item, None if ids is None else ids[index], None if lines is None else lines[index])
+                )
         except StopAsyncIteration as exc:  # from render: it must not pass for the end of the source
             error = RuntimeError(f"render raised {exc!r}")
             error.__cause__ = exc
@@ -1910,16 +2458,22 @@ class _SseResponse:
             return b"".join(frames), exc
         return b"".join(frames), None
 
-    def _frame(self, item: object, id: str | None) -> bytes:
+    def _frame(self, item: Any, id: str | None, line: bytes | None) -> bytes:
         """The frame of one item of the source: rendered if there is a
-        ``render``, then with ``id`` unless the event carries it already."""
+        ``render``, else (a keyed source's ``(key, event)`` pair) its event
+        named by ``line``; then with ``id`` unless the event carries it
+        already."""
         render = self._render
-        event = item if render is None else render(item)
+        if render is not None:
+            event, line = render(item), None
+        else:
+            event = item if line is None else item[1]
         if not isinstance(event, Event):
             raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
+        frame = event.encode() if line is None else event.encode()[:-1] + line + b"\n"
         if id is None or event.id == id:
-            return event.encode()
-        return _with_id(event.encode(), id)
+            return frame
+        return _with_id(frame, id)
 
 
 # ---------------------------------------------------------------------------
@@ -2054,8 +2608,8 @@ class _FedSource:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
-    def resumed(self) -> None:
-        return None
+    def gaps(self) -> tuple[()]:
+        return ()
 
     def end(self) -> None:
         """End the response for ``Broadcaster.close()`` (on the source's loop):
@@ -2096,7 +2650,7 @@ class _FedSource:
 
     # -- internals: the event-source contract, the feeder's task -------------------
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], None, None]:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
             if self._owner is None or self._owner._register_source(self):  # pyright: ignore[reportPrivateUsage]
@@ -2105,7 +2659,7 @@ class _FedSource:
             else:  # the broadcaster is closed: end at once
                 self._sender._close()  # pyright: ignore[reportPrivateUsage]
                 self._sender._feeder_exited(None)  # pyright: ignore[reportPrivateUsage]
-        return self._sender._take(limit), None  # pyright: ignore[reportPrivateUsage]
+        return self._sender._take(limit), None, None  # pyright: ignore[reportPrivateUsage]
 
     def _wait(self, waiter: asyncio.Future[None]) -> None:
         self._sender._reader = waiter  # pyright: ignore[reportPrivateUsage]
@@ -2178,8 +2732,15 @@ class _Replay(_AsyncClosing, AsyncIterator[T], Generic[T]):
 
     @property
     def resumed(self) -> bool | None:
+        """``live``'s, or None when it has none."""
+        live: Any = self._live
+        return getattr(live, "resumed", None) if isinstance(live, _EventSource) else None
+
+    @property
+    def gaps(self) -> tuple[Any, ...]:
+        """``live``'s, or ``()`` when it has none."""
         live = self._live
-        return live.resumed if isinstance(live, _EventSource) else None
+        return live.gaps if isinstance(live, _EventSource) else ()
 
     def __aiter__(self) -> _Replay[T]:
         return self
@@ -2207,11 +2768,11 @@ class _Replay(_AsyncClosing, AsyncIterator[T], Generic[T]):
 
     # -- internals: the event-source contract ------------------------------------
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
         if self._items is not None:
             items = list(itertools.islice(self._items, limit))
             if items:
-                return items, None
+                return items, None, None
             self._items = None
         while self._at < len(self._parts):
             try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import gc
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import urllib.parse
 import warnings
 import weakref
 from collections import Counter, deque
@@ -70,6 +72,7 @@ from broadcaster import (
     BroadcastStream,
     ClientDisconnected,
     Event,
+    KeyedStream,
     Lagged,
     LagPolicy,
     Sender,
@@ -82,6 +85,7 @@ from broadcaster import (
     _SseResponse,
     _Subscriber,
     last_event_id,
+    merge,
     replay,
 )
 
@@ -572,6 +576,7 @@ def test_module_all_is_the_public_api() -> None:
     assert broadcaster.__all__ == [
         "Broadcaster",
         "BroadcastStream",
+        "KeyedStream",
         "Event",
         "LagPolicy",
         "Lagged",
@@ -579,6 +584,7 @@ def test_module_all_is_the_public_api() -> None:
         "SseConfig",
         "ClientDisconnected",
         "last_event_id",
+        "merge",
         "replay",
     ]
     for name in broadcaster.__all__:
@@ -2016,12 +2022,12 @@ async def test_stream_holds_a_queue_only_while_it_has_unread_items(buffer: int) 
     b.send("k", 4)
     b.send("k", 5)
     if buffer == 1:  # 4 was dropped: the take applies the policy (SKIP) first
-        assert stream._take(10) == ([5], None) and stream.lagged == stream._sub.reported == 3
+        assert stream._take(10) == ([5], None, None) and stream.lagged == stream._sub.reported == 3
     else:
-        assert stream._take(10) == ([4, 5], None)
+        assert stream._take(10) == ([4, 5], None, None)
     assert held() == (False, False)
     b.send("k", 6)
-    assert stream._take(10) == ([6], None) and held() == (False, False) and stream.queued == 0
+    assert stream._take(10) == ([6], None, None) and held() == (False, False) and stream.queued == 0
 
 
 @async_test()
@@ -2032,9 +2038,9 @@ async def test_stream_take_of_exactly_what_is_queued_drops_the_queue() -> None:
     stream = b.subscribe("k")
     for i in range(3):
         b.send("k", i)
-    assert stream._take(2) == ([0, 1], None) and stream._sub.queue is not None and stream.queued == 1
+    assert stream._take(2) == ([0, 1], None, None) and stream._sub.queue is not None and stream.queued == 1
     b.send("k", 3)
-    assert stream._take(2) == ([2, 3], None) and stream._sub.queue is None and stream.queued == 0
+    assert stream._take(2) == ([2, 3], None, None) and stream._sub.queue is None and stream.queued == 0
 
 
 # ---------------------------------------------------------------------------
@@ -3559,13 +3565,13 @@ async def test_resumed_stream_drops_its_backlog_once_replayed_and_keeps_live_ite
     assert sub.backlog is not None and len(sub.backlog) == 2 and sub.one is not broadcaster._EMPTY
     assert await anext(stream) == 1
     epoch = b._channels["k"].epoch
-    assert stream._take(10) == ([2, 3], [f"{epoch}-3", f"{epoch}-4"]) and sub.backlog is None
+    assert stream._take(10) == ([2, 3], [f"{epoch}-3", f"{epoch}-4"], None) and sub.backlog is None
     assert stream.last_event_id == f"{epoch}-4"
     b.send("k", 4)
     b.send("k", 5)
     await asyncio.sleep(0)
     assert [await anext(stream), await anext(stream)] == [4, 5] and sub.queue is None
-    assert stream._take(10) == ([], None) and stream.queued == 0
+    assert stream._take(10) == ([], None, None) and stream.queued == 0
     first.close()
 
 
@@ -3586,8 +3592,8 @@ async def test_resumed_stream_take_gives_the_backlog_then_the_queue_within_its_l
     await asyncio.sleep(0)
     assert stream.queued == 5, f"expected a backlog of 2 and 3 live items, got {stream.queued}"
     ids = [f"{epoch}-{seq}" for seq in range(2, 7)]
-    assert stream._take(3) == ([1, 2, 3], ids[:3]), "the first take"
-    assert stream._take(10) == ([4, 5], ids[3:]), "the second take"
+    assert stream._take(3) == ([1, 2, 3], ids[:3], None), "the first take"
+    assert stream._take(10) == ([4, 5], ids[3:], None), "the second take"
     assert stream.queued == 0 and stream.last_event_id == ids[-1]
     first.close()
 
@@ -4451,6 +4457,879 @@ def test_property_history_state_machine() -> None:
 
 
 # ===========================================================================
+# Keyed streams: subscribe_many() and merge()
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Membership, delivery, order
+# ---------------------------------------------------------------------------
+
+
+def keyed_positions(stream: KeyedStream[Any, Any]) -> dict[str, str]:
+    """The per-key ids of a keyed stream's last_event_id, by name (parsed by
+    hand here, not by the module)."""
+    lei = stream.last_event_id
+    assert lei is not None, "a keyed stream with history has an id"
+    pairs = [pair.split("=") for pair in lei.split(",")]
+    return {urllib.parse.unquote(name): urllib.parse.unquote(id) for name, id in pairs}
+
+
+@async_test()
+async def test_keyed_items_come_tagged_in_delivery_order() -> None:
+    """Each item comes as (key, item); one key's items in send order, the
+    keys' items interleaved as they were sent."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe_many(["a", "b", "c"])
+    for key, item in [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)]:
+        assert b.send(key, item) == 1
+    assert stream.queued == 5
+    assert [await anext(stream) for _ in range(5)] == [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)]
+    assert b.send("d", 6) == 0, "a key the stream does not follow reaches nobody"
+    stream.close()
+
+
+@async_test()
+async def test_keyed_stream_is_a_member_of_every_keys_channel() -> None:
+    """A keyed stream counts once in each of its keys, beside single-key
+    streams; send() to a key counts it once; items reach both kinds."""
+    b: Broadcaster[str, str] = Broadcaster()
+    keyed = b.subscribe_many(["a", "b"])
+    single = b.subscribe("a")
+    assert (b.subscriber_count("a"), b.subscriber_count("b"), len(b)) == (2, 1, 2)
+    assert b.send("a", "x") == 2 and b.send("b", "y") == 1
+    assert [await anext(keyed), await anext(keyed)] == [("a", "x"), ("b", "y")]
+    assert await anext(single) == "x"
+    keyed.close()
+    single.close()
+
+
+@async_test()
+async def test_keyed_stream_from_another_thread_gets_its_items() -> None:
+    """send() from another thread reaches a keyed stream through its loop,
+    tagged, in the thread's order."""
+    b: Broadcaster[int, int] = Broadcaster(buffer=1000)
+    stream = b.subscribe_many([1, 2])
+    thread = threading.Thread(target=lambda: [b.send(i % 2 + 1, i) for i in range(200)])
+    thread.start()
+    got = [await asyncio.wait_for(anext(stream), 5) for _ in range(200)]
+    thread.join()
+    assert got == [(i % 2 + 1, i) for i in range(200)]
+    stream.close()
+
+
+@async_test()
+async def test_keyed_stream_reader_cancelled_while_waiting_loses_nothing() -> None:
+    """Cancelling a task blocked in __anext__ removes nothing and leaves the
+    stream usable; no part keeps the cancelled waiter."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = merge(b.subscribe_many(["a"]), Broadcaster[str, int]().subscribe_many(["b"]))
+    task = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(part.sub.waiter is None for part in stream._parts)
+    b.send("a", 1)
+    assert await anext(stream) == ("a", 1)
+    stream.close()
+
+
+# ---------------------------------------------------------------------------
+# Bad input at subscribe_many()
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keys", "kwargs", "error", "match"),
+    [
+        ([], {}, ValueError, "at least one key"),
+        ("ab", {}, TypeError, "iterable of keys, not str"),
+        (b"ab", {}, TypeError, "iterable of keys, not bytes"),
+        (5, {}, TypeError, "an iterable of keys, not int"),
+        ([["unhashable"]], {}, TypeError, "unhashable"),
+        (["a", "b", "a"], {}, ValueError, r"\['a'\] given more than once"),
+        ([str(i) for i in range(101)], {}, ValueError, "at most 100 keys, got 101"),
+        (["a"], {"name": "upper"}, TypeError, "name must be callable"),
+        (["a"], {"name": lambda key: 1}, TypeError, "a key's name must be a str, not int"),
+        (["a"], {"name": lambda key: ""}, ValueError, "must not be empty"),
+        (["a"], {"name": lambda key: "x\ny"}, ValueError, "must not contain CR, LF or NUL"),
+        ([1, "1"], {}, ValueError, "each key needs its own name"),
+        (["a"], {"last_event_id": 5}, TypeError, "last_event_id must be a str or None, not int"),
+    ],
+)
+def test_keyed_subscribe_bad_input_is_refused_and_changes_nothing(
+    keys: Any, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Each bad argument raises a clear error before anything is created."""
+    b: Broadcaster[Any, int] = Broadcaster(history=3, on_change=lambda key: pytest.fail("no change expected"))
+
+    async def main() -> None:
+        with pytest.raises(error, match=match):
+            b.subscribe_many(keys, **kwargs)
+        assert len(b) == 0
+
+    asyncio.run(main())
+
+
+def test_keyed_subscribe_needs_a_running_loop() -> None:
+    """Outside async code, subscribe_many() says what it needs."""
+    with pytest.raises(RuntimeError, match=r"subscribe_many\(\) needs a running event loop"):
+        Broadcaster[str, int]().subscribe_many(["a"])
+
+
+@async_test()
+async def test_keyed_subscribe_refuses_keys_whose_id_would_not_fit_a_header() -> None:
+    """With history, 100 keys of short names are fine, while keys whose id
+    could exceed 8,192 bytes are refused; without history there is no id."""
+    history: Broadcaster[str, int] = Broadcaster(history=1)
+    history.subscribe_many([f"k{i}" for i in range(100)]).close()
+    long_names = [f"{i:040d}" for i in range(100)]
+    with pytest.raises(ValueError, match=r"100 keys could take 8999 bytes, over the 8192"):
+        history.subscribe_many(long_names)
+    assert len(history) == 100 and not any(name in history for name in long_names), "only the first keys linger"
+    Broadcaster[str, int]().subscribe_many(long_names).close()
+
+
+@async_test()
+async def test_keyed_send_refuses_an_id_too_long_for_a_keyed_stream() -> None:
+    """send(id=...) takes ids of at most 48 bytes once percent-escaped."""
+    b: Broadcaster[str, int] = Broadcaster(history=2)
+    stream = b.subscribe("k")
+    assert b.send("k", 1, id="x" * 48) == 1
+    with pytest.raises(ValueError, match="at most 48 bytes once percent-escaped"):
+        b.send("k", 2, id="x" * 49)
+    with pytest.raises(ValueError, match="at most 48 bytes"):
+        b.send("k", 3, id="é" * 9)  # 9 x 6 escaped bytes
+    await asyncio.sleep(0)  # with history, deliveries go through the loop
+    assert stream.queued == 1
+    stream.close()
+
+
+# ---------------------------------------------------------------------------
+# Leaving, ending, lag
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_keyed_close_leaves_every_channel_at_once() -> None:
+    """close() takes the stream out of all its channels in one step, and
+    on_change hears of each key."""
+    changes: list[str] = []
+    b: Broadcaster[str, int] = Broadcaster(on_change=changes.append)
+    stream = b.subscribe_many(["a", "b", "c"])
+    assert changes == ["a", "b", "c"]
+    stream.close()
+    assert changes == ["a", "b", "c", "a", "b", "c"] and len(b) == 0
+    assert stream.closed and stream.keys == ("a", "b", "c"), "closing ends no key"
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    stream.close()  # idempotent
+    await stream.aclose()
+
+
+@async_test()
+async def test_keyed_stream_garbage_collected_leaves_every_channel() -> None:
+    """A keyed stream dropped unclosed leaves all its channels (its parts'
+    finalizers)."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe_many(["a", "b"])
+    b.send("a", 1)
+    ref = weakref.ref(stream)
+    del stream
+    gc.collect()
+    assert ref() is None and len(b) == 0 and b.subscriber_count("a") == 0
+
+
+@async_test()
+async def test_keyed_channels_with_history_linger_per_key() -> None:
+    """With history each key's channel lingers after the keyed stream leaves,
+    and a later keyed subscribe resumes from it."""
+    b: Broadcaster[str, int] = Broadcaster(history=4, linger=60)
+    stream = b.subscribe_many(["a", "b"])
+    lei = stream.last_event_id
+    b.send("a", 1)
+    stream.close()
+    assert "a" in b and "b" in b and b.subscriber_count("a") == 0
+    assert b.send("b", 2) == 0, "a lingering channel retains, reaching nobody"
+    again = b.subscribe_many(["a", "b"], last_event_id=lei)
+    assert again.resumed is True and again.gaps == ()
+    assert [await anext(again), await anext(again)] == [("a", 1), ("b", 2)]
+    again.close()
+
+
+@async_test()
+async def test_keyed_remove_ends_one_key_and_the_stream_goes_on() -> None:
+    """remove(key) ends that key's part after what it delivered; the stream
+    goes on with its other keys; it ends with its last key."""
+    b: Broadcaster[str, int] = Broadcaster()
+    stream = b.subscribe_many(["a", "b"])
+    b.send("a", 1)
+    b.remove("a")
+    assert stream.keys == ("b",) and not stream.closed
+    assert b.send("a", 2) == 0
+    b.send("b", 3)
+    assert [await anext(stream), await anext(stream)] == [("a", 1), ("b", 3)]
+    b.subscribe("a").close()  # a new channel of "a": the stream is not in it
+    b.send("b", 4)
+    b.remove("b")
+    assert not stream.keys and stream.closed
+    assert await anext(stream) == ("b", 4), "drains what was delivered"
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    assert len(b) == 0
+
+
+@async_test()
+async def test_keyed_remove_with_history_ends_after_the_scheduled_deliveries() -> None:
+    """With history an end queues behind the deliveries already scheduled,
+    as for single-key streams: nothing sent before remove() is lost."""
+    b: Broadcaster[str, int] = Broadcaster(history=3)
+    stream = b.subscribe_many(["a", "b"])
+    b.send("a", 1)
+    b.send("b", 2)
+    b.remove("a")
+    b.remove("b")
+    assert stream.keys == ("a", "b"), "the ends have not reached the loop yet"
+    assert [item async for item in stream] == [("a", 1), ("b", 2)]
+    assert not stream.keys and stream.closed
+
+
+@async_test()
+async def test_keyed_broadcaster_close_ends_the_stream() -> None:
+    """Broadcaster.close() ends every key, hence the stream; after it,
+    subscribe_many() returns a closed stream (a gap for every key asked to
+    resume)."""
+    b: Broadcaster[str, int] = Broadcaster(history=2)
+    stream = b.subscribe_many(["a", "b"])
+    b.send("b", 1)
+    b.close()
+    assert [item async for item in stream] == [("b", 1)]
+    late = b.subscribe_many(["a", "b"], last_event_id="a=x-1")
+    assert late.closed and not late.keys and late.gaps == ("a", "b") and late.resumed is False
+    assert late.last_event_id is None
+    fresh = b.subscribe_many(["a"])
+    assert fresh.closed and fresh.resumed is None and fresh.gaps == ()
+    with pytest.raises(StopAsyncIteration):
+        await anext(late)
+
+
+@async_test()
+async def test_keyed_one_buffer_bounds_the_whole_stream() -> None:
+    """The buffer counts the items of every key together: a burst on one key
+    drops the oldest items of any key; ERROR raises Lagged once, then the
+    newest items follow."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=3)
+    stream = b.subscribe_many(["a", "b"])
+    b.send("a", 1)
+    b.send("b", 2)
+    for i in range(3, 7):
+        b.send("b", i)
+    assert stream.lagged == 3 and stream.queued == 3
+    with pytest.raises(Lagged, match="3"):
+        await anext(stream)
+    assert [await anext(stream) for _ in range(3)] == [("b", 4), ("b", 5), ("b", 6)]
+    stream.close()
+
+
+@async_test()
+async def test_keyed_lag_policies_skip_and_end() -> None:
+    """SKIP carries on; END stops the stream at the next read and leaves every
+    channel."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=1)
+    skip = b.subscribe_many(["a", "b"]).on_lag(LagPolicy.SKIP)
+    end = b.subscribe_many(["a", "b"]).on_lag(LagPolicy.END)
+    b.send("a", 1)
+    b.send("b", 2)
+    assert await anext(skip) == ("b", 2)
+    with pytest.raises(StopAsyncIteration):
+        await anext(end)
+    assert end.closed and b.subscriber_count("a") == b.subscriber_count("b") == 1
+    with pytest.raises(TypeError, match="policy must be a LagPolicy"):
+        skip.on_lag("skip")  # type: ignore[arg-type]
+    skip.close()
+
+
+@async_test()
+async def test_keyed_lagged_part_raises_before_anything_is_taken() -> None:
+    """In a merged stream, Lagged of one part is raised before any item of
+    another part is taken, so none is lost."""
+    one: Broadcaster[str, int] = Broadcaster(buffer=1)
+    two: Broadcaster[str, int] = Broadcaster(buffer=5)
+    stream = merge(two.subscribe_many(["x"]), one.subscribe_many(["y"]))
+    two.send("x", 1)
+    one.send("y", 2)
+    one.send("y", 3)
+    with pytest.raises(Lagged):
+        stream._take(10)
+    items, _, _ = stream._take(10)
+    assert sorted(items) == [("x", 1), ("y", 3)]
+    stream.close()
+
+
+def test_keyed_repr_says_what_it_follows() -> None:
+    """repr names the keys, open or closed, queued and lagged."""
+
+    async def main() -> None:
+        b: Broadcaster[str, int] = Broadcaster()
+        stream = b.subscribe_many(["a", "b"])
+        b.send("a", 1)
+        assert repr(stream) == "<KeyedStream keys=['a', 'b'] open queued=1 lagged=0>"
+        stream.close()
+        assert repr(stream) == "<KeyedStream keys=['a', 'b'] closed queued=0 lagged=0>"
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------
+# Ids and exact resume per key
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_keyed_id_names_the_position_in_every_key() -> None:
+    """The id is "<name>=<per-key id>" per key in the order given: each key's
+    last item read, or its channel's position when the stream was made."""
+    b: Broadcaster[str, Event] = Broadcaster(history=4)
+    old = b.subscribe("b")
+    b.send("b", Event("before"))
+    stream = b.subscribe_many(["a", "b"])
+    epochs = {key: b._channels[key].epoch for key in "ab"}
+    assert stream.last_event_id == f"a={epochs['a']}-0,b={epochs['b']}-1"
+    b.send("a", Event("x"))
+    key, event = await anext(stream)
+    assert (key, event.id) == ("a", f"{epochs['a']}-1"), "the item carries its per-key id"
+    assert stream.last_event_id == f"a={epochs['a']}-1,b={epochs['b']}-1"
+    assert keyed_positions(stream) == {"a": f"{epochs['a']}-1", "b": f"{epochs['b']}-1"}
+    old.close()
+    stream.close()
+
+
+@async_test()
+async def test_keyed_resume_replays_every_key_exactly() -> None:
+    """Resuming with the id replays, per key, what came after it, then live."""
+    b: Broadcaster[str, int] = Broadcaster(history=10)
+    first = b.subscribe_many(["a", "b"])
+    b.send("a", 1)
+    b.send("b", 2)
+    assert await anext(first) == ("a", 1)
+    lei = first.last_event_id
+    for key, item in [("a", 3), ("b", 4)]:
+        b.send(key, item)
+    resumed = b.subscribe_many(["a", "b"], last_event_id=lei)
+    b.send("a", 5)
+    assert resumed.resumed is True and resumed.gaps == ()
+    got = [await anext(resumed) for _ in range(4)]
+    assert sorted(got) == [("a", 3), ("a", 5), ("b", 2), ("b", 4)]
+    assert [x for k, x in got if k == "a"] == [3, 5] and [x for k, x in got if k == "b"] == [2, 4]
+    assert resumed.queued == 0
+    first.close()
+    resumed.close()
+
+
+@async_test()
+async def test_keyed_resume_reports_the_keys_that_could_not() -> None:
+    """A key added since, one whose channel is gone, and one read too long ago
+    are gaps; the others resume exactly."""
+    b: Broadcaster[str, int] = Broadcaster(history=2)
+    keep = b.subscribe("old")
+    first = b.subscribe_many(["ok", "old", "gone"])
+    lei = first.last_event_id
+    first.close()
+    b.send("ok", 1)
+    for i in range(3):
+        b.send("old", i)  # more than the history keeps
+    b.remove("gone")
+    resumed = b.subscribe_many(["new", "ok", "old", "gone"], last_event_id=lei)
+    assert resumed.resumed is False and resumed.gaps == ("new", "old", "gone")
+    assert resumed.queued == 1 and await anext(resumed) == ("ok", 1)
+    keep.close()
+    resumed.close()
+
+
+@pytest.mark.parametrize(
+    "lei",
+    [
+        "",
+        "a",
+        "no-equals-sign",
+        "a=1,a=2",
+        "a=%ZZ",
+        "%61=x",  # "a" escaped where it need not be: not the one form
+        "a=%FF",
+        "a=x y",
+        ",".join(f"k{i}=1" for i in range(101)),
+        "a=" + "x" * 8200,
+        "3f9a0c1b7d2e-42",  # a single-key stream's id
+    ],
+)
+def test_keyed_resume_from_a_malformed_or_foreign_id_is_a_gap_for_every_key(lei: str) -> None:
+    """An id that is not one this module writes is not an error: every key is
+    a gap, and the stream goes on live."""
+
+    async def main() -> None:
+        b: Broadcaster[str, int] = Broadcaster(history=3)
+        stream = b.subscribe_many(["a", "b"], last_event_id=lei)
+        assert stream.resumed is False and stream.gaps == ("a", "b") and stream.queued == 0
+        b.send("a", 1)
+        assert await anext(stream) == ("a", 1)
+        stream.close()
+
+    asyncio.run(main())
+
+
+@async_test()
+async def test_keyed_without_history_has_no_ids_and_cannot_resume() -> None:
+    """Without history there are no ids; an id given is a gap for every key;
+    no id at all: resumed is None."""
+    b: Broadcaster[str, int] = Broadcaster()
+    plain = b.subscribe_many(["a"])
+    assert plain.last_event_id is None and plain.resumed is None and plain.gaps == ()
+    asked = b.subscribe_many(["a", "b"], last_event_id="a=x-1")
+    assert asked.resumed is False and asked.gaps == ("a", "b")
+    b.send("a", 1)
+    items, ids, lines = asked._take(5)
+    assert items == [("a", 1)] and ids is None and lines == [b"event: a\n"]
+    plain.close()
+    asked.close()
+
+
+@async_test()
+async def test_keyed_names_and_bridge_ids_are_escaped_and_resume() -> None:
+    """Names and per-key ids holding ",", "=", "%", spaces or non-ASCII are
+    escaped in the id, and resume from it; name= maps other keys to text."""
+    b: Broadcaster[tuple[str, int], str] = Broadcaster(history=5)
+    keys = [("a,b=c", 1), ("100% é", 2)]
+
+    def name(key: tuple[str, int]) -> str:
+        return f"{key[0]}/{key[1]}"
+
+    stream = b.subscribe_many(keys, name=name)
+    b.send(keys[0], "x", id="1700000000000-0")
+    b.send(keys[1], "y", id="id, with = and %")
+    assert [await anext(stream) for _ in range(2)] == [(keys[0], "x"), (keys[1], "y")]
+    lei = stream.last_event_id
+    assert lei is not None and lei.isascii() and " " not in lei
+    assert keyed_positions(stream) == {"a,b=c/1": "1700000000000-0", "100% é/2": "id, with = and %"}
+    b.send(keys[1], "z", id="next")
+    again = b.subscribe_many(keys, last_event_id=lei, name=name)
+    assert again.resumed is True and await anext(again) == (keys[1], "z")
+    stream.close()
+    again.close()
+
+
+@async_test(timeout=30)
+async def test_keyed_resume_races_sends_from_another_thread_without_gap_or_duplicate() -> None:
+    """While a thread sends 20,000 items over three keys, keyed streams resume
+    at several points from the id a first stream had reached: each gets, per
+    key, exactly the items after that id, in order."""
+    n = 20_000
+    keys = ["a", "b", "c"]
+    b: Broadcaster[str, int] = Broadcaster(history=n, buffer=n)
+    first = b.subscribe_many(keys)
+    sender = threading.Thread(target=lambda: [b.send(keys[i % 3], i) for i in range(n)])
+    sender.start()
+    resumed: list[tuple[int, KeyedStream[str, int]]] = []
+    for _ in range(n):
+        _, item = await asyncio.wait_for(anext(first), 5)
+        if item % 3001 == 0:
+            resumed.append((item, b.subscribe_many(keys, last_event_id=first.last_event_id)))
+    sender.join()
+    assert len(resumed) >= 5
+    for start, stream in resumed:
+        assert stream.resumed is True
+        got = [await asyncio.wait_for(anext(stream), 5) for _ in range(n - 1 - start)]
+        assert sorted(x for _, x in got) == list(range(start + 1, n)), f"resumed after {start}: gap or duplicate"
+        for key in keys:
+            mine = [x for k, x in got if k == key]
+            assert mine == sorted(mine) and all(keys[x % 3] == key for x in mine)
+        assert stream.queued == 0
+        stream.close()
+    first.close()
+
+
+_KEYED_TEXT = st.characters(codec="utf-8").filter(lambda c: c not in "\r\n\x00")
+_KEYED_NAMES = st.text(_KEYED_TEXT, min_size=1, max_size=8)
+_KEYED_IDS = st.text(_KEYED_TEXT, max_size=8)
+
+
+@given(st.dictionaries(_KEYED_NAMES, _KEYED_IDS, min_size=1, max_size=12))
+@_budget(300)
+def test_property_keyed_id_round_trips_any_names_and_per_key_ids(positions: dict[str, str]) -> None:
+    """Any names and per-key ids (no CR, LF, NUL or lone surrogate) written as
+    a keyed stream's id read back as they were, and the id is one ASCII line
+    without spaces."""
+    text = ",".join(broadcaster._escape(name) + "=" + broadcaster._escape(id) for name, id in positions.items())
+    assert text.isascii() and not re.search(r"\s", text)
+    assert broadcaster._read_positions(text) == positions
+
+
+@given(st.text(max_size=40))
+@_budget(300)
+def test_property_keyed_any_text_reads_as_positions_or_none(text: str) -> None:
+    """Whatever a client sends, reading it gives positions that write back to
+    exactly that text, or None."""
+    positions = broadcaster._read_positions(text)
+    if positions is not None:
+        assert ",".join(broadcaster._escape(n) + "=" + broadcaster._escape(i) for n, i in positions.items()) == text
+
+
+# ---------------------------------------------------------------------------
+# merge(): one stream over several broadcasters
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_merge_reads_every_stream_and_ids_name_the_keys_with_history() -> None:
+    """A merged stream yields the items of both broadcasters; its id names
+    only the keys with history; resuming that part from it is exact, while
+    the part without history is given no id."""
+    messages: Broadcaster[str, str] = Broadcaster(history=5)
+    presence: Broadcaster[str, int] = Broadcaster()
+    stream = merge(messages.subscribe_many(["lobby"]), presence.subscribe_many(["lobby"]))
+    messages.send("lobby", "hi")
+    presence.send("lobby", 3)
+    messages.send("lobby", "there")
+    got = [await anext(stream) for _ in range(3)]
+    assert sorted(got, key=str) == sorted([("lobby", "hi"), ("lobby", 3), ("lobby", "there")], key=str)
+    assert [x for _, x in got if isinstance(x, str)] == ["hi", "there"]
+    assert list(keyed_positions(stream)) == ["lobby"]
+    lei = stream.last_event_id
+    stream.close()
+    messages.send("lobby", "missed")
+    again = merge(messages.subscribe_many(["lobby"], last_event_id=lei), presence.subscribe_many(["lobby"]))
+    assert again.resumed is True and again.gaps == ()
+    assert await anext(again) == ("lobby", "missed")
+    again.close()
+
+
+@async_test()
+async def test_merge_takes_the_streams_over_and_combines_resume_state() -> None:
+    """The given streams are empty afterwards; resumed and gaps combine;
+    keys lists every part's keys; closing the merged stream leaves every
+    channel of every broadcaster."""
+    one: Broadcaster[str, int] = Broadcaster(history=2)
+    two: Broadcaster[str, int] = Broadcaster(history=2)
+    a = one.subscribe_many(["a"], last_event_id="a=nope-1")
+    b2 = two.subscribe_many(["b"])
+    merged = merge(a, b2)
+    assert a.closed and a.keys == () and a.last_event_id is None
+    with pytest.raises(StopAsyncIteration):
+        await anext(a)
+    assert merged.keys == ("a", "b") and merged.resumed is False and merged.gaps == ("a",)
+    assert merge(two.subscribe_many(["c"])).resumed is None
+    merged.close()
+    assert one.subscriber_count("a") == 0 and two.subscriber_count("b") == 0
+    assert merged.closed
+
+
+@async_test()
+async def test_merge_bad_input_is_refused() -> None:
+    """No stream, a non-stream, one stream twice or already merged, streams
+    of two loops, clashing names with history, too many keys: clear errors."""
+    one: Broadcaster[str, int] = Broadcaster(history=1)
+    two: Broadcaster[str, int] = Broadcaster(history=1)
+    with pytest.raises(ValueError, match="at least one stream"):
+        merge()
+    with pytest.raises(TypeError, match="must be a KeyedStream, not BroadcastStream"):
+        merge(one.subscribe("x"))  # type: ignore[call-overload]
+    s = one.subscribe_many(["a"])
+    with pytest.raises(ValueError, match="merged once"):
+        merge(s, s)
+    merge(s).close()
+    with pytest.raises(ValueError, match="merged once"):
+        merge(s)
+    with pytest.raises(ValueError, match="distinct names"):
+        merge(one.subscribe_many(["a"]), two.subscribe_many(["a"]))
+    with pytest.raises(ValueError, match="at most 100 keys, got 120"):
+        merge(one.subscribe_many([f"a{i}" for i in range(60)]), two.subscribe_many([f"b{i}" for i in range(60)]))
+    with pytest.raises(ValueError, match="over the 8192"):
+        merge(
+            one.subscribe_many([f"{i:035d}" for i in range(50)]),
+            two.subscribe_many([f"{i:036d}" for i in range(50)]),
+        )
+    elsewhere: list[KeyedStream[str, int]] = []
+
+    def other_loop() -> None:
+        async def make() -> None:
+            elsewhere.append(two.subscribe_many(["z"]))
+
+        asyncio.run(make())
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    thread.join()
+    with pytest.raises(ValueError, match="one event loop"):
+        merge(one.subscribe_many(["y"]), elsewhere[0])
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------
+# Keyed streams in a response
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_keyed_response_names_each_events_key_and_writes_the_streams_id() -> None:
+    """Without render each event is written with its key's name as its type
+    and the stream's id; a browser sees the key and can resume every key."""
+    b: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    stream = b.subscribe_many(["lobby", "help"])
+    b.send("lobby", Event("hi", event="chat"))
+    b.send("help", Event("?"))
+    b.remove("lobby")
+    b.remove("help")
+    peer = AsgiPeer()
+    await asgi_call(b.response(stream), peer)
+    assert len(peer.bodies) == 3, "both events in one body message"
+    parsed = parse_event_stream(b"".join(peer.bodies))
+    assert [(e.type, e.data) for e in parsed.events] == [("lobby", "hi"), ("help", "?")]
+    lobby = peer.bodies[1].split(b"\n\n")[0]
+    assert lobby.endswith(b"event: lobby\nid: " + parsed.events[0].last_event_id.encode())
+    assert parsed.last_event_id == stream.last_event_id
+    first = dict(pair.split("=") for pair in parsed.events[0].last_event_id.split(","))
+    assert list(first) == ["lobby", "help"] and first["help"].endswith("-0")
+
+
+@async_test()
+async def test_keyed_response_render_gets_the_pair_and_ids_still_apply() -> None:
+    """render receives (key, item); the stream's id is added to its event."""
+    b: Broadcaster[str, int] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    stream = b.subscribe_many(["a", "b"])
+    b.send("b", 7)
+    b.remove("a")
+    b.remove("b")
+    peer = AsgiPeer()
+
+    def render(pair: tuple[str, int]) -> Event:
+        return Event.json({"key": pair[0], "n": pair[1]}, event="update")
+
+    await asgi_call(b.response(stream, render), peer)
+    parsed = parse_event_stream(b"".join(peer.bodies))
+    assert [(e.type, e.data) for e in parsed.events] == [("update", '{"key":"b","n":7}')]
+    assert parsed.last_event_id.startswith("a=") and ",b=" in parsed.last_event_id
+
+
+@async_test()
+async def test_keyed_response_on_gap_is_told_the_keys_to_reload() -> None:
+    """on_gap as a function gets the gaps and its event is written first; as
+    an Event it is written as it is; a function returning something else is
+    refused at response()."""
+    b: Broadcaster[str, Event] = Broadcaster(history=2, config=SseConfig(keep_alive=None))
+    keep = b.subscribe_many(["a"])
+    stream = b.subscribe_many(["a", "b"], last_event_id=keep.last_event_id)
+    assert stream.gaps == ("b",)
+    with pytest.raises(TypeError, match="on_gap's result must be an Event, not list"):
+        b.response(stream, on_gap=list)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="on_gap must be an Event, a function of the gaps, or None, not str"):
+        b.response(stream, on_gap="reload")  # type: ignore[call-overload]
+    app = b.response(stream, on_gap=lambda gaps: Event.json(list(gaps), event="reload"))
+    b.remove("a")
+    b.remove("b")
+    peer = AsgiPeer()
+    await asgi_call(app, peer)
+    assert peer.bodies == [b":\n\n", b'event: reload\ndata: ["b"]\n\n', b""]
+    keep.close()
+
+
+@async_test()
+async def test_keyed_response_client_leaving_leaves_every_channel() -> None:
+    """A disconnect finishes the response and closes the stream: it leaves
+    every channel at once."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(b.subscribe_many(["a", "b"])), peer)
+    await peer.wait_for_bodies(1)
+    b.send("b", Event("x"))
+    await peer.wait_for_bodies(2)
+    assert peer.bodies[1] == b"data: x\nevent: b\n\n"
+    peer.disconnect()
+    await asgi_ended(task)
+    assert len(b) == 0
+
+
+def test_keyed_response_of_plain_items_needs_a_render(caplog: pytest.LogCaptureFixture) -> None:
+    """Without render, a keyed stream's items must be Events: anything else
+    ends the response cleanly with an error naming its type."""
+
+    async def main() -> AsgiPeer:
+        b: Broadcaster[str, int] = Broadcaster(config=SseConfig(keep_alive=None))
+        stream = b.subscribe_many(["a"])
+        b.send("a", 1)
+        peer = AsgiPeer()
+        await asgi_call(b.response(stream), peer)  # type: ignore[arg-type]
+        assert len(b) == 0, "the stream was closed"
+        return peer
+
+    peer = asyncio.run(main())
+    assert peer.bodies == [b":\n\n", b""]
+    [record] = asgi_records(caplog, logging.ERROR)
+    assert record.exc_info is not None and "got int" in str(record.exc_info[1])
+
+
+@async_test()
+async def test_keyed_replay_keeps_the_keyed_streams_ids_and_gaps() -> None:
+    """replay(items, keyed) writes the items as given, then the keyed stream
+    with its event lines and ids; on_gap follows the keyed stream's gaps."""
+    b: Broadcaster[str, Event] = Broadcaster(history=2, config=SseConfig(keep_alive=None))
+    stream = b.subscribe_many(["a"], last_event_id="a=gone-1")
+    b.send("a", Event("live"))
+    b.remove("a")
+    peer = AsgiPeer()
+    stored = replay([Event("stored")], stream)  # stored events, then keyed pairs: a replay of objects
+    await asgi_call(b.response(stored, on_gap=Event(event="reload", data="")), peer)  # type: ignore[arg-type]
+    parsed = parse_event_stream(b"".join(peer.bodies))
+    assert [(e.type, e.data) for e in parsed.events] == [("reload", ""), ("message", "stored"), ("a", "live")]
+    assert parsed.last_event_id.startswith("a=")
+
+
+# ---------------------------------------------------------------------------
+# Keyed streams as a state machine, against a model (hypothesis)
+# ---------------------------------------------------------------------------
+
+
+class _KeyedMachine(RuleBasedStateMachine):
+    """Keyed streams over three keys of a Broadcaster(history=1..3) with a
+    buffer no burst fills: subscribe_many (fresh, or resuming from an id a
+    stream had), send from a second thread, read, close, remove, against a
+    model of channel lifetimes and per-key positions, checked after every
+    step. Items are unique ints; a channel lifetime is the list of items it
+    retained from its creation on."""
+
+    KEYS = ("a", "b", "c")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.thread = concurrent.futures.ThreadPoolExecutor(1)
+        self.b: Broadcaster[str, int] = Broadcaster(buffer=10_000, history=1)
+        self.history = 1
+        self.items = itertools.count()
+        # key -> the items of its channel's current lifetime; absent: no channel
+        self.lifetimes: dict[str, list[int]] = {}
+        self.streams: dict[int, KeyedStream[str, int]] = {}
+        # sid -> keys; open keys; items delivered, not read; position per key:
+        # (the lifetime's list object, how many of its items were read).
+        self.keys: dict[int, tuple[str, ...]] = {}
+        self.open: dict[int, set[str]] = {}
+        self.pending: dict[int, list[tuple[str, int]]] = {}
+        self.read_to: dict[int, dict[str, tuple[list[int], int]]] = {}
+        # ids streams had, with the positions they stood for
+        self.ids: list[tuple[str, dict[str, tuple[list[int], int]]]] = []
+        self.sids = itertools.count()
+
+    def teardown(self) -> None:
+        for stream in self.streams.values():
+            self.on_loop(stream.close)
+        self.streams.clear()
+        self.thread.shutdown()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+    def on_loop(self, fn: Callable[[], R]) -> R:
+        async def call() -> R:
+            return fn()
+
+        result = self.loop.run_until_complete(call())
+        self.loop.run_until_complete(asyncio.sleep(0))  # what was scheduled meanwhile
+        return result
+
+    @initialize(history=st.integers(1, 3))
+    def make(self, history: int) -> None:
+        self.history = history
+        self.b = Broadcaster(buffer=10_000, history=history, linger=3600)
+
+    @rule(keys=st.lists(st.sampled_from(KEYS), min_size=1, max_size=3, unique=True), resume=st.integers(0, 8))
+    def subscribe(self, keys: list[str], resume: int) -> None:
+        sid = next(self.sids)
+        lei, wanted = self.ids[-1 - resume] if resume < len(self.ids) else (None, {})
+        note(f"s{sid} = subscribe_many({keys}, last_event_id={lei!r})")
+        stream = self.on_loop(lambda: self.b.subscribe_many(keys, last_event_id=lei))
+        gaps: list[str] = []
+        self.pending[sid] = []
+        self.read_to[sid] = {}
+        for key in keys:
+            lifetime = self.lifetimes.setdefault(key, [])
+            had = wanted.get(key)
+            retained = lifetime[-self.history :]
+            if had is not None and had[0] is lifetime and len(lifetime) - had[1] <= len(retained):
+                self.pending[sid] += [(key, x) for x in lifetime[had[1] :]]
+                self.read_to[sid][key] = had
+            else:
+                self.read_to[sid][key] = (lifetime, len(lifetime))
+                if lei is not None:
+                    gaps.append(key)
+        assert stream.gaps == tuple(gaps)
+        assert stream.resumed is (None if lei is None else not gaps)
+        self.streams[sid] = stream
+        self.keys[sid] = tuple(keys)
+        self.open[sid] = set(keys)
+
+    @rule(key=st.sampled_from(KEYS))
+    def send(self, key: str) -> None:
+        item = next(self.items)
+        count = self.thread.submit(self.b.send, key, item).result()
+        self.on_loop(lambda: None)  # the deliveries, scheduled from the thread
+        lifetime = self.lifetimes.get(key)
+        members = [sid for sid in self.streams if key in self.open[sid]]
+        assert count == (len(members) if lifetime is not None else 0)
+        if lifetime is not None:
+            lifetime.append(item)
+            for sid in members:
+                self.pending[sid].append((key, item))
+
+    @precondition(lambda self: self.streams)
+    @rule(index=st.integers(0, 10), n=st.integers(1, 5))
+    def read(self, index: int, n: int) -> None:
+        sid = sorted(self.streams)[index % len(self.streams)]
+        stream = self.streams[sid]
+        n = min(n, len(self.pending[sid]))
+        for _ in range(n):
+            got = self.loop.run_until_complete(asyncio.wait_for(anext(stream), 2))
+            expected = self.pending[sid].pop(0)
+            assert got == expected
+            key, item = got
+            lifetime, _ = self.read_to[sid][key]
+            self.read_to[sid][key] = (lifetime, lifetime.index(item) + 1)
+        lei = stream.last_event_id
+        assert lei is not None
+        self.ids.append((lei, dict(self.read_to[sid])))
+
+    @precondition(lambda self: self.streams)
+    @rule(index=st.integers(0, 10))
+    def zclose(self, index: int) -> None:
+        sid = sorted(self.streams)[index % len(self.streams)]
+        self.on_loop(self.streams.pop(sid).close)
+        del self.open[sid]
+
+    @rule(key=st.sampled_from(KEYS))
+    def zremove(self, key: str) -> None:
+        self.on_loop(lambda: self.b.remove(key))
+        self.lifetimes.pop(key, None)
+        for sid in self.streams:
+            self.open[sid].discard(key)
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        for key in self.KEYS:
+            members = sum(key in keys for keys in self.open.values())
+            assert self.b.subscriber_count(key) == members
+            assert (key in self.b) == (key in self.lifetimes)
+        for sid, stream in self.streams.items():
+            assert stream.queued == len(self.pending[sid])
+            assert stream.keys == tuple(k for k in self.keys[sid] if k in self.open[sid])
+            assert stream.closed == (not self.open[sid])
+
+
+def test_property_keyed_state_machine() -> None:
+    """Random interleavings of subscribe_many (fresh or resuming from any id
+    a stream had), send from another thread, read, close and remove over
+    three keys match the model after every step: each stream's items and
+    their order, resume outcomes and gaps, send()'s count, subscriber_count,
+    key membership, keys, queued and closed."""
+    _run_machine(_KeyedMachine, settings=_budget(60, steps=40))
+
+
+# ===========================================================================
 # response(): the ASGI layer
 # ===========================================================================
 
@@ -5038,7 +5917,7 @@ async def test_response_timer_run_at_a_write_deadline_waits_on_for_the_keep_aliv
     takes = [0]
     take = BroadcastStream._take
 
-    def counting_take(self: BroadcastStream[Any], limit: int) -> tuple[list[Any], list[str] | None]:
+    def counting_take(self: BroadcastStream[Any], limit: int) -> tuple[list[Any], list[str] | None, None]:
         takes[0] += 1
         return take(self, limit)
 
@@ -5910,7 +6789,10 @@ async def test_response_and_channel_check_their_arguments() -> None:
     bad_calls: list[tuple[Callable[[], object], str]] = [
         (lambda: b.response([Event("x")]), "events must be an async iterable, not list"),  # type: ignore[call-overload]
         (lambda: b.response(b.subscribe("k"), "render"), "render must be callable or None, not str"),  # type: ignore[call-overload]
-        (lambda: b.response(b.subscribe("k"), on_gap="reload"), "on_gap must be an Event or None, not str"),  # type: ignore[call-overload]
+        (
+            lambda: b.response(b.subscribe("k"), on_gap="reload"),  # type: ignore[call-overload]
+            "on_gap must be an Event, a function of the gaps, or None, not str",
+        ),
         (lambda: b.channel(None), "fn must be callable, not NoneType"),  # type: ignore[arg-type]
     ]
     for call, message in bad_calls:
@@ -7685,7 +8567,7 @@ async def test_channel_source_cancelled_before_its_closure_started_logs_nothing(
         ran.append("started")
 
     source = _FedSource(closure, 1, "SSE channel closure", owner=Broadcaster[str, Event]())
-    assert source._take(1) == ([], None)  # the first take starts the closure's task, which has not run yet
+    assert source._take(1) == ([], None, None)  # the first take starts the closure's task, which has not run yet
     await source.aclose()
     assert ran == [], "the closure ran; the scenario needs it cancelled before its first step"
     records = [r.getMessage() for r in caplog.records if r.name == "broadcaster"]
