@@ -15,10 +15,18 @@ Routes (``{mode}`` is ``plain`` or ``history``, ``{key}`` any path segment):
 * ``GET /page?src=URL&types=JSON``  a page whose ``EventSource(URL)`` records,
   in ``window.log``, every event of the listed types (default ``["message"]``)
   as ``["event", type, data, lastEventId]``, and its ``open`` and ``error``
-  events as ``["open"]`` and ``["error", readyState]``, in the order they fired
+  events as ``["open"]`` and ``["error", readyState]``, in the order they fired;
+  with ``src`` given several times, one ``EventSource`` per URL, each logging
+  in its own ``window.logs[i]`` (``window.sources[i]``; ``log`` and ``source``
+  are the first's)
 * ``GET /{mode}/{key}/events``      the stream: ``subscribe(key,
   last_event_id=last_event_id(scope))`` then ``response(stream, on_gap=GAP)``;
   each request is recorded for ``/requests``
+* ``GET /{mode}/many/events?key=K&key=K...``  one stream over every ``key``:
+  ``subscribe_many(keys, last_event_id=...)``, each event written with its key
+  as its type; ``event: gap`` with the JSON list of the keys that could not
+  resume, first, when some could not; recorded for ``/requests`` with
+  ``"keys"`` and ``"gaps"``
 * ``POST /{mode}/{key}/send``       body: a JSON list of ``Event`` keyword
   arguments (``data``, ``event``, ``id``, ``retry``, ``comment``); each is sent
   in order; answers the JSON list of what each ``send`` returned
@@ -43,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import sys
@@ -74,13 +83,19 @@ PAGE: Final = b"""\
 <script>
 "use strict";
 const params = new URLSearchParams(location.search);
-window.log = [];
-const source = new EventSource(params.get("src"));
-const record = (e) => window.log.push(["event", e.type, e.data, e.lastEventId]);
-for (const type of JSON.parse(params.get("types") || '["message"]')) source.addEventListener(type, record);
-source.addEventListener("open", () => window.log.push(["open"]));
-source.addEventListener("error", () => window.log.push(["error", source.readyState]));
-window.source = source;
+const types = JSON.parse(params.get("types") || '["message"]');
+window.logs = [];
+window.sources = params.getAll("src").map((src, i) => {
+  const log = (window.logs[i] = []);
+  const source = new EventSource(src);
+  const record = (e) => log.push(["event", e.type, e.data, e.lastEventId]);
+  for (const type of types) source.addEventListener(type, record);
+  source.addEventListener("open", () => log.push(["open"]));
+  source.addEventListener("error", () => log.push(["error", source.readyState]));
+  return source;
+});
+window.log = window.logs[0];
+window.source = window.sources[0];
 </script>
 </body>
 </html>
@@ -154,6 +169,16 @@ class App:
 
     async def events(self, scope: Scope, receive: Receive, send: Send, mode: str, key: str) -> None:
         header = next((v.decode() for n, v in scope["headers"] if n == b"last-event-id"), None)
+        if key == "many":
+            keys = parse_qs(scope["query_string"].decode()).get("key", [])
+            many = self.broadcasters[mode].subscribe_many(keys, last_event_id=last_event_id(scope))
+            self.requests.append(
+                {"mode": mode, "key": "many", "keys": keys, "last_event_id": header}
+                | {"resumed": many.resumed, "gaps": list(many.gaps)}
+            )
+            gap = functools.partial(Event.json, event="gap")
+            await self.broadcasters[mode].response(many, on_gap=lambda gaps: gap(list(gaps)))(scope, receive, send)
+            return
         stream = self.broadcasters[mode].subscribe(key, last_event_id=last_event_id(scope))
         self.requests.append({"mode": mode, "key": key, "last_event_id": header, "resumed": stream.resumed})
         streams = self.streams.setdefault((mode, key), set())

@@ -20,6 +20,9 @@ Endpoints (``{key}`` is any path segment):
 
 ``GET|HEAD /events/{key}``
     ``b.response(b.subscribe(key))``.
+``GET|HEAD /many/{key},{key},...``
+    ``b.response(b.subscribe_many(keys))``: one stream over every key, each
+    event written with its key as its type.
 ``GET|HEAD /channel/{key}``
     ``b.channel(fn)``: ``fn`` sends ``Event("started", event="status")``, then
     sleeps until it is cancelled. Its start, cancellation and end are counted
@@ -162,6 +165,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     key = unquote(key)
     if kind == "events" and method in ("GET", "HEAD"):
         await inflight.run(b.response(b.subscribe(key)), scope, receive, send)
+    elif kind == "many" and method in ("GET", "HEAD"):
+        await inflight.run(b.response(b.subscribe_many(key.split(","))), scope, receive, send)
     elif kind == "channel" and method in ("GET", "HEAD"):
         await inflight.run(b.channel(closure(key)), scope, receive, send)
     elif kind == "publish" and method == "POST":

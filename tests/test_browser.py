@@ -704,3 +704,91 @@ def test_httpx_sse_resumes_a_cut_stream(how: str, sse_app: Server, proxy: Callab
                 # being sent meanwhile.
                 wait_until("10 more events", functools.partial(pumped_past, sse_app, key, pumped(sse_app, key) + 10))
     check_resumed(how, events, last_before, stream_requests(sse_app, key), sent)
+
+
+# ---------------------------------------------------------------------------
+# c. Many keys: six connections per origin, or one multi-key stream
+# ---------------------------------------------------------------------------
+
+MANY = 9  # keys a page follows: more than Chromium's 6 HTTP/1.1 connections per origin
+
+
+def events_of(logs: list[list[list[Any]]]) -> list[list[tuple[str, str, str]]]:
+    return [[(e[1], e[2], e[3]) for e in log if e[0] == "event"] for log in logs]
+
+
+def test_event_sources_stall_from_the_seventh_while_one_multi_key_stream_does_not(
+    sse_app: Server, new_page: Callable[[], Page]
+) -> None:
+    """A page with one EventSource per key over HTTP/1.1: the first six open
+    and get their events; the seventh to ninth never open (the browser holds
+    at most six connections to the origin), and the server never sees their
+    requests. The same page with one multi-key EventSource gets every key's
+    event, each typed with its key."""
+    keys = [f"wall-{i}-{os.getpid()}" for i in range(MANY)]
+    page = new_page()
+    query = urllib.parse.urlencode([("src", f"/plain/{key}/events") for key in keys])
+    page.goto(f"{sse_app.url}/page?{query}")
+    page.wait_for_function("window.logs.filter((log) => log.some((e) => e[0] === 'open')).length === 6")
+    for round_ in ("one", "two"):
+        for key in keys:
+            call(f"{sse_app.url}/plain/{key}/send", "POST", [{"data": f"{key} {round_}"}])
+        page.wait_for_function(
+            f"window.logs.filter((log) => log.some((e) => e[2] && e[2].endsWith(' {round_}'))).length === 6"
+        )
+    logs: list[list[list[Any]]] = page.evaluate("window.logs")
+    received = [i for i, log in enumerate(logs) if log]
+    assert len(received) == 6, logs
+    stalled = [i for i in range(MANY) if i not in received]
+    assert page.evaluate("window.sources.map((s) => s.readyState)") == [1 if i in received else 0 for i in range(MANY)]
+    requested = {r["key"] for r in call(f"{sse_app.url}/requests")}
+    assert not any(keys[i] in requested for i in stalled), "a stalled source reached the server"
+    assert [events for events in events_of(logs) if events] == [
+        [("message", f"{keys[i]} one", ""), ("message", f"{keys[i]} two", "")] for i in received
+    ]
+
+    many = new_page()
+    src = "/plain/many/events?" + urllib.parse.urlencode([("key", key) for key in keys])
+    many.goto(f"{sse_app.url}/page?" + urllib.parse.urlencode({"src": src, "types": json.dumps(keys)}))
+    many.wait_for_function("window.log.some((e) => e[0] === 'open')")
+    for key in keys:
+        call(f"{sse_app.url}/plain/{key}/send", "POST", [{"data": f"{key} three"}])
+    many.wait_for_function(f"window.log.filter((e) => e[0] === 'event').length === {MANY}")
+    assert events_of([many.evaluate("window.log")])[0] == [(key, f"{key} three", "") for key in keys]
+
+
+def test_multi_key_event_source_resumes_every_key_after_a_reset(
+    sse_app: Server, new_page: Callable[[], Page], proxy: Callable[[int], Proxy]
+) -> None:
+    """One EventSource over nine keys with history, through the proxy, while
+    every key is pumped (40 events each, 5 ms apart): the connection is reset
+    mid-flow; the browser reconnects with the stream's Last-Event-ID and gets,
+    in every key, every event exactly once and in order, with no gap."""
+    keys = [f"many-{i}-{os.getpid()}" for i in range(MANY)]
+    count = 40
+    through = proxy(sse_app.port)
+    page = new_page()
+    src = "/history/many/events?" + urllib.parse.urlencode([("key", key) for key in keys])
+    page.goto(f"{through.url}/page?" + urllib.parse.urlencode({"src": src, "types": json.dumps([*keys, "gap"])}))
+    page.wait_for_function("window.log.some((e) => e[0] === 'open')")
+    for key in keys:
+        call(f"{sse_app.url}/history/{key}/pump?count={count}&interval=0.005", "POST")
+    page.wait_for_function("window.log.filter((e) => e[0] === 'event').length >= 60")
+    through.reset()
+    for key in keys:
+        url = f"{sse_app.url}/history/{key}/pumped"
+        wait_until(f"the pump of {key}", functools.partial(lambda url: bool(call(url)["done"]), url))
+    page.wait_for_function(f"window.log.filter((e) => e[0] === 'event').length >= {MANY * count}")
+
+    log: list[list[Any]] = page.evaluate("window.log")
+    assert [entry[0] for entry in log if entry[0] != "event"] == ["open", "error", "open"]
+    events = events_of([log])[0]
+    assert len(events) == MANY * count and "gap" not in {kind for kind, _, _ in events}
+    for key in keys:
+        assert [data for kind, data, _ in events if kind == key] == [str(n) for n in range(1, count + 1)], key
+    requests = [r for r in call(f"{sse_app.url}/requests") if r.get("keys") == keys]
+    drop = next(i for i, entry in enumerate(log) if entry[0] == "error")
+    last_before = next(entry[3] for entry in reversed(log[:drop]) if entry[0] == "event")
+    assert [r["last_event_id"] for r in requests] == [None, last_before]
+    assert requests[1]["resumed"] is True and requests[1]["gaps"] == []
+    assert sorted(urllib.parse.unquote(pair.split("=")[0]) for pair in last_before.split(",")) == sorted(keys)

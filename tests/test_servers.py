@@ -640,6 +640,24 @@ def test_events_arrive_byte_exact_and_in_order(server: Server, clients: Clients)
     assert read_frames(stream, len(expected)) == expected
 
 
+def test_one_stream_over_twenty_keys_is_byte_exact(server: Server, clients: Clients) -> None:
+    """Raw client, one multi-key stream: events published to 20 keys in turn
+    arrive in publish order, each as exactly its frame with its key named by
+    an ``event:`` line added last (the last one wins on the client)."""
+    keys = [new_key(f"many{i}") for i in range(20)]
+    stream = clients.stream(f"/many/{','.join(keys)}")
+    expected: list[bytes] = []
+    for i, (fields, frame) in enumerate(TRICKY * 3):
+        key = keys[i % len(keys)]
+        assert publish(server.port, key, [fields]) == [1]
+        expected.append(frame[:-1] + f"event: {key}\n\n".encode())
+    assert read_frames(stream, len(expected)) == expected
+    stats = get_stats(server.port, keys[0])
+    assert stats["subscribers"] == 1
+    stream.close("reset")
+    wait_for_stats(server.port, keys[-1], lambda s: not s["present"], DETECT_WITHIN)
+
+
 def httpx_client(spec: Spec) -> Any:
     """An httpx client speaking the server's protocol (h2c: prior knowledge)."""
     require_modules("httpx", "httpx_sse", *(("h2",) if spec.h2 else ()))
