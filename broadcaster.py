@@ -1308,7 +1308,7 @@ class _Part:
         self.finalizer = weakref.finalize(self, _RegistryLock.leave, lock, sub)
         self.finalizer.atexit = False
 
-    def read(self, key: Hashable, record: Any) -> tuple[Hashable, Any]:
+    def read(self, key: Hashable, record: Any) -> Any:
         """The item of one of this part's records, as ``(key, item)``; with
         history the key's position moves to its id."""
         if self.entries:
@@ -1363,10 +1363,27 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
 
     async def __anext__(self) -> tuple[K_co, T_co]:
         while True:
-            items, _, _ = self._take(1, ids=False)
-            if items:
-                item: tuple[K_co, T_co] = items[0]
-                return item
+            reading = self._reading
+            for part in reading:  # before anything is taken, as in _take
+                sub = part.sub
+                if sub.lagged != sub.reported:
+                    self._report_lag(sub)
+            if len(reading) == 1:  # the common case, spelled out
+                part = reading[0]
+                sub = part.sub
+                if sub.one is not _EMPTY or sub.queue is not None or sub.backlog is not None:
+                    return cast("tuple[K_co, T_co]", part.read(*_pop(sub)))
+            count = len(reading)
+            for turn in range(self._turn, self._turn + count):
+                part = reading[turn % count]
+                sub = part.sub
+                if sub.one is not _EMPTY or sub.queue is not None or sub.backlog is not None:
+                    self._turn = turn + 1
+                    return cast("tuple[K_co, T_co]", part.read(*_pop(sub)))
+            # Nothing to read: the closed parts are exhausted.
+            self._reading = [part for part in self._reading if not part.sub.closed]
+            if not self._reading:
+                raise StopAsyncIteration
             waiter = self._parts[0].sub.loop.create_future()
             self._wait(waiter)
             try:
@@ -1455,18 +1472,18 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
         if self._policy is LagPolicy.END:
             self.close()
 
-    def _take(self, limit: int, *, ids: bool = True) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
         """The event-source read (see :class:`_EventSource`): the lag policy
         of every part first, then from each part in turn its records in
         order, until ``limit``. Each item's id is the stream's id once it is
-        read (with ``ids``, and when some key has history)."""
+        read (when some key has history)."""
         reading = self._reading
         if not reading:
             raise StopAsyncIteration
         for part in reading:  # before anything is taken, so that Lagged loses nothing
             if part.sub.lagged != part.sub.reported:
                 self._report_lag(part.sub)
-        with_ids = ids and any(part.entries for part in self._parts)
+        with_ids = any(part.entries for part in self._parts)
         items: list[Any] = []
         item_ids: list[str] = []
         lines: list[bytes] = []

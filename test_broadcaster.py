@@ -5003,6 +5003,26 @@ async def test_merge_reads_every_stream_and_ids_name_the_keys_with_history() -> 
 
 
 @async_test()
+async def test_merge_reads_its_streams_in_turn() -> None:
+    """With items waiting in several streams, reads take from each in turn
+    (one busy broadcaster cannot starve another), in each one's order; a
+    bounded take leaves the rest queued."""
+    one: Broadcaster[str, int] = Broadcaster()
+    two: Broadcaster[str, int] = Broadcaster()
+    stream = merge(one.subscribe_many(["a"]), two.subscribe_many(["b"]))
+    for i in range(3):
+        one.send("a", i)
+        two.send("b", 10 + i)
+    got = [await anext(stream) for _ in range(4)]
+    assert got == [("a", 0), ("b", 10), ("a", 1), ("b", 11)]
+    items, ids, lines = stream._take(1)
+    assert len(items) == 1 and ids is None and lines is not None and stream.queued == 1
+    items, _, _ = stream._take(5)
+    assert len(items) == 1 and stream.queued == 0
+    stream.close()
+
+
+@async_test()
 async def test_merge_takes_the_streams_over_and_combines_resume_state() -> None:
     """The given streams are empty afterwards; resumed and gaps combine;
     keys lists every part's keys; closing the merged stream leaves every

@@ -33,6 +33,7 @@ import churn  # noqa: E402
 import connections  # noqa: E402
 import encodeonce  # noqa: E402
 import fanout  # noqa: E402
+import keyed  # noqa: E402
 import memory  # noqa: E402
 import slow  # noqa: E402
 import sse_http  # noqa: E402
@@ -47,6 +48,7 @@ CASES = {
     "churn": churn,
     "slow": slow,
     "connections": connections,
+    "keyed": keyed,
 }
 
 NAMES = {
@@ -183,6 +185,27 @@ def tables(results: dict) -> list[str]:
              "lat x floor(d)", "lat x (b)", "srv CPU ms/msg", "open s", "runs"],
             rows,
         ))
+    if "keyed" in cases:
+        s = cases["keyed"]
+        rows = []
+        for impl, e in s["impls"].items():
+            for label in ("send single", "send keyed"):
+                rows.append([NAMES[impl], label.split()[1], e[label].get("send_ns"), e[label].get("read_ns"),
+                             _x(e.get("keyed_vs_single_send_ns")) if label == "send keyed" else "",
+                             _x(e.get("keyed_vs_single_read_ns")) if label == "send keyed" else ""])
+        out.append(table(
+            f"8a. Keyed streams, send: one key, {s['S']:,} subscribers, {s['M']} sends back to back, then every "
+            f"item read (keyed streams each over {s['K_send']} keys)",
+            ["impl", "subscribers", "send ns/delivery", "read ns/item", "send x single", "read x single"], rows))
+        rows = []
+        for impl, e in s["impls"].items():
+            for k in (10, 100):
+                single, many = e[f"memory single K={k}"], e[f"memory keyed K={k}"]
+                rows.append([NAMES[impl], k, single.get("bytes_per_client"), many.get("bytes_per_client"),
+                             _x(e.get(f"keyed_vs_single_memory_K{k}"))])
+        out.append(table(
+            f"8b. Keyed streams, memory: {s['N_memory']} clients each following K keys (tracemalloc, channels included)",
+            ["impl", "K", "K streams B/client", "1 keyed stream B/client", "keyed x single"], rows))
     if results.get("targets"):
         rows = [[t["target"], t["measured"], t["verdict"], t["note"]] for t in results["targets"]]
         out.append(table("Targets: measured vs target", ["target", "measured", "verdict", "note"], rows))
@@ -280,6 +303,17 @@ def targets(cases: dict, me: str = "ours") -> list[dict]:
                 "vs floor (d): " + ", ".join(
                     f"{s['points'][str(n)][me]['lat_ratio']['raw']:.2f}x" for n, _ in lat
                     if "raw" in s["points"][str(n)][me].get("lat_ratio", {})))
+    if "keyed" in cases and me in cases["keyed"]["impls"]:
+        e = cases["keyed"]["impls"][me]
+        send = e.get("keyed_vs_single_send_ns")
+        if send is not None:
+            add("keyed: a send to keyed subscribers <= 1.2x one to single-key subscribers", f"{send:.2f}x",
+                send <= 1.2, f"reading: {e.get('keyed_vs_single_read_ns') or 0:.2f}x")
+        for k in (10, 100):
+            ratio = e.get(f"keyed_vs_single_memory_K{k}")
+            if ratio is not None:
+                add(f"keyed: one stream over {k} keys < {k} single-key streams (memory)", f"{ratio:.2f}x",
+                    ratio < 1.0)
     return out
 
 
