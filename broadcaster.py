@@ -731,12 +731,15 @@ class _Entry:
 
     An :class:`Event` item is stored as a copy whose ``id`` is the entry's, so
     the id travels with the event through any wrapper of the stream (and the
-    copy is encoded once, for every subscriber)."""
+    copy is encoded once, for every subscriber). ``bare`` is the item as it
+    was sent, what keyed streams yield: their id is the stream's, not a
+    key's."""
 
-    __slots__ = ("id", "item")
+    __slots__ = ("id", "item", "bare")
 
     def __init__(self, id: str, item: object) -> None:
         self.id = id
+        self.bare = item
         if isinstance(item, Event) and item.id != id:
             item = dataclasses.replace(item, id=id)
         self.item = item
@@ -1309,11 +1312,11 @@ class _Part:
         self.finalizer.atexit = False
 
     def read(self, key: Hashable, record: Any) -> Any:
-        """The item of one of this part's records, as ``(key, item)``; with
-        history the key's position moves to its id."""
+        """The item of one of this part's records, as ``(key, item)``, the
+        item as it was sent; with history the key's position moves to its id."""
         if self.entries:
             self.marks[key] = self.prefixes[key] + _escape(record.id)
-            return key, record.item
+            return key, record.bare
         return key, record
 
 
@@ -1332,8 +1335,9 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
     broadcaster's, after ``merge``): under a burst on one key, the oldest
     items of any key are dropped first.
 
-    With history, ``last_event_id`` names the position reached in every key:
-    resuming from it with ``subscribe_many(keys, last_event_id=...)`` replays,
+    Items come as they were sent: an Event does not carry the id its key gave
+    it. With history, ``last_event_id`` names the position reached in every
+    key: resuming from it with ``subscribe_many(keys, last_event_id=...)`` replays,
     per key, exactly what came after. A response writes it as each event's
     id. Cancellation, threads and loops: as for :class:`BroadcastStream`.
     """

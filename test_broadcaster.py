@@ -4797,7 +4797,7 @@ async def test_keyed_id_names_the_position_in_every_key() -> None:
     assert stream.last_event_id == f"a={epochs['a']}-0,b={epochs['b']}-1"
     b.send("a", Event("x"))
     key, event = await anext(stream)
-    assert (key, event.id) == ("a", f"{epochs['a']}-1"), "the item carries its per-key id"
+    assert (key, event) == ("a", Event("x")), "the item as sent: the stream's id is its own"
     assert stream.last_event_id == f"a={epochs['a']}-1,b={epochs['b']}-1"
     assert keyed_positions(stream) == {"a": f"{epochs['a']}-1", "b": f"{epochs['b']}-1"}
     old.close()
@@ -5103,8 +5103,9 @@ async def test_keyed_response_names_each_events_key_and_writes_the_streams_id() 
     assert len(peer.bodies) == 3, "both events in one body message"
     parsed = parse_event_stream(b"".join(peer.bodies))
     assert [(e.type, e.data) for e in parsed.events] == [("lobby", "hi"), ("help", "?")]
-    lobby = peer.bodies[1].split(b"\n\n")[0]
-    assert lobby.endswith(b"event: lobby\nid: " + parsed.events[0].last_event_id.encode())
+    lobby, help_, rest = peer.bodies[1].split(b"\n\n")
+    assert lobby == b"event: chat\ndata: hi\nevent: lobby\nid: " + parsed.events[0].last_event_id.encode()
+    assert help_ == b"data: ?\nevent: help\nid: " + parsed.events[1].last_event_id.encode() and rest == b""
     assert parsed.last_event_id == stream.last_event_id
     first = dict(pair.split("=") for pair in parsed.events[0].last_event_id.split(","))
     assert list(first) == ["lobby", "help"] and first["help"].endswith("-0")
