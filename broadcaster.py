@@ -977,11 +977,12 @@ class _EventSource(Protocol):
         written first). Empty when it resumed or was not asked to."""
         ...
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str | None] | None, list[bytes] | None]:
         """Remove and return, oldest first, up to ``limit`` items that can be
         read now; their ids: None when the source writes no ids, else one per
         item (written with the item's frame unless its event carries that id
-        already); and their ``event:`` lines: None, or for a keyed source (its
+        already; None for an item written without one); and their ``event:``
+        lines: None, or for a keyed source (its
         items are ``(key, event)`` pairs) one per item, naming the key, written
         when the response has no ``render``. Nothing readable yet: ``([],
         None, None)``.
@@ -1476,7 +1477,7 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
         if self._policy is LagPolicy.END:
             self.close()
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str | None] | None, list[bytes] | None]:
         """The event-source read (see :class:`_EventSource`): the lag policy
         of every part first, then from each part in turn its records in
         order, until ``limit``. Each item's id is the stream's id once it is
@@ -1489,7 +1490,7 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
                 self._report_lag(part.sub)
         with_ids = any(part.entries for part in self._parts)
         items: list[Any] = []
-        item_ids: list[str] = []
+        item_ids: list[str | None] = []
         lines: list[bytes] = []
         start = self._turn % len(reading)
         self._turn = start + 1
@@ -1497,8 +1498,8 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
             for key, record in _pop_many(part.sub, limit - len(items)):
                 items.append(part.read(key, record))
                 lines.append(part.lines[key])
-                if with_ids:
-                    item_ids.append(self._id())
+                if with_ids:  # an item without history moves no position: no id
+                    item_ids.append(self._id() if part.entries else None)
             if len(items) == limit:
                 break
         # A part is exhausted once closed and drained.
@@ -2444,7 +2445,7 @@ class _SseResponse:
     # -- frames ----------------------------------------------------------------
 
     def _body(
-        self, items: list[Any], ids: list[str] | None, lines: list[bytes] | None
+        self, items: list[Any], ids: list[str | None] | None, lines: list[bytes] | None
     ) -> tuple[bytes, Exception | None]:
         """One body message: the frames of ``items``, each with its id (from
         ``ids``) unless its event carries that id already, and without a
@@ -2789,7 +2790,7 @@ class _Replay(_AsyncClosing, AsyncIterator[T], Generic[T]):
 
     # -- internals: the event-source contract ------------------------------------
 
-    def _take(self, limit: int) -> tuple[list[Any], list[str] | None, list[bytes] | None]:
+    def _take(self, limit: int) -> tuple[list[Any], list[str | None] | None, list[bytes] | None]:
         if self._items is not None:
             items = list(itertools.islice(self._items, limit))
             if items:

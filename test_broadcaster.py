@@ -5003,6 +5003,29 @@ async def test_merge_reads_every_stream_and_ids_name_the_keys_with_history() -> 
 
 
 @async_test()
+async def test_merge_response_writes_ids_only_with_the_items_that_move_a_position() -> None:
+    """In a response of a merged stream, an item of a broadcaster with history
+    is written with the stream's id; one without history with no id (the
+    client's last id stays the position it has reached)."""
+    messages: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    presence: Broadcaster[str, Event] = Broadcaster()
+    stream = merge(messages.subscribe_many(["lobby"]), presence.subscribe_many(["lobby"]))
+    messages.send("lobby", Event("hi", event="message"))
+    presence.send("lobby", Event("2", event="presence"))
+    messages.remove("lobby")
+    presence.remove("lobby")
+    peer = AsgiPeer()
+    await asgi_call(messages.response(stream, lambda pair: pair[1]), peer)
+    body = b"".join(peer.bodies[1:])
+    epoch = re.search(rb"lobby=([0-9a-f]{12})-1", body)
+    assert epoch is not None, peer.bodies
+    lei = b"lobby=" + epoch[1] + b"-1"
+    assert sorted(body.split(b"\n\n")) == sorted(
+        [b"event: message\ndata: hi\nid: " + lei, b"event: presence\ndata: 2", b""]
+    )
+
+
+@async_test()
 async def test_merge_reads_its_streams_in_turn() -> None:
     """With items waiting in several streams, reads take from each in turn
     (one busy broadcaster cannot starve another), in each one's order; a
