@@ -17,7 +17,11 @@ What it demonstrates, in a plain ASGI app (no framework):
   ``subscribe(room, last_event_id=last_event_id(scope))``: exactly what it
   missed, then live, no gap and no duplicate. The chat stores no ids and
   replays nothing itself;
-* presence on the same connection, but not in the history (see ``RoomFeed``);
+* one connection for every room the page follows: ``subscribe_many`` of the
+  rooms' messages, merged with their presence (``merge``), so the sidebar
+  shows every room's unread count live, and the page keeps working with more
+  rooms than a browser's six connections per origin;
+* presence on the same connection, but not in the history;
 * a fresh page, or one whose id cannot be resumed, loads the room's recent
   messages from ``GET /rooms/{room}/history`` without losing or doubling any
   that arrive meanwhile (see "Loading a room" below);
@@ -44,14 +48,18 @@ Two broadcasters, both keyed by room:
     browser's ``lastEventId`` either. Presence streams skip what they lag
     behind on (``LagPolicy.SKIP``): only the latest count matters.
 
-One ``EventSource`` per room carries both: ``RoomFeed`` merges the room's
-message stream with its presence stream. (A second connection per room for
-presence would double the connections, and a browser allows only 6 HTTP/1.1
-connections per host across all its tabs.) ``Broadcaster.response()`` writes
-ids and ``on_gap`` only for a bare ``BroadcastStream``, so the feed does those
-two things itself, with the same public data: each message goes out with its
-item's id, ``stream.last_event_id``, and the ``reload`` event goes first when
-the stream is not an exact resume (``stream.resumed`` is not True).
+One ``EventSource`` carries every room the page follows, messages and
+presence: ``merge(messages.subscribe_many(rooms, last_event_id=...),
+presence.subscribe_many(rooms))``. (A connection per room would hit the
+browser's limit of 6 HTTP/1.1 connections per origin, across all its tabs, at
+the seventh room.) Each message goes out with the stream's id, which names
+the position reached in every room; presence goes out without one, so it
+never moves the browser's ``lastEventId``. The ``reload`` event (JSON: the
+rooms to load) goes first on a first connection (every room) and on a
+reconnection that could not resume some rooms (those only: the others resume
+exactly). Joining or leaving a room reconnects with the new list and the id
+reached so far (``?last_event_id=``): the rooms kept resume, the new one is
+loaded.
 
 Loading a room
     Broadcast history is a resume buffer, not the room's state: it holds
@@ -71,11 +79,14 @@ Loading a room
 HTTP API (``{room}`` matches ``[a-z0-9_-]{1,32}``, else 400):
 
 * ``GET /``                        the page (inline CSS and JS, no build step)
-* ``GET /rooms/{room}/events``     the room as ``text/event-stream``: first a
-  ``reload`` event (empty data) unless the connection resumed from its
-  ``Last-Event-ID``, then ``message`` events (JSON ``{"room", "n", "user",
-  "text"}``, each with its id ``<epoch>-<seq>``) and ``presence`` events (JSON
-  ``{"room", "count"}``, no id)
+* ``GET /events?room=a&room=b``    the rooms (1-50, each once) as
+  ``text/event-stream``: first a ``reload`` event (JSON list of the rooms to
+  load) for every room on a connection without ``Last-Event-ID`` or the
+  ``last_event_id`` query parameter, else for the rooms it could not resume;
+  then ``message`` events (JSON ``{"room", "n", "user", "text"}``, each with
+  the stream's id: ``a=<epoch>-<seq>,b=<epoch>-<seq>``) and ``presence``
+  events (JSON ``{"room", "count"}``, no id)
+* ``GET /rooms/{room}/events``     the same for one room
 * ``GET /rooms/{room}/history``    JSON ``{"room", "messages": [...]}``: the last
   100 messages, oldest first, as in the ``message`` events
 * ``POST /rooms/{room}/messages``  JSON ``{"user": str, "text": str}`` (user 1-32
@@ -95,9 +106,8 @@ re-raises the signal, so the process ends killed by SIGTERM (143 in a shell,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import dataclasses
+import functools
 import json
 import re
 import socket
@@ -106,6 +116,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import parse_qs
 
 import uvicorn
 
@@ -115,15 +126,7 @@ import uvicorn
 # first, so the checkout wins over an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broadcaster import (
-    Broadcaster,
-    BroadcastStream,
-    Event,
-    LagPolicy,
-    SseConfig,
-    last_event_id,
-    replay,
-)
+from broadcaster import Broadcaster, Event, SseConfig, last_event_id, merge, replay
 
 # The conventional ASGI types (the same as broadcaster's and starlette's).
 Scope = MutableMapping[str, Any]
@@ -143,9 +146,8 @@ HISTORY: Final = 100
 RECENT: Final = 100
 # Seconds a room's broadcast history outlives its last connection.
 LINGER: Final = 60.0
-# Written first on a connection that is not an exact resume: the page then
-# (re)loads the room's recent messages.
-RELOAD: Final = Event(event="reload", data="")
+# Rooms one connection may follow (the page's sidebar).
+MAX_ROOMS: Final = 50
 
 ChatMessage = dict[str, object]
 
@@ -176,92 +178,18 @@ class Room:
         self.recent: deque[ChatMessage] = deque(maxlen=RECENT)
 
 
-class RoomFeed:
-    """The event source of one connection to a room: its messages (with ids)
-    merged with its presence updates (without).
-
-    Subscribing both streams happens here, when the request arrives, so
-    everything sent from then on reaches this connection; then the connection
-    is announced (the client sees its own join). The first event is
-    ``RELOAD`` unless the message stream resumed from the client's
-    ``Last-Event-ID``; each message is written with its item's id. ``aclose()``
-    closes both streams and then announces the count without this connection:
-    ``Broadcaster.response`` closes its source on every way out (end of
-    stream, client gone, server shutdown), so it is a reliable "finally". The
-    feed ends when the message stream ends (``close()`` at shutdown, or a
-    ``Lagged`` error: the response ends, and the browser reconnects and
-    resumes from the history, which is longer than the buffer).
-
-    Each stream has at most one pending read, a task kept across calls, so an
-    item that arrives while the other stream's item is being returned is never
-    lost (cancelling a read blocked in a ``BroadcastStream`` is safe, which
-    ``aclose`` relies on).
-    """
-
-    __slots__ = ("_chat", "_room", "_messages", "_presence", "_reload", "_next_message", "_next_presence", "_closed")
-
-    def __init__(self, chat: Chat, room: str, last_id: str | None) -> None:
-        self._chat = chat
-        self._room = room
-        self._messages = chat.messages.subscribe(room, last_event_id=last_id)
-        self._presence: BroadcastStream[Event] | None = chat.presence.subscribe(room).on_lag(LagPolicy.SKIP)
-        # None: a first connection; False: an id it cannot resume from.
-        self._reload = self._messages.resumed is not True
-        self._next_message: asyncio.Task[Event | None] | None = None
-        self._next_presence: asyncio.Task[Event | None] | None = None
-        self._closed = False
-        chat.announce(room)
-
-    def __aiter__(self) -> RoomFeed:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._reload:
-            self._reload = False
-            return RELOAD
-        while True:
-            if self._next_message is None:
-                self._next_message = asyncio.ensure_future(_next(self._messages))
-            if self._next_presence is None and self._presence is not None:
-                self._next_presence = asyncio.ensure_future(_next(self._presence))
-            pending = [task for task in (self._next_message, self._next_presence) if task is not None]
-            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if self._next_message.done():
-                task, self._next_message = self._next_message, None
-                message = task.result()  # raises what the stream raised (Lagged)
-                if message is None:
-                    raise StopAsyncIteration
-                # The id the broadcaster gave this item: what the browser
-                # sends back as Last-Event-ID when it reconnects.
-                return dataclasses.replace(message, id=self._messages.last_event_id)
-            assert self._next_presence is not None and self._next_presence.done()
-            task, self._next_presence = self._next_presence, None
-            presence = task.result()
-            if presence is not None:
-                return presence
-            self._presence = None  # presence ended (shutdown): messages only
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        tasks = [task for task in (self._next_message, self._next_presence) if task is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        self._messages.close()  # leaves the room now: the count below is without us
-        if self._presence is not None:
-            self._presence.close()
-        self._chat.announce(self._room)
+def reload(rooms: Iterable[str], position: str | None) -> Event:
+    """Written first when a connection does not resume ``rooms`` exactly: the
+    page then (re)loads their recent messages. Its id is the position the
+    connection starts from in every room, so that a reconnection before any
+    message resumes every room from there."""
+    return Event.json(list(rooms), event="reload", id=position)
 
 
-async def _next(stream: BroadcastStream[Event]) -> Event | None:
-    """The stream's next item, or None at its end."""
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        return None
+def as_sent(pair: tuple[str, Event]) -> Event:
+    """How the events of a room stream are written: as they were sent (they
+    carry their type and their room)."""
+    return pair[1]
 
 
 class Chat:
@@ -321,6 +249,10 @@ class Chat:
             allow(method, "GET", "HEAD")
             await respond(scope, send, 200, PAGE, b"text/html; charset=utf-8")
             return
+        if path == "/events":
+            allow(method, "GET", "HEAD")
+            await self.events(scope, receive, send, parse_rooms(scope))
+            return
         parts = path.split("/")
         if len(parts) != 4 or parts[:2] != ["", "rooms"] or parts[3] not in ("events", "history", "messages", "stats"):
             raise HttpError(404, "not found")
@@ -329,7 +261,7 @@ class Chat:
             raise HttpError(400, "room names are 1-32 characters of a-z, 0-9, _ and -")
         if action == "events":
             allow(method, "GET", "HEAD")
-            await self.events(scope, receive, send, room)
+            await self.events(scope, receive, send, [room])
         elif action == "messages":
             allow(method, "POST")
             await self.post(scope, receive, send, room)
@@ -349,14 +281,35 @@ class Chat:
             }
             await respond(scope, send, 200, json.dumps(stats).encode(), b"application/json")
 
-    async def events(self, scope: Scope, receive: Receive, send: Send, room: str) -> None:
+    async def events(self, scope: Scope, receive: Receive, send: Send, rooms: list[str]) -> None:
+        """One connection for all the rooms a page follows: their messages
+        (resumed from the client's id) merged with their presence (live only:
+        given no id, it would make every room a gap)."""
         if scope["method"] == "HEAD":
             # Headers only: no subscription, so no presence flicker.
             nothing: tuple[Event, ...] = ()
             await self.messages.response(replay(nothing))(scope, receive, send)
             return
-        feed = RoomFeed(self, room, last_event_id(scope))
-        await self.messages.response(feed)(scope, receive, send)
+        last_id = last_event_id(scope)
+        stream = merge(
+            self.messages.subscribe_many(rooms, last_event_id=last_id),
+            self.presence.subscribe_many(rooms),
+        )
+        for room in rooms:  # the client sees its own join
+            self.announce(room)
+        position = stream.last_event_id
+        # A first connection loads every room; a reconnection only those it
+        # could not resume (response() writes on_gap's event for them first).
+        first = [] if last_id is not None else [("", reload(rooms, position))]
+        app = self.messages.response(
+            replay(first, stream), as_sent, on_gap=functools.partial(reload, position=position)
+        )
+        try:
+            await app(scope, receive, send)
+        finally:
+            # The response has closed the stream: the counts are without us.
+            for room in rooms:
+                self.announce(room)
 
     async def post(self, scope: Scope, receive: Receive, send: Send, room: str) -> None:
         user, text = parse_message(await read_body(scope, receive))
@@ -369,9 +322,19 @@ class Chat:
         message: ChatMessage = {"room": room, "n": state.count, "user": user, "text": text}
         state.recent.append(message)
         # The broadcaster retains it (if the room has a channel, live or
-        # lingering) under a new id, which RoomFeed writes on the wire.
+        # lingering) under a new id; each stream writes its own id, naming it.
         self.messages.send(room, Event.json(message, event="message"))
         await respond(scope, send, 204)
+
+
+def parse_rooms(scope: Scope) -> list[str]:
+    """The rooms of ``GET /events?room=a&room=b``: valid names, each once."""
+    rooms = parse_qs(bytes(scope["query_string"]).decode("latin-1")).get("room", [])
+    if not 1 <= len(rooms) <= MAX_ROOMS or len(set(rooms)) != len(rooms):
+        raise HttpError(400, f"give 1-{MAX_ROOMS} distinct rooms: /events?room=a&room=b")
+    if not all(ROOM_NAME.fullmatch(room) for room in rooms):
+        raise HttpError(400, "room names are 1-32 characters of a-z, 0-9, _ and -")
+    return rooms
 
 
 def allow(method: str, *methods: str) -> None:
@@ -556,6 +519,12 @@ const $ = (id) => document.getElementById(id);
 const ROOM = /^[a-z0-9_-]{1,32}$/;
 const rooms = new Map();  // name -> the room object made in join()
 let current = null;
+// One EventSource for every room joined, remade when the list changes.
+let source = null;
+// The id of the last message received: it names how far the page got in
+// every room, so a new connection (after a join or a leave) resumes them all.
+let lastId = null;
+let live = false;
 
 const user = $("user");
 user.value = localStorage.getItem("chat.user") || "guest" + Math.floor(Math.random() * 1000);
@@ -569,14 +538,14 @@ function el(tag, className, text) {
 }
 
 function updateStatus() {
-  const states = [...rooms.values()].map((r) => r.source.readyState);
+  const state = source ? source.readyState : EventSource.CLOSED;
   const status = $("status");
-  if (states.length && states.every((s) => s === EventSource.OPEN)) {
+  if (state === EventSource.OPEN) {
     status.textContent = "connected"; status.className = "ok";
-  } else if (states.some((s) => s === EventSource.CONNECTING)) {
+  } else if (state === EventSource.CONNECTING) {
     status.textContent = "reconnecting\\u2026"; status.className = "";
   } else {
-    status.textContent = states.length ? "disconnected" : "no room joined"; status.className = "down";
+    status.textContent = rooms.size ? "disconnected" : "no room joined"; status.className = "down";
   }
 }
 
@@ -636,12 +605,46 @@ async function load(name, room) {
   }
 }
 
-function join(name) {
+// (Re)connects with the rooms joined: the rooms the page follows already
+// resume from lastId; the server lists the others in a reload event.
+function connect() {
+  if (source) source.close();  // the server sees the disconnect and announces the new counts
+  source = null;
+  live = false;
+  if (!rooms.size) { updateStatus(); return; }
+  const query = new URLSearchParams([...rooms.keys()].map((name) => ["room", name]));
+  if (lastId) query.set("last_event_id", lastId);
+  const es = source = new EventSource("/events?" + query);
+  for (const room of rooms.values()) room.source = es;
+  es.addEventListener("open", () => { live = true; updateStatus(); });
+  es.addEventListener("error", () => {
+    // Fired at the drop and at every failed retry: note the drop once.
+    if (live) for (const room of rooms.values()) add(room, el("li", "note", "connection lost, reconnecting\\u2026"));
+    live = false;
+    updateStatus();
+  });
+  es.addEventListener("reload", (e) => {
+    lastId = e.lastEventId;
+    for (const name of JSON.parse(e.data)) if (rooms.has(name)) load(name, rooms.get(name));
+  });
+  es.addEventListener("message", (e) => {
+    lastId = e.lastEventId;
+    const msg = JSON.parse(e.data);
+    const room = rooms.get(msg.room);
+    if (!room) return;
+    if (room.pending) room.pending.push(msg);
+    else show(msg.room, room, msg, true);
+  });
+  es.addEventListener("presence", (e) => {
+    const update = JSON.parse(e.data);
+    const room = rooms.get(update.room);
+    if (room) { room.count = update.count; renderRoom(room); }
+  });
+  updateStatus();
+}
+
+function join(name, reconnect = true) {
   if (rooms.has(name)) { select(name); return; }
-  // No id on the first connection: the server starts it with "reload". On a
-  // reconnection the browser sends the Last-Event-ID header (the id of the
-  // last message it got) and the server resumes from there.
-  const source = new EventSource("/rooms/" + name + "/events");
   const row = el("div", "room");
   const open = el("button", "open");
   open.append(el("span", "", "#" + name), el("span", "count", ""));
@@ -655,40 +658,22 @@ function join(name) {
   log.hidden = true;
   $("logs").append(log);
   // last: n of the last message shown; pending: live messages held back
-  // while the history loads (null otherwise); generation: counts loads.
-  const room = { source, row, log, count: 0, unread: 0, live: false, last: 0, pending: null, generation: 0 };
+  // while the history loads (null otherwise); generation: counts loads;
+  // source: the connection, shared by every room.
+  const room = { source, row, log, count: 0, unread: 0, last: 0, pending: null, generation: 0 };
   rooms.set(name, room);
-
-  source.addEventListener("open", () => { room.live = true; updateStatus(); });
-  source.addEventListener("error", () => {
-    // Fired at the drop and at every failed retry: note the drop once.
-    if (room.live) add(room, el("li", "note", "connection lost, reconnecting\\u2026"));
-    room.live = false;
-    updateStatus();
-  });
-  source.addEventListener("reload", () => load(name, room));
-  source.addEventListener("message", (e) => {
-    const msg = JSON.parse(e.data);
-    if (room.pending) room.pending.push(msg);
-    else show(name, room, msg, true);
-  });
-  source.addEventListener("presence", (e) => {
-    room.count = JSON.parse(e.data).count;
-    renderRoom(room);
-  });
   renderRoom(room);
   select(name);
-  updateStatus();
+  if (reconnect) connect();
 }
 
 function part(name) {
   const room = rooms.get(name);
-  room.source.close();  // the server sees the disconnect and announces the new count
   room.generation += 1;  // a load in progress stops
   room.row.remove(); room.log.remove();
   rooms.delete(name);
   if (current === name) select(rooms.size ? rooms.keys().next().value : null);
-  updateStatus();
+  connect();
 }
 
 function select(name) {
@@ -734,9 +719,10 @@ $("send").addEventListener("submit", async (e) => {
   }
 });
 
-join("general");
-join("random");
+join("general", false);
+join("random", false);
 select("general");
+connect();
 </script>
 </body>
 </html>

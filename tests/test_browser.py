@@ -393,6 +393,34 @@ def test_chat_two_pages_exchange_messages_and_see_presence(chat: Server, new_pag
     wait_texts(a, "general", [*expected, "after the reload"])
 
 
+def test_chat_page_follows_more_rooms_than_connections_over_one_event_source(
+    chat: Server, new_page: Callable[[], Page]
+) -> None:
+    """The page joins eight more rooms (ten in all, more than the six HTTP/1.1
+    connections a browser opens to one origin): one EventSource carries them
+    all, every room gets its messages, each room was loaded once (a join
+    reconnects with the id reached so far: the rooms already there resume,
+    only the new one is loaded), and the sidebar counts the unread messages
+    of the rooms that are not open."""
+    page = new_page()
+    page.goto(chat.url)
+    page.wait_for_function(READY, arg=["general", 1])
+    names = [f"many{i}" for i in range(8)]
+    for name in names:
+        join(page, name)
+    for name in names:
+        post(chat, name, f"hi {name}")
+    for name in names:
+        wait_texts(page, name, [f"hi {name}"])
+    assert page.evaluate("new URL(source.url).searchParams.getAll('room')") == ["general", "random", *names]
+    assert page.evaluate("[...rooms.values()].map((r) => r.generation)") == [1] * 10, "a room was loaded twice"
+    unread = page.evaluate("Object.fromEntries([...rooms].map(([name, r]) => [name, r.unread]))")
+    assert unread == {"general": 0, "random": 0, **{name: 1 for name in names[:-1]}, names[-1]: 0}
+    assert (page.text_content(".room:nth-child(3) .count") or "").startswith("1 new")
+    for name in names:
+        assert call(f"{chat.url}/rooms/{name}/stats")["subscribers"] == 1
+
+
 def test_chat_page_resumes_after_a_network_reset(
     chat: Server, new_page: Callable[[], Page], proxy: Callable[[int], Proxy]
 ) -> None:

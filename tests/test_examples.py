@@ -95,16 +95,34 @@ def stats(port: int, room: str) -> dict[str, Any]:
     return result
 
 
-# The id the broadcaster gives each message: an epoch per room lifetime, a dash,
-# and the message's number in that lifetime.
-ID = re.compile(rb"\nid: ([0-9a-f]{12})-([0-9]+)\n")
-RELOAD = b"event: reload\ndata: \n\n"
+# The id the broadcaster gives each message in its room: an epoch per room
+# lifetime, a dash, and the message's number in that lifetime. A stream of one
+# room writes it as "<room>=<id>" (the position it reached in each room).
+ID = re.compile(rb"\nid: [a-z0-9_-]+=([0-9a-f]{12})-([0-9]+)\n\n$")
+
+
+class reload:  # noqa: N801  (read as the frame it matches: ``chunk == reload("a")``)
+    """Equal to the reload frame naming ``rooms``, the rooms the page must
+    load: its id names a position in each of the stream's rooms (here, the
+    same rooms), which the test cannot know in advance."""
+
+    def __init__(self, *rooms: str) -> None:
+        positions = ",".join(re.escape(room) + r"=[0-9a-f]{12}-[0-9]+" for room in rooms)
+        data = re.escape(json.dumps(list(rooms)).replace(" ", ""))
+        self.frame = re.compile(f"event: reload\nid: {positions}\ndata: {data}\n\n".encode())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, bytes) and self.frame.fullmatch(other) is not None
+
+    def __repr__(self) -> str:
+        return f"<the reload frame {self.frame.pattern!r}>"
 
 
 def message(room: str, n: int, user: str, text: str, id: str) -> bytes:
-    """The exact frame of a chat message (compact JSON, UTF-8, LF line endings)."""
+    """The exact frame of a chat message (compact JSON, UTF-8, LF line endings)
+    on a stream of ``room`` alone, ``id`` being the room's id of the message."""
     data = json.dumps({"room": room, "n": n, "user": user, "text": text}, ensure_ascii=False, separators=(",", ":"))
-    return f"event: message\nid: {id}\ndata: {data}\n\n".encode()
+    return f"event: message\ndata: {data}\nid: {room}={id}\n\n".encode()
 
 
 def presence(room: str, count: int) -> bytes:
@@ -122,13 +140,20 @@ def epoch(frame: bytes | None) -> str:
 def frames(conn: Connection, n: int) -> tuple[list[bytes], list[bytes]]:
     """The next ``n`` frames of a stream, split into (messages, the others).
     A resumed stream's replayed messages and its own join's presence event
-    are read concurrently by the server, so their interleaving is free."""
+    are read concurrently by the server, so their interleaving is free; the
+    events waiting together arrive in one chunk, so chunks are split into
+    frames (an event's frame never holds a blank line)."""
     messages: list[bytes] = []
     others: list[bytes] = []
-    for _ in range(n):
-        frame = conn.chunk()
-        assert frame is not None
-        (messages if frame.startswith(b"event: message\n") else others).append(frame)
+    pending = b""
+    while len(messages) + len(others) < n:
+        chunk = conn.chunk()
+        assert chunk is not None
+        pending += chunk
+        while (end := pending.find(b"\n\n")) >= 0:
+            frame, pending = pending[: end + 2], pending[end + 2 :]
+            (messages if frame.startswith(b"event: message\n") else others).append(frame)
+    assert pending == b"", pending
     return messages, others
 
 
@@ -173,7 +198,7 @@ def test_stream_headers_then_first_chunk_before_any_message(clients: Clients) ->
     assert head["x-accel-buffering"] == "no"
     assert head["transfer-encoding"] == "chunked"
     assert conn.chunk() == b"retry: 2000\n\n"
-    assert conn.chunk() == RELOAD
+    assert conn.chunk() == reload("hdr")
     assert conn.chunk() == presence("hdr", 1)
 
 
@@ -192,17 +217,17 @@ def test_message_reaches_two_streams_byte_exact(chat: Chat, clients: Clients) ->
     frame, with the id the broadcaster gave it (``<epoch>-1``); more messages
     arrive in order with the next numbers of the same epoch."""
     a = clients.stream("two")
-    assert a.chunk() == RELOAD
+    assert a.chunk() == reload("two")
     assert a.chunk() == presence("two", 1)
     b = clients.stream("two")
-    assert b.chunk() == RELOAD
+    assert b.chunk() == reload("two")
     assert a.chunk() == b.chunk() == presence("two", 2)
 
     post(chat.port, "two", "ann", "héllo\nworld ✓")
     frame = a.chunk()
     run = epoch(frame)
     assert frame == (
-        f'event: message\nid: {run}-1\ndata: {{"room":"two","n":1,"user":"ann","text":"héllo\\nworld ✓"}}\n\n'.encode()
+        f'event: message\ndata: {{"room":"two","n":1,"user":"ann","text":"héllo\\nworld ✓"}}\nid: two={run}-1\n\n'.encode()
     )
     assert b.chunk() == frame
 
@@ -218,7 +243,7 @@ def test_rooms_are_independent(chat: Chat, clients: Clients) -> None:
     its own epoch and numbers its messages from 1."""
     a = clients.stream("left")
     b = clients.stream("right")
-    assert a.chunk() == b.chunk() == RELOAD
+    assert a.chunk() == reload("left") and b.chunk() == reload("right")
     assert a.chunk() == presence("left", 1) and b.chunk() == presence("right", 1)
     post(chat.port, "right", "ann", "to the right")
     post(chat.port, "left", "ann", "to the left")
@@ -231,12 +256,12 @@ def test_rooms_are_independent(chat: Chat, clients: Clients) -> None:
 def test_presence_rises_and_falls(chat: Chat, clients: Clients) -> None:
     """Every join and every leave pushes the room's subscriber count."""
     a = clients.stream("pres")
-    assert a.chunk() == RELOAD and a.chunk() == presence("pres", 1)
+    assert a.chunk() == reload("pres") and a.chunk() == presence("pres", 1)
     b = clients.stream("pres")
-    assert b.chunk() == RELOAD
+    assert b.chunk() == reload("pres")
     assert a.chunk() == b.chunk() == presence("pres", 2)
     c = clients.stream("pres")
-    assert c.chunk() == RELOAD
+    assert c.chunk() == reload("pres")
     assert a.chunk() == b.chunk() == c.chunk() == presence("pres", 3)
     b.close()
     assert a.chunk() == c.chunk() == presence("pres", 2)
@@ -250,10 +275,10 @@ def test_presence_is_neither_numbered_nor_retained(chat: Chat, clients: Clients)
     history: after joins and leaves the first message is still number 1, and
     a client resuming after it gets no stale presence, only its own join."""
     a = clients.stream("quiet")
-    assert a.chunk() == RELOAD and a.chunk() == presence("quiet", 1)
+    assert a.chunk() == reload("quiet") and a.chunk() == presence("quiet", 1)
     for _ in range(3):
         b = clients.stream("quiet")
-        assert b.chunk() == RELOAD
+        assert b.chunk() == reload("quiet")
         assert a.chunk() == b.chunk() == presence("quiet", 2)
         b.close()
         assert a.chunk() == presence("quiet", 1)
@@ -262,7 +287,7 @@ def test_presence_is_neither_numbered_nor_retained(chat: Chat, clients: Clients)
     run = epoch(first)
     assert first == message("quiet", 1, "ann", "first", f"{run}-1")
 
-    c = clients.stream("quiet", headers={"Last-Event-ID": f"{run}-1"})
+    c = clients.stream("quiet", headers={"Last-Event-ID": f"quiet={run}-1"})
     assert a.chunk() == c.chunk() == presence("quiet", 2)  # no reload, nothing replayed
     post(chat.port, "quiet", "ann", "second")
     assert a.chunk() == c.chunk() == message("quiet", 2, "ann", "second", f"{run}-2")
@@ -275,7 +300,7 @@ def test_closed_client_is_gone_from_the_registry_within_1s(chat: Chat, clients: 
     history lingers on for a reconnection."""
     room = f"x{int(reset)}"
     conn = clients.stream(room)
-    assert conn.chunk() == RELOAD and conn.chunk() == presence(room, 1)
+    assert conn.chunk() == reload(room) and conn.chunk() == presence(room, 1)
     assert stats(chat.port, room)["subscribers"] == 1
     conn.close("reset" if reset else "close")
     deadline = time.monotonic() + 1.0
@@ -290,13 +315,14 @@ def test_reconnect_with_last_event_id_resumes_exactly(chat: Chat, clients: Clien
     had no client at all are resumed too (its history lingers). The query
     parameter works when the header is absent, and the header wins over it."""
     a = clients.stream("resume")
-    assert a.chunk() == RELOAD and a.chunk() == presence("resume", 1)
+    assert a.chunk() == reload("resume") and a.chunk() == presence("resume", 1)
     got = []
     for n in (1, 2, 3):
         post(chat.port, "resume", "ann", f"m{n}")
         got.append(a.chunk())
     run = epoch(got[0])
     ids = {n: f"{run}-{n}" for n in range(1, 8)}
+    lei = {n: f"resume={id}" for n, id in ids.items()}  # the stream's id after message n
     assert got == [message("resume", n, "ann", f"m{n}", ids[n]) for n in (1, 2, 3)]
     a.close()
     deadline = time.monotonic() + 1.0
@@ -306,25 +332,26 @@ def test_reconnect_with_last_event_id_resumes_exactly(chat: Chat, clients: Clien
     for n in (4, 5):  # missed while disconnected
         post(chat.port, "resume", "ann", f"m{n}")
 
-    b = clients.stream("resume", headers={"Last-Event-ID": ids[3]})
+    b = clients.stream("resume", headers={"Last-Event-ID": lei[3]})
     assert frames(b, 3) == ([message("resume", n, "ann", f"m{n}", ids[n]) for n in (4, 5)], [presence("resume", 1)])
     post(chat.port, "resume", "ann", "m6")
     assert b.chunk() == message("resume", 6, "ann", "m6", ids[6])
 
     # The query parameter, for a client that cannot set headers.
-    c = clients.stream("resume", query=f"?last_event_id={ids[5]}")
+    c = clients.stream("resume", query=f"?last_event_id={lei[5]}")
     assert frames(c, 2) == ([message("resume", 6, "ann", "m6", ids[6])], [presence("resume", 2)])
     assert b.chunk() == presence("resume", 2)
 
     # A browser's reconnection sends the header, which wins over the query.
-    d = clients.stream("resume", query=f"?last_event_id={ids[1]}", headers={"Last-Event-ID": ids[5]})
+    d = clients.stream("resume", query=f"?last_event_id={lei[1]}", headers={"Last-Event-ID": lei[5]})
     assert frames(d, 2) == ([message("resume", 6, "ann", "m6", ids[6])], [presence("resume", 3)])
     assert b.chunk() == c.chunk() == presence("resume", 3)
 
     # An id that is not one of this room's lifetime: reload, nothing replayed.
-    for count, unknown in enumerate(["not-an-id", "0", "000000000000-3", f"{run}-99", f"{run}-03"], start=4):
+    unknown_ids = ["not-an-id", "0", ids[3], "resume=000000000000-3", f"resume={run}-99", f"resume={run}-03"]
+    for count, unknown in enumerate([*unknown_ids, f"other={run}-3"], start=4):
         e = clients.stream("resume", headers={"Last-Event-ID": unknown})
-        assert e.chunk() == RELOAD, unknown
+        assert e.chunk() == reload("resume"), unknown
         assert e.chunk() == presence("resume", count)
         for conn in (b, c, d):
             assert conn.chunk() == presence("resume", count)
@@ -337,16 +364,16 @@ def test_resume_reaches_back_100_messages(chat: Chat, clients: Clients) -> None:
     that saw message 5 resumes with 6 to 105; one that saw only 4 gets the
     reload event instead (its next message is gone)."""
     a = clients.stream("hist")
-    assert a.chunk() == RELOAD and a.chunk() == presence("hist", 1)
+    assert a.chunk() == reload("hist") and a.chunk() == presence("hist", 1)
     for n in range(1, 106):
         post(chat.port, "hist", "ann", str(n))
     run = epoch(a.chunk())
-    conn = clients.stream("hist", headers={"Last-Event-ID": f"{run}-5"})
+    conn = clients.stream("hist", headers={"Last-Event-ID": f"hist={run}-5"})
     replayed, others = frames(conn, 101)
     assert replayed == [message("hist", n, "ann", str(n), f"{run}-{n}") for n in range(6, 106)]
     assert others == [presence("hist", 2)]
-    old = clients.stream("hist", headers={"Last-Event-ID": f"{run}-4"})
-    assert old.chunk() == RELOAD
+    old = clients.stream("hist", headers={"Last-Event-ID": f"hist={run}-4"})
+    assert old.chunk() == reload("hist")
     assert old.chunk() == presence("hist", 3)
 
 
@@ -362,7 +389,7 @@ def test_history_endpoint_is_what_a_fresh_page_loads(chat: Chat, clients: Client
     # The page's order: connect, then load; a message in between is in both,
     # with the same n, which is how the page drops the second copy.
     conn = clients.stream("fresh")
-    assert conn.chunk() == RELOAD and conn.chunk() == presence("fresh", 1)
+    assert conn.chunk() == reload("fresh") and conn.chunk() == presence("fresh", 1)
     post(chat.port, "fresh", "bob", "while loading")
     live = conn.chunk()
     assert live == message("fresh", 2, "bob", "while loading", f"{epoch(live)}-1")
@@ -381,7 +408,7 @@ def test_history_expires_after_linger(tmp_path: Path) -> None:
     with Chat(tmp_path, "--linger", "0.3") as server:
         clients = Clients(server.port)
         a = clients.stream("brief")
-        assert a.chunk() == RELOAD and a.chunk() == presence("brief", 1)
+        assert a.chunk() == reload("brief") and a.chunk() == presence("brief", 1)
         post(server.port, "brief", "ann", "hi")
         run = epoch(a.chunk())
         a.close()
@@ -389,8 +416,8 @@ def test_history_expires_after_linger(tmp_path: Path) -> None:
         while stats(server.port, "brief")["resumable"]:
             assert time.monotonic() < deadline, "the room's history did not expire within 3 s"
             time.sleep(0.05)
-        b = clients.stream("brief", headers={"Last-Event-ID": f"{run}-1"})
-        assert b.chunk() == RELOAD
+        b = clients.stream("brief", headers={"Last-Event-ID": f"brief={run}-1"})
+        assert b.chunk() == reload("brief")
         assert b.chunk() == presence("brief", 1)
         assert [m["text"] for m in history(server.port, "brief")] == ["hi"]  # the app's state stays
         clients.close_all()
@@ -467,7 +494,7 @@ def test_sigterm_ends_open_streams_cleanly_and_exits_within_3s(tmp_path: Path) -
         streams = Clients(server.port)
         for n, room in enumerate(["general", "random", "general", "random", "general"]):
             conn = streams.stream(room)
-            assert conn.chunk() == RELOAD
+            assert conn.chunk() == reload(room)
             assert conn.chunk() == presence(room, n // 2 + 1)
         idle = streams.connect()  # a keep-alive connection between requests
         idle.request("GET", "/rooms/general/stats")
