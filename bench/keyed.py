@@ -103,7 +103,8 @@ def run(ctx) -> dict:
         entry: dict[str, Any] = {}
         for label, _ in points:
             runs = [r for r in raw[label][impl] if "error" not in r]
-            entry[label] = {key: ctx.median([r[key] for r in runs]) for key in (runs[0] if runs else {})}
+            numbers = [key for key, value in (runs[0] if runs else {}).items() if isinstance(value, (int, float))]
+            entry[label] = {key: ctx.median([r[key] for r in runs]) for key in numbers}
             entry[label]["errors"] = [r["error"] for r in raw[label][impl] if "error" in r]
         for key in ("send_ns", "read_ns"):
             ratios = ctx.paired_ratios(raw["send keyed"][impl], raw["send single"][impl], key)
