@@ -133,6 +133,7 @@ from collections.abc import (
     Hashable,
     Iterable,
     Iterator,
+    Mapping,
     MutableMapping,
 )
 from types import TracebackType
@@ -151,6 +152,8 @@ __all__ = [
     "ClientDisconnected",
     "last_event_id",
     "merge",
+    "parse_positions",
+    "format_positions",
     "replay",
 ]
 
@@ -510,10 +513,17 @@ def _check_id_room(names: Iterable[str]) -> None:
         )
 
 
-def _read_positions(text: str) -> dict[str, str] | None:
-    """The per-key ids of a keyed stream's id, by name; None if ``text`` is not
-    one (malformed, foreign, or too long: every key then has a gap). Never
-    does more than a bounded amount of work, whatever the client sent."""
+def parse_positions(last_event_id: str) -> dict[str, str] | None:
+    """The position a keyed stream's id names in each key: the per-key ids,
+    by key name, in order. None when ``last_event_id`` is not such an id
+    (malformed, another kind of id, or longer than 8,192 bytes). Bounded
+    work, whatever a client sent. For a bridge that resumes keyed streams
+    from its own storage; see :func:`format_positions`.
+
+    Raises:
+        TypeError: ``last_event_id`` not a str.
+    """
+    text = _check_str("last_event_id", last_event_id)
     if len(text) > _MAX_ID:
         return None
     pairs = text.split(",")
@@ -530,6 +540,31 @@ def _read_positions(text: str) -> dict[str, str] | None:
             return None
         positions[name] = id
     return positions
+
+
+def format_positions(positions: Mapping[str, str]) -> str:
+    """The id of a keyed stream that has reached, in each key named in
+    ``positions``, the per-key id given (the inverse of
+    :func:`parse_positions`): what a bridge writes with each event it serves.
+
+    Raises:
+        TypeError: a name or an id that is not a str.
+        ValueError: no position, an empty name, a name or an id holding CR,
+            LF or NUL, an id over 48 bytes escaped, or more than 100 keys.
+    """
+    if not positions:
+        raise ValueError("format_positions() needs at least one position")
+    if len(positions) > _MAX_KEYS:
+        raise ValueError(f"a stream takes at most {_MAX_KEYS} keys, got {len(positions)}")
+    pairs: list[str] = []
+    for name, id in positions.items():
+        if not _check_field("a key's name", name):
+            raise ValueError("a key's name must not be empty")
+        escaped = _escape(_check_field("id", id))
+        if len(escaped) > _MAX_KEY_ID:
+            raise ValueError(f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped: {id!r}")
+        pairs.append(f"{_escape(name)}={escaped}")
+    return ",".join(pairs)
 
 
 def _check_keys(keys: object, name: Callable[[Any], str]) -> dict[Hashable, str]:
@@ -1755,7 +1790,7 @@ class Broadcaster(Generic[K, T]):
                 "Broadcaster.subscribe_many() needs a running event loop: call it from async code"
             ) from None
         # Read before taking the lock: bounded work, whatever the client sent.
-        wanted = None if last_event_id is None else _read_positions(last_event_id)
+        wanted = None if last_event_id is None else parse_positions(last_event_id)
         sub = _KeyedSubscriber(tuple(names), loop, open=set(names))
         positions: dict[Hashable, str] | None = {} if self._history else None
         resumable: list[Hashable] = []

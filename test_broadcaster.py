@@ -585,6 +585,8 @@ def test_module_all_is_the_public_api() -> None:
         "ClientDisconnected",
         "last_event_id",
         "merge",
+        "parse_positions",
+        "format_positions",
         "replay",
     ]
     for name in broadcaster.__all__:
@@ -4949,18 +4951,18 @@ async def test_keyed_resume_races_sends_from_another_thread_without_gap_or_dupli
 
 _KEYED_TEXT = st.characters(codec="utf-8").filter(lambda c: c not in "\r\n\x00")
 _KEYED_NAMES = st.text(_KEYED_TEXT, min_size=1, max_size=8)
-_KEYED_IDS = st.text(_KEYED_TEXT, max_size=8)
+_KEYED_IDS = st.text(_KEYED_TEXT, max_size=4)  # at most 48 bytes escaped
 
 
 @given(st.dictionaries(_KEYED_NAMES, _KEYED_IDS, min_size=1, max_size=12))
 @_budget(300)
 def test_property_keyed_id_round_trips_any_names_and_per_key_ids(positions: dict[str, str]) -> None:
     """Any names and per-key ids (no CR, LF, NUL or lone surrogate) written as
-    a keyed stream's id read back as they were, and the id is one ASCII line
-    without spaces."""
-    text = ",".join(broadcaster._escape(name) + "=" + broadcaster._escape(id) for name, id in positions.items())
+    a keyed stream's id (format_positions) read back as they were
+    (parse_positions), and the id is one ASCII line without spaces."""
+    text = broadcaster.format_positions(positions)
     assert text.isascii() and not re.search(r"\s", text)
-    assert broadcaster._read_positions(text) == positions
+    assert broadcaster.parse_positions(text) == positions
 
 
 @given(st.text(max_size=40))
@@ -4968,9 +4970,31 @@ def test_property_keyed_id_round_trips_any_names_and_per_key_ids(positions: dict
 def test_property_keyed_any_text_reads_as_positions_or_none(text: str) -> None:
     """Whatever a client sends, reading it gives positions that write back to
     exactly that text, or None."""
-    positions = broadcaster._read_positions(text)
+    positions = broadcaster.parse_positions(text)
     if positions is not None:
-        assert ",".join(broadcaster._escape(n) + "=" + broadcaster._escape(i) for n, i in positions.items()) == text
+        assert broadcaster.format_positions(positions) == text
+
+
+@pytest.mark.parametrize(
+    ("positions", "error", "match"),
+    [
+        ({}, ValueError, "at least one position"),
+        ({"": "1"}, ValueError, "must not be empty"),
+        ({"a\n": "1"}, ValueError, "must not contain CR, LF or NUL"),
+        ({"a": "1\r"}, ValueError, "must not contain CR, LF or NUL"),
+        ({"a": 1}, TypeError, "id must be a str, not int"),
+        ({"a": "é" * 9}, ValueError, "at most 48 bytes"),
+        ({str(i): "1" for i in range(101)}, ValueError, "at most 100 keys, got 101"),
+    ],
+)
+def test_keyed_format_positions_refuses_what_an_id_cannot_carry(
+    positions: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """format_positions says what it cannot write; parse_positions takes a str."""
+    with pytest.raises(error, match=match):
+        broadcaster.format_positions(positions)
+    with pytest.raises(TypeError, match="last_event_id must be a str, not bytes"):
+        broadcaster.parse_positions(b"a=1")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------

@@ -68,6 +68,19 @@ Redis goes away
     ``publish``. It reconnects by itself with a bounded, jittered backoff and
     subscribes the keys the broadcaster has then.
 
+Many keys on one connection
+    ``subscribe_many(keys, last_event_id)`` (and ``response_many``) give one
+    client several keys over one connection, as ``Broadcaster.subscribe_many``
+    does in one process. Each event goes out with the stream's id: the Redis
+    id reached in every key (``broadcaster.format_positions``). A
+    reconnection to any worker reads each key's position from it
+    (``broadcaster.parse_positions``) and replays, per key, what Redis has
+    after it; a key Redis no longer has the position of, or one added to the
+    list, is a gap (``stream.gaps``; ``on_gap`` is told which). A key that
+    the client is new to starts at the newest event in Redis before this
+    worker's subscription is confirmed, and what is published in between is
+    replayed, so it misses nothing either. Needs history.
+
 Lifecycle: ``await bridge.start()`` / ``await bridge.aclose()``, or ``async
 with bridge:``. The bridge owns every task it starts.
 
@@ -80,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -92,15 +106,25 @@ from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
-from redis.asyncio.retry import Retry
 
-from broadcaster import Broadcaster, BroadcastStream, Event, SseConfig, replay
+from broadcaster import (
+    Broadcaster,
+    BroadcastStream,
+    Event,
+    KeyedStream,
+    SseConfig,
+    format_positions,
+    parse_positions,
+    replay,
+)
 
 __all__ = [
     "RedisBridge",
     "BridgeStream",
+    "BridgeKeyedStream",
     "BridgeUnavailable",
     "encode_event",
     "decode_event",
@@ -284,6 +308,110 @@ class BridgeStream:
 
     def __repr__(self) -> str:
         return f"<BridgeStream key={self.key!r} resumed={self._resumed} backlog={len(self._backlog)}>"
+
+
+class BridgeKeyedStream:
+    """The events of several keys for one client, on one connection: what it
+    missed in each key (replayed from Redis), then live ones, as ``(key,
+    event)`` pairs; made by :meth:`RedisBridge.subscribe_many`.
+
+    Each event carries the stream's id (its ``id``): the Redis id reached in
+    every key (``broadcaster.format_positions``), so a reconnection to any
+    worker resumes every key exactly. An async iterator and an async context
+    manager; it ends when its local stream ends (Redis lost, ``aclose()`` of
+    the bridge, or every key removed).
+    """
+
+    __slots__ = ("_bridge", "_stream", "_backlog", "_after", "_positions", "_resumed", "_gaps")
+
+    def __init__(
+        self,
+        bridge: RedisBridge,
+        stream: KeyedStream[str, Event],
+        backlog: deque[tuple[str, Event]],
+        after: dict[str, tuple[int, int]],
+        positions: dict[str, str],
+        gaps: tuple[str, ...],
+        resumed: bool | None,
+    ) -> None:
+        self._bridge = bridge
+        self._stream = stream
+        self._backlog = backlog
+        # Per key, live events up to this id were replayed already.
+        self._after = after
+        # Per key, the Redis id of the last event yielded (or where it started).
+        self._positions = positions
+        self._gaps = gaps
+        self._resumed = resumed
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self._positions)
+
+    @property
+    def resumed(self) -> bool | None:
+        """As for a keyed stream: None without an id, else whether every key resumed."""
+        return self._resumed
+
+    @property
+    def gaps(self) -> tuple[str, ...]:
+        """The keys that could not resume (their id unknown, trimmed or expired)."""
+        return self._gaps
+
+    @property
+    def last_event_id(self) -> str:
+        """The position reached in every key, as the id to resume from."""
+        return format_positions(self._positions)
+
+    def __aiter__(self) -> BridgeKeyedStream:
+        return self
+
+    async def __anext__(self) -> tuple[str, Event]:
+        if self._backlog:
+            key, event = self._backlog.popleft()
+        else:
+            while True:
+                key, event = await self._stream.__anext__()
+                after = self._after.get(key)
+                ident = parse_id(event.id)
+                if after is not None and ident is not None and ident <= after:
+                    continue  # replayed already
+                self._after.pop(key, None)  # live events come in id order from here
+                break
+        if event.id is not None:
+            self._positions[key] = event.id
+        return key, dataclasses.replace(event, id=self.last_event_id)
+
+    def close(self) -> None:
+        """Leave every key now. Idempotent."""
+        if not self._stream.closed:
+            self._stream.close()
+            for key in self._positions:
+                self._bridge._left(key)
+        self._backlog.clear()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> BridgeKeyedStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<BridgeKeyedStream keys={list(self._positions)!r} gaps={list(self._gaps)!r}>"
+
+
+def _named(pair: tuple[str, Event]) -> Event:
+    """A keyed event as a bridge response writes it: the key as its type."""
+    key, event = pair
+    return dataclasses.replace(event, event=key)
 
 
 # ---------------------------------------------------------------------------
@@ -559,6 +687,94 @@ class RedisBridge:
             self._left(key)
             raise
 
+    async def subscribe_many(self, keys: list[str], last_event_id: str | None = None) -> BridgeKeyedStream:
+        """One stream of several keys' events (a ``KeyedStream`` of the local
+        broadcaster underneath), each key resumed after its position in
+        ``last_event_id`` (an id this stream wrote, on any worker) when it is
+        still in Redis. Returns once Redis confirmed this worker's
+        subscription to every key. Needs history (``history > 0``): the
+        positions are Redis ids.
+
+        Raises:
+            BridgeUnavailable: as for :meth:`subscribe`.
+            RuntimeError: the bridge was not started, or has no history.
+            TypeError, ValueError: as for ``Broadcaster.subscribe_many``.
+        """
+        for key in keys:
+            self._name(key)
+        if self._loop is None:
+            raise RuntimeError("start the bridge first: await bridge.start()")
+        if not self._history:
+            raise RuntimeError("subscribe_many() needs a bridge with history: its ids are Redis ids")
+        if self._closing:
+            raise BridgeUnavailable("the Redis bridge is closed")
+        if not self._up:
+            raise BridgeUnavailable(f"Redis unavailable: {self._outage or 'not connected yet'}")
+        wanted = None if last_event_id is None else parse_positions(last_event_id)
+        # Where each key starts: the client's position, else the newest event
+        # in Redis before this worker's subscription is confirmed; what comes
+        # after it is replayed below, and live duplicates are dropped.
+        given = {key: (wanted or {}).get(key) for key in keys}
+        starts = {key: given[key] or await self._newest(key) for key in keys}
+        stream = self._broadcaster.subscribe_many(keys)
+        try:
+            for key in keys:
+                await self._ready(key)
+            backlog: deque[tuple[str, Event]] = deque()
+            after: dict[str, tuple[int, int]] = {}
+            positions: dict[str, str] = {}
+            gaps: list[str] = []
+            for key in keys:
+                start = starts[key]
+                missed, upto = await self._missed(key, start)
+                if upto is None:  # the client's id is not in Redis any more: a gap
+                    gaps.append(key)
+                    start = await self._newest(key)
+                    missed, upto = await self._missed(key, start)
+                    if upto is None:  # trimmed in between: start from now
+                        missed, upto = deque(), parse_id(start)
+                elif last_event_id is not None and given[key] is None:  # not in the id: a key added
+                    gaps.append(key)
+                positions[key] = start
+                backlog += [(key, event) for event in missed]
+                if upto is not None:
+                    after[key] = upto
+            resumed = None if last_event_id is None else not gaps
+            return BridgeKeyedStream(self, stream, backlog, after, positions, tuple(gaps), resumed)
+        except BaseException:
+            stream.close()
+            for key in keys:
+                self._left(key)
+            raise
+
+    def response_many(
+        self,
+        keys: list[str],
+        last_event_id: str | None = None,
+        *,
+        on_gap: Callable[[tuple[str, ...]], Event] | None = None,
+    ) -> ASGIApp:
+        """An ASGI app streaming ``keys`` on one connection, every event with
+        its key as its type and the stream's id; ``on_gap(gaps)`` goes first
+        when some keys could not be resumed. When Redis is unavailable: as
+        :meth:`response`."""
+        local = self._broadcaster
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope.get("type") != "http" or scope.get("method") == "HEAD":
+                await local.response(replay(()))(scope, receive, send)
+                return
+            try:
+                stream = await self.subscribe_many(keys, last_event_id)
+            except BridgeUnavailable as exc:
+                logger.info("SSE request for %r while %s", keys, exc)
+                await local.response(replay((_UNAVAILABLE,)))(scope, receive, send)
+                return
+            first = [("", on_gap(stream.gaps))] if on_gap is not None and stream.gaps else []
+            await local.response(replay(first, stream), _named)(scope, receive, send)
+
+        return app
+
     def response(self, key: str, last_event_id: str | None = None, *, on_gap: Event | None = None) -> ASGIApp:
         """An ASGI app streaming ``key`` as Server-Sent Events, every event with
         its global id; ``on_gap`` goes first when ``last_event_id`` could not
@@ -703,9 +919,19 @@ class RedisBridge:
                 if not waiter.done():
                     waiter.set_exception(error)
 
+    async def _newest(self, key: str) -> str:
+        """The id of the newest event of the key's stream, or ``0-0`` when it
+        has none (then every event in it is new)."""
+        try:
+            entries = await self._execute("XREVRANGE", self._prefix + key, "+", "-", "COUNT", 1)
+        except (RedisError, OSError) as exc:
+            raise BridgeUnavailable(f"Redis unavailable: reading where {key!r} stands failed: {exc}") from exc
+        return _text(entries[0][0]) if entries else "0-0"
+
     async def _missed(self, key: str, last_id: str) -> tuple[deque[Event], tuple[int, int] | None]:
         """The events after ``last_id`` in the key's stream, and the id up to
-        which live events are duplicates; (empty, None) for a gap."""
+        which live events are duplicates; (empty, None) for a gap. ``0-0``
+        means "before the first event": everything in the stream is missed."""
         after = parse_id(last_id)
         if after is None:
             return deque(), None
@@ -717,12 +943,12 @@ class RedisBridge:
             while True:
                 page = await self._execute("XRANGE", name, start, "+", "COUNT", _PAGE)
                 entries = list(page or ())
-                if first:
+                if first and last_id != "0-0":
                     # The client's id must still be there, else entries after it may be gone.
                     if not entries or _text(entries[0][0]) != last_id:
                         return deque(), None
-                    first = False
                     entries = entries[1:]
+                first = False
                 for ident, fields in entries:
                     gid = _text(ident)
                     event = self._decode_entry(key, fields, gid)

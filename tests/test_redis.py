@@ -55,8 +55,17 @@ if TYPE_CHECKING or not MISSING:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(1, str(EXAMPLES))
     import redis
-    from redis_bridge import BridgeStream, BridgeUnavailable, RedisBridge, decode_event, encode_event, parse_id
+    from redis_bridge import (
+        BridgeKeyedStream,
+        BridgeStream,
+        BridgeUnavailable,
+        RedisBridge,
+        decode_event,
+        encode_event,
+        parse_id,
+    )
 
+    import broadcaster
     from broadcaster import Event
 
 
@@ -779,6 +788,120 @@ def test_unknown_trimmed_and_malformed_ids_are_gaps(redis_server: RedisServer) -
         stream.close()
 
     bridge_test(body, redis_server.url, history=5)
+
+
+async def take_keyed(stream: BridgeKeyedStream, n: int) -> list[tuple[str, str | None, str | None]]:
+    """(key, data, the stream's id after it) of the next ``n`` events."""
+    got = [await asyncio.wait_for(anext(stream), TIMEOUT) for _ in range(n)]
+    return [(key, event.data, event.id) for key, event in got]
+
+
+def test_keyed_stream_resumes_every_key_exactly_on_another_worker(redis_server: RedisServer) -> None:
+    """Two workers (two bridges on one Redis): a multi-key stream on the first
+    reads some events, its client goes; events go on being published to every
+    key; a stream on the second worker, resumed from the first's id, yields
+    exactly what each key missed (from Redis), then live events, each once,
+    with ids that name every key's Redis id."""
+
+    async def main() -> None:
+        prefix = f"t{uuid.uuid4().hex[:8]}:"
+        async with RedisBridge(redis_server.url, prefix=prefix) as a, RedisBridge(redis_server.url, prefix=prefix) as b:
+            assert await a.wait_available(5) and await b.wait_available(5)
+            keys = ["k0", "k1", "k2"]
+            before = await a.publish("k1", Event("old"))  # published before anyone followed k1
+            first = await a.subscribe_many(keys)
+            assert first.resumed is None and first.gaps == () and first.keys == tuple(keys)
+            assert broadcaster.parse_positions(first.last_event_id) == {"k0": "0-0", "k1": before, "k2": "0-0"}
+            ids = {key: [await a.publish(key, Event(f"{key}-{n}")) for n in range(3)] for key in keys}
+            got = await take_keyed(first, 9)
+            assert sorted((k, d) for k, d, _ in got) == sorted((k, f"{k}-{n}") for k in keys for n in range(3))
+            for key in keys:  # each key in publish order
+                assert [d for k, d, _ in got if k == key] == [f"{key}-{n}" for n in range(3)]
+            lei = got[-1][2]
+            assert lei == first.last_event_id
+            assert broadcaster.parse_positions(lei) == {key: ids[key][-1] for key in keys}
+            first.close()
+            missed = {key: [await b.publish(key, Event(f"{key}-{n}")) for n in range(3, 5)] for key in keys}
+            second = await b.subscribe_many(keys, lei)
+            assert second.resumed is True and second.gaps == ()
+            live = await b.publish("k2", Event("k2-5"))
+            got = await take_keyed(second, 7)
+            for key in keys:
+                assert [d for k, d, _ in got if k == key] == [f"{key}-{n}" for n in (3, 4)] + (["k2-5"] if key == "k2" else [])
+            final = broadcaster.parse_positions(second.last_event_id)
+            assert got[-1][2] == second.last_event_id
+            assert final == {"k0": missed["k0"][-1], "k1": missed["k1"][-1], "k2": live}
+            second.close()
+
+    require()
+    asyncio.run(main())
+
+
+def test_keyed_stream_reports_the_keys_it_cannot_resume(redis_server: RedisServer) -> None:
+    """A key whose id Redis trimmed, and a key added to the list, are gaps; the
+    others resume exactly; a malformed id makes every key a gap; a response
+    writes on_gap's event first, then each event named by its key."""
+
+    async def body(bridge: RedisBridge) -> None:
+        first = await bridge.subscribe_many(["a", "b"])
+        ida = await bridge.publish("a", Event("a0"))
+        idb = await bridge.publish("b", Event("b0"))
+        await take_keyed(first, 2)
+        lei = first.last_event_id
+        first.close()
+        for n in range(250):  # more than b's stream keeps
+            await bridge.publish("b", Event(f"b{n + 1}"))
+        after_a = await bridge.publish("a", Event("a1"))
+        stream = await bridge.subscribe_many(["a", "b", "c"], lei)
+        assert stream.resumed is False and stream.gaps == ("b", "c")
+        assert await take_keyed(stream, 1) == [("a", "a1", stream.last_event_id)]
+        positions = broadcaster.parse_positions(stream.last_event_id)
+        assert positions is not None and positions["a"] == after_a and positions["b"] != idb
+        stream.close()
+        bad = await bridge.subscribe_many(["a", "b"], "not an id")
+        assert bad.resumed is False and bad.gaps == ("a", "b")
+        bad.close()
+        assert ida is not None
+
+        peer = AsgiServerSide()
+        app = bridge.response_many(["a"], lei, on_gap=lambda gaps: Event.json(list(gaps), event="reload"))
+        task = asyncio.ensure_future(app(peer.scope, peer.receive, peer.send))
+        await peer.wait_for(lambda body: b"a1" in body)
+        peer.disconnect()
+        await asyncio.wait_for(task, TIMEOUT)
+        assert b"event: reload" not in peer.body, "a resumed exactly: no reload"
+        frame = peer.body.split(b"\n\n")[1]
+        assert frame == b"event: a\nid: " + broadcaster.format_positions({"a": after_a}).encode() + b"\ndata: a1"
+
+    require()
+    bridge_test(body, redis_server.url, history=5)
+
+
+class AsgiServerSide:
+    """The server side of one in-memory GET: collects the body, feeds a
+    disconnect when told, and lets a test await what it has received."""
+
+    def __init__(self) -> None:
+        self.scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+        self.body = b""
+        self._gone = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self._gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Any) -> None:
+        self.body += message.get("body", b"")
+        self._changed.set()
+
+    async def wait_for(self, ok: Callable[[bytes], bool]) -> None:
+        while not ok(self.body):
+            self._changed.clear()
+            await asyncio.wait_for(self._changed.wait(), TIMEOUT)
+
+    def disconnect(self) -> None:
+        self._gone.set()
 
 
 def test_subscriptions_follow_local_channels(redis_server: RedisServer) -> None:
