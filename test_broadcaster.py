@@ -5200,6 +5200,19 @@ async def test_keyed_response_on_gap_is_told_the_keys_to_reload() -> None:
 
 
 @async_test()
+async def test_keyed_response_to_head_reads_nothing_and_leaves_every_channel() -> None:
+    """HEAD: the headers and an empty body; the keyed stream is never read,
+    and it is closed, leaving every channel."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    stream = b.subscribe_many(["a", "b"])
+    b.send("a", Event("x"))
+    peer = AsgiPeer(method="HEAD")
+    await asgi_call(b.response(stream), peer)
+    assert peer.sent == [asgi_start(), ASGI_FINAL]
+    assert stream.closed and stream.queued == 0 and len(b) == 0
+
+
+@async_test()
 async def test_keyed_response_client_leaving_leaves_every_channel() -> None:
     """A disconnect finishes the response and closes the stream: it leaves
     every channel at once."""
