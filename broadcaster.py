@@ -536,7 +536,9 @@ def parse_positions(last_event_id: str) -> dict[str, str] | None:
             name, id = unquote(escaped_name, errors="strict"), unquote(escaped_id, errors="strict")
         except UnicodeDecodeError:
             return None
-        if not equals or _escape(name) != escaped_name or _escape(id) != escaped_id or name in positions:
+        if not (equals and name) or _escape(name) != escaped_name or _escape(id) != escaped_id or name in positions:
+            return None
+        if len(escaped_id) > _MAX_KEY_ID:  # not an id this module writes
             return None
         positions[name] = id
     return positions
@@ -936,6 +938,16 @@ def _queued(sub: _Subscriber) -> int:
     return (sub.one is not _EMPTY) + (len(sub.queue) if sub.queue else 0) + (len(sub.backlog) if sub.backlog else 0)
 
 
+def _report_lag(sub: _Subscriber, policy: LagPolicy) -> bool:
+    """Count the items ``sub`` dropped since the last report as reported:
+    Lagged under ``LagPolicy.ERROR``; True under END (the reader closes)."""
+    missed = sub.lagged - sub.reported
+    sub.reported = sub.lagged
+    if policy is LagPolicy.ERROR:
+        raise Lagged(missed)
+    return policy is LagPolicy.END
+
+
 def _discard(sub: _Subscriber) -> None:
     """Close ``sub`` for its reader, dropping what it holds (on its loop's thread)."""
     sub.closed = True
@@ -1291,12 +1303,7 @@ class BroadcastStream(_AsyncClosing, AsyncIterator[T_co], Generic[T_co]):
 
     def _report_lag(self) -> None:
         """Apply the lag policy to the items dropped since the last report."""
-        sub = self._sub
-        missed = sub.lagged - sub.reported
-        sub.reported = sub.lagged
-        if self._policy is LagPolicy.ERROR:
-            raise Lagged(missed)
-        if self._policy is LagPolicy.END:
+        if _report_lag(self._sub, self._policy):
             self.close()
 
     def _take(self, limit: int) -> tuple[list[Any], list[str] | None, None]:
@@ -1505,11 +1512,7 @@ class KeyedStream(_AsyncClosing, AsyncIterator[tuple[K_co, T_co]], Generic[K_co,
 
     def _report_lag(self, sub: _Subscriber) -> None:
         """Apply the lag policy to the items ``sub`` dropped since the last report."""
-        missed = sub.lagged - sub.reported
-        sub.reported = sub.lagged
-        if self._policy is LagPolicy.ERROR:
-            raise Lagged(missed)
-        if self._policy is LagPolicy.END:
+        if _report_lag(sub, self._policy):
             self.close()
 
     def _take(self, limit: int) -> tuple[list[Any], list[str | None] | None, list[bytes] | None]:

@@ -4862,6 +4862,8 @@ async def test_keyed_resume_reports_the_keys_that_could_not() -> None:
         ",".join(f"k{i}=1" for i in range(101)),
         "a=" + "x" * 8200,
         "3f9a0c1b7d2e-42",  # a single-key stream's id
+        "=1",  # a position without a name
+        "a=" + "1" * 49,  # a per-key id longer than any this module writes
     ],
 )
 def test_keyed_resume_from_a_malformed_or_foreign_id_is_a_gap_for_every_key(lei: str) -> None:
@@ -4965,7 +4967,7 @@ def test_property_keyed_id_round_trips_any_names_and_per_key_ids(positions: dict
     assert broadcaster.parse_positions(text) == positions
 
 
-@given(st.text(max_size=40))
+@given(st.one_of(st.text(max_size=40), st.from_regex(r"[a-z%=,0-9A-F-]{0,120}", fullmatch=True)))
 @_budget(300)
 def test_property_keyed_any_text_reads_as_positions_or_none(text: str) -> None:
     """Whatever a client sends, reading it gives positions that write back to

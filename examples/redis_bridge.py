@@ -94,6 +94,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -102,7 +103,7 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -218,7 +219,34 @@ def _text(value: object) -> str:
 # ---------------------------------------------------------------------------
 
 
-class BridgeStream:
+class _Closing:
+    """``aclose()`` and ``async with`` for a stream whose ``close()`` is sync."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self: _C) -> _C:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_C = TypeVar("_C", bound=_Closing)
+_S = TypeVar("_S")
+
+
+class BridgeStream(_Closing):
     """The events of one key for one client: what it missed (replayed from
     Redis), then live ones, each with its global id; made by
     :meth:`RedisBridge.subscribe`.
@@ -292,25 +320,11 @@ class BridgeStream:
             self._bridge._left(self.key)
         self._backlog.clear()
 
-    async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> BridgeStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<BridgeStream key={self.key!r} resumed={self._resumed} backlog={len(self._backlog)}>"
 
 
-class BridgeKeyedStream:
+class BridgeKeyedStream(_Closing):
     """The events of several keys for one client, on one connection: what it
     missed in each key (replayed from Redis), then live ones, as ``(key,
     event)`` pairs; made by :meth:`RedisBridge.subscribe_many`.
@@ -389,20 +403,6 @@ class BridgeKeyedStream:
             for key in self._positions:
                 self._bridge._left(key)
         self._backlog.clear()
-
-    async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> BridgeKeyedStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<BridgeKeyedStream keys={list(self._positions)!r} gaps={list(self._gaps)!r}>"
@@ -664,12 +664,7 @@ class RedisBridge:
             RuntimeError: the bridge was not started.
         """
         self._name(key)
-        if self._loop is None:
-            raise RuntimeError("start the bridge first: await bridge.start()")
-        if self._closing:
-            raise BridgeUnavailable("the Redis bridge is closed")
-        if not self._up:
-            raise BridgeUnavailable(f"Redis unavailable: {self._outage or 'not connected yet'}")
+        self._check_serving()
         local = self._broadcaster
         stream = local.subscribe(key, last_event_id if local.history else None)
         try:
@@ -702,14 +697,9 @@ class RedisBridge:
         """
         for key in keys:
             self._name(key)
-        if self._loop is None:
-            raise RuntimeError("start the bridge first: await bridge.start()")
         if not self._history:
             raise RuntimeError("subscribe_many() needs a bridge with history: its ids are Redis ids")
-        if self._closing:
-            raise BridgeUnavailable("the Redis bridge is closed")
-        if not self._up:
-            raise BridgeUnavailable(f"Redis unavailable: {self._outage or 'not connected yet'}")
+        self._check_serving()
         wanted = None if last_event_id is None else parse_positions(last_event_id)
         # Where each key starts: the client's position, else the newest event
         # in Redis before this worker's subscription is confirmed; what comes
@@ -760,20 +750,11 @@ class RedisBridge:
         :meth:`response`."""
         local = self._broadcaster
 
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope.get("type") != "http" or scope.get("method") == "HEAD":
-                await local.response(replay(()))(scope, receive, send)
-                return
-            try:
-                stream = await self.subscribe_many(keys, last_event_id)
-            except BridgeUnavailable as exc:
-                logger.info("SSE request for %r while %s", keys, exc)
-                await local.response(replay((_UNAVAILABLE,)))(scope, receive, send)
-                return
+        def respond(stream: BridgeKeyedStream) -> ASGIApp:
             first = [("", on_gap(stream.gaps))] if on_gap is not None and stream.gaps else []
-            await local.response(replay(first, stream), _named)(scope, receive, send)
+            return local.response(replay(first, stream), _named)
 
-        return app
+        return self._app(keys, functools.partial(self.subscribe_many, keys, last_event_id), respond)
 
     def response(self, key: str, last_event_id: str | None = None, *, on_gap: Event | None = None) -> ASGIApp:
         """An ASGI app streaming ``key`` as Server-Sent Events, every event with
@@ -783,24 +764,43 @@ class RedisBridge:
         after its retry delay (a 503 would make it give up for good)."""
         local = self._broadcaster
 
+        def respond(stream: BridgeStream) -> ASGIApp:
+            if on_gap is not None and stream.resumed is False:
+                return local.response(replay((on_gap,), stream))
+            return local.response(stream)
+
+        return self._app(key, functools.partial(self.subscribe, key, last_event_id), respond)
+
+    def _app(self, what: object, subscribe: Callable[[], Awaitable[_S]], respond: Callable[[_S], ASGIApp]) -> ASGIApp:
+        """The ASGI app of a bridged response: ``respond(await subscribe())``;
+        headers only for ``HEAD``; a stream that ends at once while Redis is
+        unavailable."""
+        local = self._broadcaster
+
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope.get("type") != "http" or scope.get("method") == "HEAD":
                 await local.response(replay(()))(scope, receive, send)
                 return
             try:
-                stream = await self.subscribe(key, last_event_id)
+                stream = await subscribe()
             except BridgeUnavailable as exc:
-                logger.info("SSE request for %r while %s", key, exc)
+                logger.info("SSE request for %r while %s", what, exc)
                 await local.response(replay((_UNAVAILABLE,)))(scope, receive, send)
                 return
-            if on_gap is not None and stream.resumed is False:
-                await local.response(replay((on_gap,), stream))(scope, receive, send)
-            else:
-                await local.response(stream)(scope, receive, send)
+            await respond(stream)(scope, receive, send)
 
         return app
 
     # -- internals: names, sharding --------------------------------------------
+
+    def _check_serving(self) -> None:
+        """Raise unless the bridge can serve a subscription now."""
+        if self._loop is None:
+            raise RuntimeError("start the bridge first: await bridge.start()")
+        if self._closing:
+            raise BridgeUnavailable("the Redis bridge is closed")
+        if not self._up:
+            raise BridgeUnavailable(f"Redis unavailable: {self._outage or 'not connected yet'}")
 
     def _name(self, key: str) -> str:
         """The Redis name of ``key``. Checked here, so that a key Redis cannot
