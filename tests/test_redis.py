@@ -790,6 +790,11 @@ def test_unknown_trimmed_and_malformed_ids_are_gaps(redis_server: RedisServer) -
     bridge_test(body, redis_server.url, history=5)
 
 
+async def publish_all(bridge: RedisBridge, key: str, numbers: range) -> list[str | None]:
+    """Publish ``<key>-<n>`` for each n, in order; their ids."""
+    return [await bridge.publish(key, Event(f"{key}-{n}")) for n in numbers]
+
+
 async def take_keyed(stream: BridgeKeyedStream, n: int) -> list[tuple[str, str | None, str | None]]:
     """(key, data, the stream's id after it) of the next ``n`` events."""
     got = [await asyncio.wait_for(anext(stream), TIMEOUT) for _ in range(n)]
@@ -812,7 +817,7 @@ def test_keyed_stream_resumes_every_key_exactly_on_another_worker(redis_server: 
             first = await a.subscribe_many(keys)
             assert first.resumed is None and first.gaps == () and first.keys == tuple(keys)
             assert broadcaster.parse_positions(first.last_event_id) == {"k0": "0-0", "k1": before, "k2": "0-0"}
-            ids = {key: [await a.publish(key, Event(f"{key}-{n}")) for n in range(3)] for key in keys}
+            ids = {key: await publish_all(a, key, range(3)) for key in keys}
             got = await take_keyed(first, 9)
             assert sorted((k, d) for k, d, _ in got) == sorted((k, f"{k}-{n}") for k in keys for n in range(3))
             for key in keys:  # each key in publish order
@@ -821,7 +826,7 @@ def test_keyed_stream_resumes_every_key_exactly_on_another_worker(redis_server: 
             assert lei == first.last_event_id
             assert broadcaster.parse_positions(lei) == {key: ids[key][-1] for key in keys}
             first.close()
-            missed = {key: [await b.publish(key, Event(f"{key}-{n}")) for n in range(3, 5)] for key in keys}
+            missed = {key: await publish_all(b, key, range(3, 5)) for key in keys}
             second = await b.subscribe_many(keys, lei)
             assert second.resumed is True and second.gaps == ()
             live = await b.publish("k2", Event("k2-5"))
