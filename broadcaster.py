@@ -560,13 +560,17 @@ def format_positions(positions: Mapping[str, str]) -> str:
         raise ValueError(f"a stream takes at most {_MAX_KEYS} keys, got {len(positions)}")
     pairs: list[str] = []
     for name, id in positions.items():
-        if not _check_field("a key's name", name):
+        if not _utf8("a key's name", _check_field("a key's name", name)):
             raise ValueError("a key's name must not be empty")
-        escaped = _escape(_check_field("id", id))
+        _utf8("id", _check_field("id", id))
+        escaped = _escape(id)
         if len(escaped) > _MAX_KEY_ID:
             raise ValueError(f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped: {id!r}")
         pairs.append(f"{_escape(name)}={escaped}")
-    return ",".join(pairs)
+    text = ",".join(pairs)
+    if len(text) > _MAX_ID:
+        raise ValueError(f"these positions make an id of {len(text)} bytes, over the {_MAX_ID} a stream's id may take")
+    return text
 
 
 def _check_keys(keys: object, name: Callable[[Any], str]) -> dict[Hashable, str]:
@@ -586,6 +590,8 @@ def _check_keys(keys: object, name: Callable[[Any], str]) -> dict[Hashable, str]
         raise ValueError(f"each key may be given once: {twice!r} given more than once")
     _check_callable("name", name)
     names = {key: _check_field("a key's name", name(key)) for key in given}
+    for text in names.values():
+        _utf8("a key's name", text)
     if not all(names.values()):
         raise ValueError("a key's name must not be empty")
     if len(set(names.values())) != len(names):
@@ -836,7 +842,10 @@ class _Channel:
                 if entry.id == last_id:
                     return deque(itertools.islice(history, index + 1, None))
             return None
-        if not (number.isascii() and number.isdigit()) or str(int(number)) != number:
+        # No int() of more digits than the sequence has (a client's id may
+        # hold thousands: int() refuses those, and they cannot be ours).
+        digits = number.isascii() and number.isdigit() and len(number) <= len(str(self.seq))
+        if not digits or str(int(number)) != number:
             return None
         seq = int(number)
         oldest = self.seq - len(history) + 1  # the sequence number of history[0]
@@ -1087,6 +1096,8 @@ class _EventSource(Protocol):
 #   that is freed with it). A channel removed meanwhile only reaches streams
 #   being ended: their ends are scheduled on the same loops after the
 #   delivery, or have marked them closed already, and _deliver skips them.
+#   (A keyed stream with other keys still open is not closed: it gets such
+#   an item of the ended key, as if it had been sent just before the end.)
 # - subscriber_count(): len(channel.members); __repr__: _closed and
 #   len(_channels). Momentary values, as any count read by another thread is.
 # - on_change's queue (_changed): appended under the lock, popped after its
@@ -1585,7 +1596,10 @@ def merge(*streams: KeyedStream[Any, Any]) -> KeyedStream[Any, Any]:
     theirs would be a gap.
 
     The streams given are taken over: they are empty afterwards; read and
-    close the merged one. Its lag policy is ERROR until ``on_lag``. Its
+    close the merged one. Keys of streams without history may repeat across
+    them (their events then come once per stream); with the default
+    rendering, keys of one name look alike to the client: give such a
+    response a ``render``. Its lag policy is ERROR until ``on_lag``. Its
     ``resumed`` is None if no stream was given an id, else False if any
     stream has gaps; ``gaps`` lists them all.
 
@@ -1945,7 +1959,8 @@ class Broadcaster(Generic[K, T]):
         together.
 
         Call it once per request. ``events`` is closed (``aclose()``, when it has
-        one) on every way out; see :class:`_SseResponse` for the wire behaviour.
+        one) on every way out of the app (if ``on_gap`` raises here, it is
+        not: the caller still holds it); see :class:`_SseResponse` for the wire behaviour.
         """
         _check_async_iterable("events", events)
         _check_callable("render", render, optional=True)
@@ -2508,7 +2523,12 @@ class _SseResponse:
         try:
             for index, item in enumerate(items):
                 frames.append(
-                    self._frame(item, None if ids is None else ids[index], None if lines is None else lines[index])
+                    self._frame(
+                        item,
+                        None if ids is None else ids[index],
+                        None if lines is None else lines[index],
+                        ids is not None,
+                    )
                 )
         except StopAsyncIteration as exc:  # from render: it must not pass for the end of the source
             error = RuntimeError(f"render raised {exc!r}")
@@ -2518,11 +2538,13 @@ class _SseResponse:
             return b"".join(frames), exc
         return b"".join(frames), None
 
-    def _frame(self, item: Any, id: str | None, line: bytes | None) -> bytes:
+    def _frame(self, item: Any, id: str | None, line: bytes | None, ids: bool) -> bytes:
         """The frame of one item of the source: rendered if there is a
         ``render``, else (a keyed source's ``(key, event)`` pair) its event
         named by ``line``; then with ``id`` unless the event carries it
-        already."""
+        already. When the source writes ids (``ids``), an item it gives no
+        id (None: the client's position has not moved) is written without
+        an id of its own either, which would replace that position."""
         render = self._render
         if render is not None:
             event, line = render(item), None
@@ -2530,6 +2552,8 @@ class _SseResponse:
             event = item if line is None else item[1]
         if not isinstance(event, Event):
             raise TypeError(f"SSE events must be Event objects, got {type(event).__name__}")
+        if ids and id is None and event.id is not None:
+            event = dataclasses.replace(event, id=None)
         frame = event.encode() if line is None else event.encode()[:-1] + line + b"\n"
         if id is None or event.id == id:
             return frame

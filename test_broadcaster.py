@@ -3918,6 +3918,24 @@ async def test_history_resume_while_deliveries_are_pending_on_the_loop() -> None
     resumed.close()
 
 
+@async_test()
+async def test_history_resume_from_an_id_with_thousands_of_digits_is_a_gap() -> None:
+    """An id of the channel's epoch with a number of 5,000 digits (more than
+    int() takes on Python 3.10.7+) is a gap: no error, and the stream is a
+    member like any other, gone when closed."""
+    b: Broadcaster[str, int] = Broadcaster(history=3)
+    first = b.subscribe("k")
+    b.send("k", 1)
+    await asyncio.sleep(0)
+    await anext(first)
+    epoch = first.last_event_id.rpartition("-")[0]  # type: ignore[union-attr]
+    stream = b.subscribe("k", last_event_id=f"{epoch}-" + "9" * 5000)
+    assert stream.resumed is False and b.subscriber_count("k") == 2
+    stream.close()
+    first.close()
+    assert b.subscriber_count("k") == 0
+
+
 @async_test(timeout=20)
 async def test_history_resume_races_sends_from_another_thread_without_gap_or_duplicate() -> None:
     """While a thread sends 20,000 items, streams resume at several points from
@@ -4556,6 +4574,7 @@ async def test_keyed_stream_reader_cancelled_while_waiting_loses_nothing() -> No
         (["a"], {"name": lambda key: ""}, ValueError, "must not be empty"),
         (["a"], {"name": lambda key: "x\ny"}, ValueError, "must not contain CR, LF or NUL"),
         ([1, "1"], {}, ValueError, "each key needs its own name"),
+        (["a", "\ud800"], {}, ValueError, "a key's name contains a lone surrogate"),
         (["a"], {"last_event_id": 5}, TypeError, "last_event_id must be a str or None, not int"),
     ],
 )
@@ -4571,6 +4590,21 @@ def test_keyed_subscribe_bad_input_is_refused_and_changes_nothing(
         assert len(b) == 0
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("history", [0, 3])
+def test_keyed_subscribe_name_that_cannot_be_written_leaves_nothing_behind(history: int) -> None:
+    """A name with a lone surrogate is refused before any channel is joined,
+    with or without history."""
+    changes: list[str] = []
+    b: Broadcaster[str, int] = Broadcaster(history=history, on_change=changes.append)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="lone surrogate"):
+            b.subscribe_many(["a", "b"], name=lambda key: key if key == "a" else "\ud800")
+
+    asyncio.run(main())
+    assert len(b) == 0 and changes == []
 
 
 def test_keyed_subscribe_needs_a_running_loop() -> None:
@@ -4987,6 +5021,9 @@ def test_property_keyed_any_text_reads_as_positions_or_none(text: str) -> None:
         ({"a": 1}, TypeError, "id must be a str, not int"),
         ({"a": "é" * 9}, ValueError, "at most 48 bytes"),
         ({str(i): "1" for i in range(101)}, ValueError, "at most 100 keys, got 101"),
+        ({"\ud800": "1"}, ValueError, "lone surrogate"),
+        ({"a": "\ud800"}, ValueError, "lone surrogate"),
+        ({f"{i:050d}": "x" * 48 for i in range(90)}, ValueError, "over the 8192"),
     ],
 )
 def test_keyed_format_positions_refuses_what_an_id_cannot_carry(
@@ -5049,6 +5086,31 @@ async def test_merge_response_writes_ids_only_with_the_items_that_move_a_positio
     assert sorted(body.split(b"\n\n")) == sorted(
         [b"event: message\ndata: hi\nid: " + lei, b"event: presence\ndata: 2", b""]
     )
+
+
+@async_test()
+async def test_merge_response_never_lets_an_events_own_id_replace_the_position() -> None:
+    """An event of a broadcaster without history that carries an id of its
+    own is written without it, so the client keeps the position it reached
+    and a reconnection resumes every key."""
+    messages: Broadcaster[str, Event] = Broadcaster(history=5, config=SseConfig(keep_alive=None))
+    presence: Broadcaster[str, Event] = Broadcaster()
+    stream = merge(messages.subscribe_many(["a"]), presence.subscribe_many(["p"]))
+    peer = AsgiPeer()
+    task = asgi_serve(messages.response(stream), peer)
+    messages.send("a", Event("1"))
+    await peer.wait_until(lambda: b"data: 1" in b"".join(peer.bodies))
+    presence.send("p", Event("2", id="user-7"))
+    await peer.wait_until(lambda: b"data: 2" in b"".join(peer.bodies))
+    peer.disconnect()
+    await asgi_ended(task)
+    parsed = parse_event_stream(b"".join(peer.bodies))
+    assert [(e.type, e.data) for e in parsed.events] == [("a", "1"), ("p", "2")]
+    assert b"user-7" not in b"".join(peer.bodies)
+    assert parsed.events[1].last_event_id == parsed.events[0].last_event_id
+    again = messages.subscribe_many(["a"], last_event_id=parsed.last_event_id)
+    assert again.resumed is True
+    again.close()
 
 
 @async_test()
