@@ -6999,8 +6999,8 @@ LEAK_GAP = Event(event="reload", data="")
 
 LEAK_BATCH = 100
 
-# Batches of LEAK_BATCH concurrent responses: 5,000 responses in all, half the
-# issue's 10,000 to keep the in-suite checks within 10 s on a loaded 2-core
+# Batches of LEAK_BATCH concurrent responses: 5,000 responses in all, half of
+# tests/soak.py's 10,000, to keep the in-suite checks within 10 s on a loaded 2-core
 # machine (tracemalloc triples the cost of each); tests/soak.py runs 10,000
 # every 15 to 30 s, for as long as it is asked to.
 LEAK_RESPONSES = {"response": 15, "response_untimed": 15, "resume": 10, "channel": 10}

@@ -22,7 +22,7 @@ listener task fans out into one ``asyncio.Queue`` per subscriber), ``queue``
 (floor c: one ``asyncio.Queue`` per subscriber, a ``for`` loop of
 ``put_nowait``) and ``deque`` (floor d: a bare ``collections.deque`` and one
 waiter future per subscriber, the least any per-subscriber design can do),
-and, beyond the issue's list, ``ring`` (floor e, not per subscriber: one
+and ``ring`` (floor e, not per subscriber: one
 shared buffer per key and a cursor per subscriber; a send appends once and
 wakes only the readers that sleep, so in a burst only the first message costs
 O(N) wake-ups: what the "one shared ring per key" design could reach).
