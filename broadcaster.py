@@ -94,13 +94,15 @@ How things end (the words this module uses, and only in these senses)
         without it when the client is gone or a write failed.
 
 This file, in order: checking arguments; futures and closing (small
-helpers); encoding (Event); configuration (SseConfig); lag policies and
+helpers); encoding (Event, the ids of keyed streams); configuration
+(SseConfig); lag policies and
 exceptions; delivery state (what the registry holds, and delivering);
 the event-source contract; the registry lock and the concurrency model;
-streams (BroadcastStream); the registry (Broadcaster); the ASGI layer
+streams (BroadcastStream, KeyedStream, merge()); the registry
+(Broadcaster); the ASGI layer
 (_SseResponse);
 other event sources (channel()'s Sender, _FedSource, replay(),
-last_event_id()).
+last_event_id()); reading an event stream as a client (SseParser).
 """
 
 # pyright: strict
@@ -111,6 +113,7 @@ last_event_id()).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import dataclasses
 import enum
@@ -151,6 +154,9 @@ __all__ = [
     "SseConfig",
     "ClientDisconnected",
     "last_event_id",
+    "SseParser",
+    "SseEvent",
+    "SseComment",
     "merge",
     "parse_positions",
     "format_positions",
@@ -2916,3 +2922,128 @@ def last_event_id(scope: Scope) -> str | None:
                 return None
             return text or None
     return None
+
+
+# ---------------------------------------------------------------------------
+# Reading an event stream: the client's side
+#
+# SseParser interprets the bytes of any text/event-stream as a browser does
+# (WHATWG HTML, "Interpreting an event stream"), for tests and clients. It
+# depends on nothing above.
+# ---------------------------------------------------------------------------
+
+
+# A retry of more digits is ignored: int() refuses them (Python 3.10.7+).
+_MAX_DIGITS: Final = 4300
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One event as a browser's ``EventSource`` dispatches it: its ``type``
+    (``"message"`` unless the stream named one), its ``data``, and the last
+    event id at that moment (carried over from earlier events)."""
+
+    type: str
+    data: str
+    last_event_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SseComment:
+    """A comment line (``: text``), as ``SseParser(comments=True)`` reports it."""
+
+    text: str
+
+
+class SseParser:
+    """An incremental parser of ``text/event-stream`` bytes, as the WHATWG HTML
+    Standard says a browser interprets them: UTF-8 (invalid bytes become
+    U+FFFD; one leading BOM is dropped), lines ending in CRLF, CR or LF,
+    ``data``, ``event``, ``id`` (ignored if it holds NUL) and ``retry``
+    (ignored unless ASCII digits) fields, other fields ignored, one space
+    after the colon removed. A blank line dispatches the event, if it has
+    data; the last event id is carried from event to event. What follows the
+    last blank line is not an event yet: a stream that ends there loses it,
+    as a browser does.
+
+    Feed it bytes as they come, cut anywhere; each call returns the events
+    completed by them (and the comments, with ``comments=True``). Work is
+    linear in the bytes fed, however long a line is. ``last_event_id`` may
+    start from the one a reconnecting client sends.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_comments",
+        "_line",
+        "_skip_lf",
+        "_started",
+        "_data",
+        "_type",
+        "_id",
+        "last_event_id",
+        "retry",
+    )
+
+    def __init__(self, *, comments: bool = False, last_event_id: str = "") -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._comments = comments
+        self._line: list[str] = []  # the pieces of the line being read
+        self._skip_lf = False  # the last piece ended in CR: a LF right after it is the same line end
+        self._started = False  # past the first character (the BOM check)
+        self._data: list[str] = []
+        self._type = ""
+        self._id = _check_str("last_event_id", last_event_id)  # the last event ID buffer
+        #: The last event id string: what a reconnection sends as Last-Event-ID.
+        self.last_event_id = last_event_id
+        #: The reconnection time in ms the stream set last, or None.
+        self.retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[SseEvent | SseComment]:
+        """The events (and comments, if asked for) that ``chunk`` completes,
+        in order."""
+        text = self._decoder.decode(_check_type("chunk", chunk, bytes, "bytes"))
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")
+        out: list[SseEvent | SseComment] = []
+        start = 0
+        if self._skip_lf and text.startswith("\n"):
+            start = 1
+        self._skip_lf = False
+        for found in _LINE_BREAK.finditer(text, start):
+            self._line.append(text[start : found.start()])
+            line = "".join(self._line)
+            self._line = []
+            self._interpret(line, out)
+            start = found.end()
+        if start < len(text):
+            self._line.append(text[start:])
+        self._skip_lf = text.endswith("\r")
+        return out
+
+    def _interpret(self, line: str, out: list[SseEvent | SseComment]) -> None:
+        if not line:
+            self.last_event_id = self._id
+            if self._data:
+                data = "".join(self._data)[:-1]
+                out.append(SseEvent(self._type or "message", data, self.last_event_id))
+            self._data = []
+            self._type = ""
+            return
+        if line.startswith(":"):
+            if self._comments:
+                out.append(SseComment(line[2:] if line.startswith(": ") else line[1:]))
+            return
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value + "\n")
+        elif name == "event":
+            self._type = value
+        elif name == "id":
+            if "\0" not in value:
+                self._id = value
+        elif name == "retry" and value.isascii() and value.isdigit() and len(value) < _MAX_DIGITS:
+            self.retry = int(value)

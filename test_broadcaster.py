@@ -584,6 +584,9 @@ def test_module_all_is_the_public_api() -> None:
         "SseConfig",
         "ClientDisconnected",
         "last_event_id",
+        "SseParser",
+        "SseEvent",
+        "SseComment",
         "merge",
         "parse_positions",
         "format_positions",
@@ -9182,3 +9185,133 @@ def test_last_event_id_undecodable_other_parameter_does_not_hide_it() -> None:
 def test_last_event_id_scope_without_headers_or_query() -> None:
     """A scope with neither ``headers`` nor ``query_string`` gives None."""
     assert last_event_id({"type": "http"}) is None
+
+
+# ===========================================================================
+# SseParser: reading an event stream as a browser does
+#
+# Checked against the web-platform-tests streams above and, byte for byte,
+# against the reference parser of these tests (written independently of it).
+# ===========================================================================
+
+
+def shipped_session(
+    server: Callable[[str], bytes], connections: int, cut: int | None
+) -> tuple[list[SseMessage], int | None]:
+    """What SseParser makes of ``connections`` connections to ``server``, as a
+    browser runs them (a fresh parser per connection, carrying the last event
+    id), with each body fed in two pieces cut at ``cut``, or byte by byte
+    (``cut`` None)."""
+    events: list[SseMessage] = []
+    last_event_id, retry = "", None
+    for _ in range(connections):
+        parser = broadcaster.SseParser(last_event_id=last_event_id)
+        body = server(last_event_id)
+        pieces = [body[i : i + 1] for i in range(len(body))] if cut is None else [body[:cut], body[cut:]]
+        for piece in pieces:
+            for event in parser.feed(piece):
+                assert isinstance(event, broadcaster.SseEvent)
+                events.append(SseMessage(event.type, event.data, event.last_event_id))
+        last_event_id = parser.last_event_id
+        retry = parser.retry if parser.retry is not None else retry
+    return events, retry
+
+
+@pytest.mark.parametrize("case", _WPT_CASES, ids=[case.name for case in _WPT_CASES])
+def test_parser_gives_what_each_wpt_format_stream_asserts_however_it_is_cut(case: _WptCase) -> None:
+    """Every WPT eventsource/format-* stream, cut at every byte into two
+    pieces and fed byte by byte, gives the events and the retry its test
+    asserts."""
+    body = case.server("")
+    for cut in [None, *range(len(body) + 1)]:
+        assert shipped_session(case.server, case.connections, cut) == (case.events, case.retry), (case.name, cut)
+
+
+_STREAM_BYTES = st.lists(
+    st.sampled_from(
+        [
+            b"data: x",
+            b"data:",
+            b"data",
+            b"event: e",
+            b"event:",
+            b"id: 7",
+            b"id: a\0b",
+            b"id",
+            b"retry: 250",
+            b"retry: x",
+            b"retry:",
+            b": note",
+            b":",
+            b"\r\n",
+            b"\r",
+            b"\n",
+            b"\xef\xbb\xbf",
+            b"\xff",
+            b"\xc3",
+            b"\xa9",
+            b"field: v",
+            b"data:  two",
+            b" data: x",
+            b"\x00",
+        ]
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+@given(st.one_of(_STREAM_BYTES, st.binary(max_size=200)), st.lists(st.integers(0, 200), max_size=6))
+@_budget(400)
+def test_property_parser_reads_any_bytes_as_the_reference_parser_does(stream: bytes, cuts: list[int]) -> None:
+    """Any bytes, cut anywhere: the same events, last event id and retry as
+    the reference parser of these tests (which reads the whole stream at
+    once)."""
+    expected = parse_event_stream(stream)
+    parser = broadcaster.SseParser()
+    got: list[SseMessage] = []
+    bounds = [0, *sorted(min(cut, len(stream)) for cut in cuts), len(stream)]
+    for start, end in pairwise(bounds):
+        got += [SseMessage(e.type, e.data, e.last_event_id) for e in parser.feed(stream[start:end])]  # type: ignore[union-attr]
+    assert got == expected.events
+    assert (parser.last_event_id, parser.retry) == (expected.last_event_id, expected.retry)
+
+
+@given(_VALID_EVENT_KWARGS)
+@_budget(300)
+def test_property_parser_reads_back_any_event(kwargs: dict[str, Any]) -> None:
+    """An Event's frame, parsed: its type, data and id come back (an event
+    without data dispatches nothing, as in a browser)."""
+    event = Event(**kwargs)
+    parser = broadcaster.SseParser(last_event_id="before")
+    got = parser.feed(event.encode())
+    if event.data is None:
+        assert got == []
+    else:
+        expected_id = "before" if event.id is None else event.id
+        assert got == [
+            broadcaster.SseEvent(
+                event.event or "message", event.data.replace("\r\n", "\n").replace("\r", "\n"), expected_id
+            )
+        ]
+    if event.retry is not None:
+        assert parser.retry == event.retry
+
+
+def test_parser_reports_comments_when_asked_and_checks_its_input() -> None:
+    """Comments come in order among the events with comments=True; bytes only;
+    the last event id it starts from is carried into the first event; a retry
+    too long for int() is ignored."""
+    parser = broadcaster.SseParser(comments=True, last_event_id="5")
+    stream = b": hello\n:\ndata: x\n\n:  two spaces\nretry: " + b"9" * 5000 + b"\nretry: 10\n"
+    assert parser.feed(stream) == [
+        broadcaster.SseComment("hello"),
+        broadcaster.SseComment(""),
+        broadcaster.SseEvent("message", "x", "5"),
+        broadcaster.SseComment(" two spaces"),
+    ]
+    assert parser.retry == 10
+    assert broadcaster.SseParser().feed(b": hidden\n") == []
+    with pytest.raises(TypeError, match="chunk must be bytes, not str"):
+        parser.feed("data: x\n\n")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="last_event_id must be a str, not int"):
+        broadcaster.SseParser(last_event_id=5)  # type: ignore[arg-type]
