@@ -95,14 +95,12 @@ How things end (the words this module uses, and only in these senses)
 
 This file, in order: checking arguments; futures and closing (small
 helpers); encoding (Event, the ids of keyed streams); configuration
-(SseConfig); lag policies and
-exceptions; delivery state (what the registry holds, and delivering);
-the event-source contract; the registry lock and the concurrency model;
-streams (BroadcastStream, KeyedStream, merge()); the registry
-(Broadcaster); the ASGI layer
-(_SseResponse);
-other event sources (channel()'s Sender, _FedSource, replay(),
-last_event_id()); reading an event stream as a client (SseParser).
+(SseConfig); lag policies and exceptions; delivery state (what the registry
+holds, and delivering); the event-source contract; the registry lock and the
+concurrency model; streams (BroadcastStream, KeyedStream, merge()); the
+registry (Broadcaster); the ASGI layer (_SseResponse); other event sources
+(channel()'s Sender, _FedSource, replay(), last_event_id()); reading an event
+stream as a client (SseParser).
 """
 
 # pyright: strict
