@@ -3001,7 +3001,9 @@ class SseParser:
         """The events (and comments, if asked for) that ``chunk`` completes,
         in order."""
         text = self._decoder.decode(_check_type("chunk", chunk, bytes, "bytes"))
-        if not self._started and text:
+        if not text:  # nothing, or part of a character: no state to change
+            return []
+        if not self._started:
             self._started = True
             text = text.removeprefix("\ufeff")
         out: list[SseEvent | SseComment] = []

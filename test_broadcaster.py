@@ -9297,6 +9297,19 @@ def test_property_parser_reads_back_any_event(kwargs: dict[str, Any]) -> None:
         assert parser.retry == event.retry
 
 
+def test_parser_keeps_a_crlf_whole_across_empty_and_partial_chunks() -> None:
+    """A CR that ends a chunk and the LF of the next make one line end, also
+    with empty chunks, or a character cut in two, in between: the same events
+    as the whole stream read at once by the reference parser."""
+    for middle in ([b""], [b"", b""], [b"\xc3", b"\xa9"]):
+        chunks = [b"data: a\r", *middle, b"\ndata: b\r\n\r\n"]
+        parser = broadcaster.SseParser()
+        got = [event for chunk in chunks for event in parser.feed(chunk)]
+        expected = parse_event_stream(b"".join(chunks)).events
+        assert [SseMessage(e.type, e.data, e.last_event_id) for e in got] == expected, middle  # type: ignore[union-attr]
+    assert expected == [SseMessage("message", "a\nb", "")]
+
+
 def test_parser_reports_comments_when_asked_and_checks_its_input() -> None:
     """Comments come in order among the events with comments=True; bytes only;
     the last event id it starts from is carried into the first event; a retry
