@@ -154,7 +154,6 @@ __all__ = [
     "last_event_id",
     "SseParser",
     "SseEvent",
-    "SseComment",
     "merge",
     "parse_positions",
     "format_positions",
@@ -2946,13 +2945,6 @@ class SseEvent:
     last_event_id: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SseComment:
-    """A comment line (``: text``), as ``SseParser(comments=True)`` reports it."""
-
-    text: str
-
-
 class SseParser:
     """An incremental parser of ``text/event-stream`` bytes, as the WHATWG HTML
     Standard says a browser interprets them: UTF-8 (invalid bytes become
@@ -2965,9 +2957,11 @@ class SseParser:
     as a browser does.
 
     Feed it bytes as they come, cut anywhere; each call returns the events
-    completed by them (and the comments, with ``comments=True``). Work is
-    linear in the bytes fed, however long a line is. ``last_event_id`` may
-    start from the one a reconnecting client sends.
+    completed by them. With ``comments=True`` the text of each comment line
+    (``: text``, one leading space removed) is appended to ``comments`` (read
+    and clear it as you like). Work is linear in the bytes fed, however long
+    a line is. ``last_event_id`` may start from the one a reconnecting client
+    sends.
     """
 
     __slots__ = (
@@ -2981,6 +2975,7 @@ class SseParser:
         "_id",
         "last_event_id",
         "retry",
+        "comments",
     )
 
     def __init__(self, *, comments: bool = False, last_event_id: str = "") -> None:
@@ -2996,17 +2991,18 @@ class SseParser:
         self.last_event_id = last_event_id
         #: The reconnection time in ms the stream set last, or None.
         self.retry: int | None = None
+        #: The comments read so far, with ``comments=True``.
+        self.comments: list[str] = []
 
-    def feed(self, chunk: bytes) -> list[SseEvent | SseComment]:
-        """The events (and comments, if asked for) that ``chunk`` completes,
-        in order."""
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """The events that ``chunk`` completes, in order."""
         text = self._decoder.decode(_check_type("chunk", chunk, bytes, "bytes"))
         if not text:  # nothing, or part of a character: no state to change
             return []
         if not self._started:
             self._started = True
             text = text.removeprefix("\ufeff")
-        out: list[SseEvent | SseComment] = []
+        out: list[SseEvent] = []
         start = 0
         if self._skip_lf and text.startswith("\n"):
             start = 1
@@ -3022,7 +3018,7 @@ class SseParser:
         self._skip_lf = text.endswith("\r")
         return out
 
-    def _interpret(self, line: str, out: list[SseEvent | SseComment]) -> None:
+    def _interpret(self, line: str, out: list[SseEvent]) -> None:
         if not line:
             self.last_event_id = self._id
             if self._data:
@@ -3033,7 +3029,7 @@ class SseParser:
             return
         if line.startswith(":"):
             if self._comments:
-                out.append(SseComment(line[2:] if line.startswith(": ") else line[1:]))
+                self.comments.append(line[2:] if line.startswith(": ") else line[1:])
             return
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):
