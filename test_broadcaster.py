@@ -286,6 +286,16 @@ def asgi_records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.L
     return [r for r in caplog.records if r.name == "broadcaster" and r.levelno == level]
 
 
+def asgi_logged_stop(caplog: pytest.LogCaptureFixture, message: str) -> None:
+    """The one ERROR logged is a RuntimeError saying ``message``, caused by the
+    StopAsyncIteration it wraps (which must not pass for the source's end)."""
+    [record] = asgi_records(caplog, logging.ERROR)
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert str(record.exc_info[1]) == message
+    cause = record.exc_info[1].__cause__
+    assert isinstance(cause, StopAsyncIteration), f"the error does not name what it wraps as its cause: {cause!r}"
+
+
 class AsgiRecordingSource:
     """An event source that records the calls made to it. It yields ``items``
     (raising those that are exceptions), then waits forever if ``wait`` else ends."""
@@ -5779,11 +5789,7 @@ def test_response_render_raising_stop_async_iteration_is_an_error(caplog: pytest
         assert peer.bodies == [b":\n\n", b"data: 1\n\ndata: 2\n\n", b""], peer.bodies
 
     scenario()
-    [record] = asgi_records(caplog, logging.ERROR)
-    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
-    assert str(record.exc_info[1]) == "render raised StopAsyncIteration()"
-    cause = record.exc_info[1].__cause__
-    assert isinstance(cause, StopAsyncIteration), f"the error does not name render's exception as its cause: {cause!r}"
+    asgi_logged_stop(caplog, "render raised StopAsyncIteration()")
 
 
 @pytest.mark.parametrize("policy", list(LagPolicy), ids=lambda p: p.name)
@@ -8341,11 +8347,7 @@ def test_channel_closure_leaking_stop_async_iteration_is_an_error(caplog: pytest
         assert peer.bodies == [b":\n\n", b"data: one\n\n", b""], peer.bodies
 
     scenario()
-    [record] = asgi_records(caplog, logging.ERROR)
-    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
-    assert str(record.exc_info[1]) == "the SSE channel closure raised StopAsyncIteration()"
-    cause = record.exc_info[1].__cause__
-    assert isinstance(cause, StopAsyncIteration), f"the error does not name the closure's as its cause: {cause!r}"
+    asgi_logged_stop(caplog, "the SSE channel closure raised StopAsyncIteration()")
 
 
 @async_test()
