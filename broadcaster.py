@@ -67,6 +67,13 @@ Server-Sent Events
     ``channel()`` closure, or any other async iterable, which runs (is read
     ahead) in one more task.
 
+Testing
+    :class:`AsgiClient` drives any ASGI app (these, or a whole Starlette or
+    FastAPI application) in the test's own event loop, as a server would:
+    each response is read as it is sent, its events parsed by
+    :class:`SseParser` (which reads any event stream as a browser does),
+    and every wait is bounded, so a test of an endless stream cannot hang.
+
 How things end (the words this module uses, and only in these senses)
     *close*
         what an owner does to what it holds: ``BroadcastStream.close()`` (its
@@ -100,7 +107,7 @@ holds, and delivering); the event-source contract; the registry lock and the
 concurrency model; streams (BroadcastStream, KeyedStream, merge()); the
 registry (Broadcaster); the ASGI layer (_SseResponse); other event sources
 (channel()'s Sender, _FedSource, replay(), last_event_id()); reading an event
-stream as a client (SseParser).
+stream as a client (SseParser); testing an app in process (AsgiClient).
 """
 
 # pyright: strict
@@ -125,6 +132,7 @@ import sys
 import threading
 import time
 import weakref
+import zlib
 from collections import deque
 from collections.abc import (
     AsyncIterable,
@@ -154,6 +162,8 @@ __all__ = [
     "last_event_id",
     "SseParser",
     "SseEvent",
+    "AsgiClient",
+    "AsgiResponse",
     "merge",
     "parse_positions",
     "format_positions",
@@ -283,11 +293,11 @@ def _utf8(what: str, text: str) -> bytes:
         raise ValueError(f"{what} contains a lone surrogate: {exc.object[exc.start : exc.end]!r}") from None
 
 
-def _check_header(pair: object) -> tuple[bytes, bytes]:
-    """A ``(name, value)`` pair of strs that is a header a server will write
-    as given: a lowercase token name that is not a framing header, and a
-    latin-1 value without control characters or edge whitespace. Returns
-    the pair encoded for the wire."""
+def _check_header(pair: object, owner: str = "the server") -> tuple[bytes, bytes]:
+    """A ``(name, value)`` pair of strs that is a header a server (or a
+    client: ``owner``) will write as given: a lowercase token name that is
+    not a framing header, and a latin-1 value without control characters or
+    edge whitespace. Returns the pair encoded for the wire."""
     items = cast("tuple[object, ...]", pair) if isinstance(pair, tuple) else ()
     if len(items) != 2:
         raise TypeError(f"each header must be a (name, value) tuple, got {pair!r}")
@@ -295,7 +305,7 @@ def _check_header(pair: object) -> tuple[bytes, bytes]:
     if not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"header name must be a lowercase token: {name!r}")
     if name in _FRAMING_HEADERS:
-        raise ValueError(f"header {name!r} is owned by the server and would corrupt the stream")
+        raise ValueError(f"header {name!r} is owned by {owner} and would corrupt the stream")
     if _FIELD_FORBIDDEN.search(value):
         raise ValueError(f"header {name!r} value must not contain CR, LF or NUL: {value!r}")
     if _HEADER_VALUE_CONTROL.search(value):
@@ -3043,3 +3053,472 @@ class SseParser:
                 self._id = value
         elif name == "retry" and value.isascii() and value.isdigit() and len(value) < _MAX_DIGITS:
             self.retry = int(value)
+
+
+# ---------------------------------------------------------------------------
+# Testing an endpoint in process: AsgiClient
+#
+# AsgiClient drives any ASGI 3 app in the caller's event loop as a server
+# would, with no socket: the lifespan, requests, each response read as it is
+# sent (its events parsed by SseParser), the disconnect, and a bound on every
+# wait. Each call of the app (_AppCall: a request's AsgiResponse, or the
+# _Lifespan) runs in one task, owned by whoever started it: the client for
+# the lifespan, the ``stream()`` block for a request. Nothing above uses it.
+# ---------------------------------------------------------------------------
+
+# The method of a request: an RFC 9110 token.
+_METHOD: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# What may stay unescaped in a request's raw path.
+_PATH_SAFE: Final = "/%!$&'()*+,;=:@-._~"
+# The body of a request given no json.
+_NO_JSON: Final = object()
+
+
+class _AppCall:
+    """One call of the app: its task, and the waits on what it sends.
+
+    Its owner keeps what the app sends and calls ``wake()`` on each message;
+    the task's end wakes too. Every wait is bounded by the client's timeout,
+    and ends early with the app's exception if it fails.
+    """
+
+    __slots__ = ("what", "timeout", "task", "_changed", "_reported")
+
+    def __init__(self, what: str, timeout: float, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self.what = what  # named in every error: "GET /events", "lifespan"
+        self.timeout = timeout
+        self._changed: asyncio.Future[None] | None = None  # a waiter, woken by the next message
+        self._reported = False  # the app's outcome was raised to the caller
+
+        async def call() -> None:
+            await app(scope, receive, send)
+
+        self.task = asyncio.get_running_loop().create_task(call())
+        self.task.add_done_callback(lambda _: self.wake())
+
+    def wake(self) -> None:
+        _complete(self._changed)
+
+    async def until(self, ready: Callable[[], bool], what: str, timeout: object) -> None:
+        """Return once ``ready()`` holds. Raise what the app raised if it
+        failed first, RuntimeError if it returned first, TimeoutError naming
+        ``what`` after ``timeout`` seconds (None: the client's)."""
+        limit = self.timeout if timeout is None else cast(float, _check_seconds("timeout", timeout))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while not ready():
+            if self.task.done():
+                self.raise_failure()
+                raise RuntimeError(f"{self.what}: the app returned without sending {what}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.what}: no {what} within {limit:g} s")
+            self._changed = loop.create_future()
+            await asyncio.wait((self._changed,), timeout=remaining)
+
+    def raise_failure(self) -> None:
+        """Raise what the app raised, if it did (its task is done)."""
+        self._reported = True
+        _outcome(self.task, f"{self.what}: the app raised")
+
+    async def end(self, after: str) -> None:
+        """Wait for the app to return (it was told ``after``), at most the
+        timeout; past it, cancel it and raise TimeoutError. Then raise what
+        it raised, unless a wait did already. A cancellation of the caller
+        cancels the app too, and waits for it."""
+        try:
+            await asyncio.wait((self.task,), timeout=self.timeout)
+        except asyncio.CancelledError:
+            self.task.cancel()
+            await _join(self.task)
+            raise
+        if not self.task.done():
+            await self.cancel()
+            state = "cancelled" if self.task.done() else "cancelled, and it is still running"
+            raise TimeoutError(f"{self.what}: the app did not return within {self.timeout:g} s of {after}; {state}")
+        if not self._reported:
+            self.raise_failure()
+
+    async def cancel(self) -> None:
+        """Cancel the app and give it the timeout to return. What it raises
+        is dropped: the caller raises an error of its own."""
+        self._reported = True
+        self.task.cancel()
+        await asyncio.wait((self.task,), timeout=self.timeout)
+        if self.task.done() and not self.task.cancelled():
+            self.task.exception()  # retrieved, so asyncio does not log it
+
+
+class _Lifespan(_AppCall):
+    """The app's lifespan: ``lifespan.startup`` at once, ``lifespan.shutdown``
+    at ``phase("shutdown")``; ``state`` is what request scopes copy."""
+
+    __slots__ = ("state", "_replies", "_asked", "_shutdown")
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.state: dict[str, Any] = {}
+        self._replies: list[str] = []  # each message the app sent: its type (and a failure's message)
+        self._asked = False  # receive() has handed out lifespan.startup
+        self._shutdown: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        scope: Scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
+        super().__init__("lifespan", timeout, app, scope, self._receive, self._send)
+
+    async def _receive(self) -> Message:
+        if not self._asked:
+            self._asked = True
+            return {"type": "lifespan.startup"}
+        await asyncio.wait((self._shutdown,))
+        return {"type": "lifespan.shutdown"}
+
+    async def _send(self, message: Message) -> None:
+        kind = str(message.get("type"))
+        self._replies.append(f"{kind}: {message.get('message', '')}" if kind.endswith(".failed") else kind)
+        self.wake()
+
+    async def phase(self, phase: str) -> None:
+        """Run ``phase`` (startup, shutdown) and wait for the app's answer:
+        RuntimeError if it failed; the app is then cancelled. After the
+        shutdown, wait for the app to return."""
+        before = len(self._replies)
+        if phase == "shutdown":
+            _complete(self._shutdown)
+        try:
+            await self.until(lambda: len(self._replies) > before, f"lifespan.{phase}.complete", None)
+            reply = self._replies[before]
+            if reply != f"lifespan.{phase}.complete":
+                raise RuntimeError(f"lifespan: the app answered lifespan.{phase} with {reply}")
+        except BaseException:
+            await self.cancel()
+            raise
+        if phase == "shutdown":
+            await self.end("lifespan.shutdown")
+
+
+class AsgiResponse:
+    """A response of the app under test, read as it arrives: what
+    :meth:`AsgiClient.stream` makes, to use as ``async with`` (entering it
+    sends the request and waits for the status and headers; leaving it
+    sends ``http.disconnect`` and waits for the app to return), and what
+    :meth:`AsgiClient.request` returns complete.
+
+    ``status``, ``headers`` (names in lower case; repeated ones joined with
+    ``", "``; ``raw_headers`` has them as sent) and ``body`` (what has
+    arrived, ungzipped when the response says ``content-encoding: gzip``)
+    can be read at any time. A ``text/event-stream`` body is also parsed as
+    it arrives: :meth:`event`, :meth:`events` and ``async for`` hand out its
+    events in order, and ``parser`` (an :class:`SseParser`) holds its
+    ``retry``, ``last_event_id`` and ``comments``. Every wait raises what
+    the app raised if it fails meanwhile, and TimeoutError past ``timeout``
+    (the client's if None).
+    """
+
+    __slots__ = ("status", "raw_headers", "headers", "ended", "parser", "_what", "_timeout", "_app", "_scope",
+                 "_request", "_left", "_body", "_events", "_inflate", "_unreadable", "_call")  # fmt: skip
+
+    def __init__(self, app: ASGIApp, what: str, scope: Scope, body: bytes, timeout: float) -> None:
+        #: The status code (0 until the app sends it).
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers: dict[str, str] = {}
+        #: The app has sent the end of the body.
+        self.ended = False
+        self.parser = SseParser(comments=True)
+        self._what = what
+        self._timeout = timeout
+        self._app = app
+        self._scope = scope
+        self._request: Message | None = {"type": "http.request", "body": body, "more_body": False}
+        # Done when receive() answers http.disconnect: the client left, or
+        # the response is complete (as uvicorn does).
+        self._left: asyncio.Future[None] | None = None
+        self._body = bytearray()
+        self._events: deque[SseEvent] = deque()
+        self._inflate: Any = None  # a zlib decompressor, for a gzip body
+        self._unreadable = ""  # why events cannot be read, or ""
+        self._call: _AppCall | None = None  # the app's task, once entered
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "open"
+        return f"<AsgiResponse {self._what}: {self.status}, {state}, {len(self._body)} bytes>"
+
+    async def __aenter__(self) -> AsgiResponse:
+        if self._call is not None:
+            raise RuntimeError(f"{self._what}: a response is used once")
+        self._left = asyncio.get_running_loop().create_future()
+        self._call = _AppCall(self._what, self._timeout, self._app, self._scope, self._receive, self._send)
+        try:
+            await self._call.until(lambda: self.status != 0, "response start", None)
+        except BaseException:
+            await self._leave()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._leave()
+
+    @property
+    def body(self) -> bytes:
+        """The body received so far."""
+        return bytes(self._body)
+
+    @property
+    def text(self) -> str:
+        """The body received so far, decoded as UTF-8."""
+        return self._body.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self._body)
+
+    async def read(self, *, timeout: float | None = None) -> bytes:
+        """The whole body, once the app has ended it."""
+        await self._running().until(lambda: self.ended, "end of the body (an endless stream?)", timeout)
+        return self.body
+
+    async def event(self, *, timeout: float | None = None) -> SseEvent:
+        """The next event: EOFError if the body ends first."""
+        [event] = await self.events(1, timeout=timeout)
+        return event
+
+    async def events(self, n: int, *, timeout: float | None = None) -> list[SseEvent]:
+        """The next ``n`` events, waited for together: EOFError if the body
+        ends first (the events are kept for the next read)."""
+        _check_int("n", n, 1)
+        await self._until_events(n, timeout)
+        if len(self._events) < n:
+            raise EOFError(f"{self._what}: the body ended with {len(self._events)} of {n} events unread")
+        return [self._events.popleft() for _ in range(n)]
+
+    def __aiter__(self) -> AsgiResponse:
+        return self
+
+    async def __anext__(self) -> SseEvent:
+        await self._until_events(1, None)
+        if not self._events:
+            raise StopAsyncIteration
+        return self._events.popleft()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _running(self) -> _AppCall:
+        if self._call is None:
+            raise RuntimeError(f"{self._what}: use the response as `async with client.stream(...) as response:`")
+        return self._call
+
+    async def _until_events(self, n: int, timeout: float | None) -> None:
+        call = self._running()
+        if self._unreadable:
+            raise ValueError(f"{self._what}: no events to read: {self._unreadable}")
+        await call.until(lambda: len(self._events) >= n or self.ended, "event" if n == 1 else f"{n} events", timeout)
+
+    async def _leave(self) -> None:
+        """The client leaves: http.disconnect, then the app must return."""
+        call = self._running()
+        _complete(self._left)
+        await call.end("the client's disconnect")
+
+    # -- internals: the server's side of the request --------------------------------
+
+    async def _receive(self) -> Message:
+        request, self._request = self._request, None
+        if request is not None:
+            return request
+        await asyncio.wait((cast("asyncio.Future[None]", self._left),))
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: Message) -> None:
+        kind = message.get("type")
+        if self.ended or kind != ("http.response.body" if self.status else "http.response.start"):
+            state = "after the end of the body" if self.ended else "after its start" if self.status else "first"
+            raise RuntimeError(f"{self._what}: the app sent {kind!r} {state}")
+        if cast("asyncio.Future[None]", self._left).done():
+            return  # after the client left: dropped, as uvicorn does
+        if self.status:
+            self._received(bytes(message.get("body", b"")), bool(message.get("more_body", False)))
+        else:
+            self._started(int(message["status"]), message.get("headers", ()))
+        self._running().wake()
+
+    def _started(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.raw_headers = [(bytes(name).lower(), bytes(value)) for name, value in headers]
+        for raw_name, raw_value in self.raw_headers:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers else value
+        media = self.headers.get("content-type", "").partition(";")[0].strip().lower()
+        coding = self.headers.get("content-encoding", "identity").strip().lower()
+        self._unreadable = "" if media == "text/event-stream" else f"its content-type is {media!r}"
+        if coding == "gzip":
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding != "identity":
+            self._unreadable = f"its content-encoding is {coding!r}"
+
+    def _received(self, chunk: bytes, more: bool) -> None:
+        if self._inflate is not None:
+            chunk = self._inflate.decompress(chunk)
+        self._body += chunk
+        if not self._unreadable:
+            self._events.extend(self.parser.feed(chunk))
+        if not more:
+            self.ended = True
+            _complete(self._left)
+
+
+class AsgiClient:
+    """A client of an ASGI 3 app, in process: for testing endpoints, endless
+    event streams included, with no server, socket or extra dependency.
+
+    Use it as ``async with AsgiClient(app) as client:``. With
+    ``lifespan=True`` the app's lifespan starts there and shuts down at the
+    end of the block (a failure is a RuntimeError; request scopes get a copy
+    of its ``state``). Then::
+
+        async with client.stream("GET", "/events", headers={"Last-Event-ID": "7"}) as response:
+            assert response.status == 200
+            event = await response.event()
+
+    Entering ``stream()`` sends the request and waits for the status and
+    headers; leaving it sends ``http.disconnect`` and waits for the app to
+    return, so what the app cleans up is done when the block ends. ``await
+    client.request(...)`` returns a complete response (a 401 with its JSON,
+    say). Every wait is bounded by ``timeout`` seconds: past it, a
+    TimeoutError names what did not come; an app that does not return after
+    the disconnect is cancelled, and reported so. What the app raises is
+    raised in the test by the first wait that sees it, else when the
+    response's block ends.
+
+    Requests look like uvicorn's: HTTP/1.1 from 127.0.0.1 to ``testserver``
+    (a ``host`` header unless given), ASGI spec 2.3 (what the app sends
+    after the client left is dropped). It runs on asyncio: under
+    ``asyncio.run``, pytest-asyncio or anyio's pytest plugin (asyncio
+    backend).
+    """
+
+    __slots__ = ("_app", "_lifespan", "_timeout", "_life")
+
+    def __init__(self, app: ASGIApp, *, lifespan: bool = False, timeout: float = 5.0) -> None:
+        _check_callable("app", app)
+        self._app = app
+        self._lifespan = _check_type("lifespan", lifespan, bool, "a bool")
+        self._timeout = cast(float, _check_seconds("timeout", timeout))
+        self._life: _Lifespan | None = None
+
+    async def __aenter__(self) -> AsgiClient:
+        if self._life is not None:
+            raise RuntimeError("this AsgiClient is already in use")
+        if self._lifespan:
+            self._life = _Lifespan(self._app, self._timeout)
+            try:
+                await self._life.phase("startup")
+            except BaseException:
+                self._life = None
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        life, self._life = self._life, None
+        if life is not None:
+            await life.phase("shutdown")
+
+    def stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        json: object = _NO_JSON,
+    ) -> AsgiResponse:
+        """A request, sent when the response is entered (``async with``).
+
+        ``path`` may carry a query string; ``query`` pairs are added to it.
+        ``headers`` names are case-insensitive. ``json`` sends a value as a
+        JSON body (with its content-type), instead of ``body``.
+        """
+        if self._lifespan and self._life is None:
+            raise RuntimeError("a client with lifespan=True is used inside `async with AsgiClient(...)`")
+        what, scope, content = self._request(method, path, query, headers, body, json)
+        return AsgiResponse(self._app, what, scope, content, self._timeout)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        json: object = _NO_JSON,
+    ) -> AsgiResponse:
+        """Send a request and return its whole response, once the app has
+        returned (the arguments are ``stream()``'s)."""
+        async with self.stream(method, path, query=query, headers=headers, body=body, json=json) as response:
+            await response.read()
+        return response
+
+    def _request(
+        self, method: object, path: object, query: object, headers: object, body: object, value: object
+    ) -> tuple[str, Scope, bytes]:
+        """Check a request's arguments: a name for it, its scope, its body."""
+        if not _METHOD.fullmatch(_check_str("method", method)):
+            raise ValueError(f"method must be an HTTP token: {method!r}")
+        target = _check_str("path", path)
+        if not target.startswith("/"):
+            raise ValueError(f"path must start with '/': {target!r}")
+        raw_path, _, raw_query = quote(target, safe=_PATH_SAFE + "?").partition("?")
+        pairs = [(_check_str("query name", n), _check_str("query value", v)) for n, v in _pairs("query", query)]
+        added = "&".join(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in pairs)
+        query_string = "&".join(part for part in (raw_query, added) if part)
+        content = _check_type("body", body, bytes, "bytes")
+        fields = [
+            _check_header((_check_str("header name", n).lower(), v), "the client")
+            for n, v in _pairs("headers", headers)
+        ]
+        if value is not _NO_JSON:
+            if content:
+                raise ValueError("give a body or json, not both")
+            content = _utf8("json", json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+            fields.append((b"content-type", b"application/json"))
+        names = {name for name, _ in fields}
+        fields = [(b"host", b"testserver")] * (b"host" not in names) + fields
+        fields += [(b"content-length", str(len(content)).encode())] * bool(content)
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": unquote(raw_path),
+            "raw_path": raw_path.encode("ascii"),
+            "query_string": query_string.encode("ascii"),
+            "root_path": "",
+            "headers": fields,
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+            "state": {} if self._life is None else dict(self._life.state),
+        }
+        return f"{method} {target}", scope, content
+
+
+def _pairs(name: str, value: object) -> list[tuple[object, object]]:
+    """A mapping's items, or an iterable's (name, value) pairs."""
+    if isinstance(value, Mapping):
+        return list(cast("Mapping[object, object]", value).items())
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a mapping or (name, value) pairs, not {type(value).__name__}")
+    pairs = list(cast("Iterable[object]", value))
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(cast("tuple[object, ...]", pair)) != 2:
+            raise TypeError(f"each of {name} must be a (name, value) pair, got {pair!r}")
+    return cast("list[tuple[object, object]]", pairs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -37,6 +38,7 @@ import tracemalloc
 import urllib.parse
 import warnings
 import weakref
+import zlib
 from collections import Counter, deque
 from collections.abc import (
     AsyncIterable,
@@ -596,6 +598,8 @@ def test_module_all_is_the_public_api() -> None:
         "last_event_id",
         "SseParser",
         "SseEvent",
+        "AsgiClient",
+        "AsgiResponse",
         "merge",
         "parse_positions",
         "format_positions",
@@ -9325,3 +9329,612 @@ def test_parser_reports_comments_when_asked_and_checks_its_input() -> None:
         parser.feed("data: x\n\n")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="last_event_id must be a str, not int"):
         broadcaster.SseParser(last_event_id=5)  # type: ignore[arg-type]
+
+
+# ===========================================================================
+# AsgiClient: an ASGI app driven in process
+#
+# Apps written here send exactly the messages each test needs; the module's
+# own apps show the client in its use.
+# ===========================================================================
+
+AsgiClient = broadcaster.AsgiClient
+SseEvent = broadcaster.SseEvent
+
+
+def client_app(*messages: AsgiMessage, then: str = "return") -> AsgiApp:
+    """An app that sends ``messages``, then (``then``) returns, waits for
+    the disconnect and returns, or hangs until cancelled."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for message in messages:
+            await send(message)
+        if then == "disconnect":
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        elif then == "hang":
+            await asyncio.Event().wait()
+
+    return app
+
+
+def client_sse(*bodies: bytes, more: bool = True) -> list[AsgiMessage]:
+    """The messages of an event-stream response with ``bodies``, ended unless ``more``."""
+    messages = [asgi_start(), *(asgi_body(body) for body in bodies)]
+    return messages if more else [*messages, ASGI_FINAL]
+
+
+class ClientRecorder:
+    """An app that records each scope and each message it receives, and
+    answers 200 with the request body."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+        self.received: list[AsgiMessage] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        request = await receive()
+        self.received.append(request)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send(asgi_body(request["body"], more_body=False))
+        self.received.append(await receive())
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_client_request_scope_is_a_servers() -> None:
+    """The scope is what uvicorn would give: HTTP/1.1, spec 2.3, the path
+    unquoted and raw, the query of the path and the pairs, header names in
+    lower case, a host header, the body with its content-length; after the
+    whole response, receive() says http.disconnect."""
+    app = ClientRecorder()
+    async with AsgiClient(app) as client:
+        response = await client.request(
+            "POST", "/a%20b/é?x=1", query=[("room", "a&b"), ("room", "c")], headers={"X-Token": "t"}, body=b"hi"
+        )
+    assert (response.status, response.body, response.text) == (200, b"hi", "hi")
+    [scope] = app.scopes
+    assert scope["type"] == "http" and scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert (scope["http_version"], scope["method"], scope["scheme"]) == ("1.1", "POST", "http")
+    assert (scope["path"], scope["raw_path"]) == ("/a b/é", b"/a%20b/%C3%A9")
+    assert scope["query_string"] == b"x=1&room=a%26b&room=c"
+    assert scope["headers"] == [(b"host", b"testserver"), (b"x-token", b"t"), (b"content-length", b"2")]
+    assert (scope["client"], scope["server"], scope["root_path"], scope["state"]) == (
+        ("127.0.0.1", 50000),
+        ("testserver", 80),
+        "",
+        {},
+    )
+    assert app.received == [{"type": "http.request", "body": b"hi", "more_body": False}, ASGI_DISCONNECT]
+
+
+@async_test()
+async def test_client_json_body_and_a_host_of_ones_own() -> None:
+    """``json`` sends compact UTF-8 JSON with its content-type; a host
+    header given is kept instead of the default one."""
+    app = ClientRecorder()
+    async with AsgiClient(app) as client:
+        response = await client.request("PUT", "/", json={"text": "é"}, headers=[("Host", "example.org")])
+    assert response.body == '{"text":"é"}'.encode()
+    assert app.scopes[0]["headers"] == [
+        (b"host", b"example.org"),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"13"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"method": "GET POST"}, ValueError, "method must be an HTTP token"),
+        ({"method": 1}, TypeError, "method must be a str, not int"),
+        ({"path": "events"}, ValueError, "path must start with '/'"),
+        ({"query": "a=1"}, TypeError, "query must be a mapping or"),
+        ({"query": [("a", "1", "2")]}, TypeError, "each of query must be a"),
+        ({"query": {"a": 1}}, TypeError, "query value must be a str, not int"),
+        ({"headers": {"x": "a\r\nb"}}, ValueError, "must not contain CR, LF or NUL"),
+        ({"headers": {"Content-Length": "3"}}, ValueError, "is owned by the client"),
+        ({"headers": 5}, TypeError, "headers must be a mapping or"),
+        ({"body": "text"}, TypeError, "body must be bytes, not str"),
+        ({"body": b"x", "json": 1}, ValueError, "give a body or json, not both"),
+        ({"json": float("nan")}, ValueError, "Out of range float values"),
+    ],
+)
+def test_client_bad_request_is_refused_before_the_app_runs(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Each bad argument is a TypeError or ValueError at the call, naming
+    it; the app is never called."""
+    app = ClientRecorder()
+    client = AsgiClient(app)
+    arguments: dict[str, Any] = {"method": "GET", "path": "/", **kwargs}
+    with pytest.raises(error, match=re.escape(message)):
+        client.stream(**arguments)
+    assert app.scopes == []
+
+
+def test_client_bad_construction_is_refused() -> None:
+    with pytest.raises(TypeError, match="app must be callable, not str"):
+        AsgiClient("app")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lifespan must be a bool, not int"):
+        AsgiClient(ClientRecorder(), lifespan=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout must be > 0 and finite"):
+        AsgiClient(ClientRecorder(), timeout=0)
+
+
+# ---------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_client_response_headers_body_and_json() -> None:
+    """Header names come in lower case, repeated ones joined (and kept as
+    sent in raw_headers); an ordinary body reads whole, as JSON too."""
+    start = {
+        "type": "http.response.start",
+        "status": 401,
+        "headers": [(b"Content-Type", b"application/json"), (b"vary", b"a"), (b"vary", b"b")],
+    }
+    app = client_app(start, asgi_body(b'{"detail":'), asgi_body(b'"no"}', more_body=False))
+    async with AsgiClient(app) as client:
+        response = await client.request("GET", "/")
+    assert response.status == 401
+    assert response.headers == {"content-type": "application/json", "vary": "a, b"}
+    assert response.raw_headers == [(b"content-type", b"application/json"), (b"vary", b"a"), (b"vary", b"b")]
+    assert response.json() == {"detail": "no"}
+    assert repr(response) == "<AsgiResponse GET /: 401, ended, 15 bytes>"
+
+
+@async_test()
+async def test_client_events_one_at_a_time_n_at_a_time_and_to_the_end() -> None:
+    """Events are parsed across body messages cut anywhere: event(),
+    events(n), then ``async for`` to the end of the body; retry, the last
+    event id and comments are the parser's."""
+    bodies = (b": hi\nretry: 7\n\ndata: 1\n", b"\nid: x\ndata: 2\n\nevent: e\nda", b"ta: 3\n\ndata: 4\n\n")
+    app = client_app(*client_sse(*bodies, more=False))
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        assert await response.event() == SseEvent("message", "1", "")
+        assert await response.events(2) == [SseEvent("message", "2", "x"), SseEvent("e", "3", "x")]
+        assert [event async for event in response] == [SseEvent("message", "4", "x")]
+        assert [event async for event in response] == []
+        assert (response.parser.retry, response.parser.last_event_id, response.parser.comments) == (7, "x", ["hi"])
+        assert response.ended and repr(response).endswith(f"ended, {len(b''.join(bodies))} bytes>")
+
+
+@async_test()
+async def test_client_events_that_never_come_are_an_eof_error() -> None:
+    """A body that ends with fewer events than asked for is an EOFError,
+    and the events stay for the next read."""
+    app = client_app(*client_sse(b"data: 1\n\n", more=False))
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        with pytest.raises(EOFError, match=r"GET /: the body ended with 1 of 2 events unread"):
+            await response.events(2)
+        assert await response.event() == SseEvent("message", "1", "")
+        with pytest.raises(EOFError, match="with 0 of 1 events unread"):
+            await response.event()
+        with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+            await response.events(0)
+
+
+@async_test()
+async def test_client_reads_a_gzip_event_stream_message_by_message() -> None:
+    """A gzip body (flushed at each message, as a compressing middleware
+    does) is decompressed as it comes: each event is read before the app
+    sends the next."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    read = asyncio.Event()
+    sent: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start([*ASGI_SSE_HEADERS, (b"content-encoding", b"gzip")]))
+        for n in range(3):
+            read.clear()
+            sent.append(f"data: {n}\n\n".encode())
+            await send(asgi_body(compressor.compress(sent[-1]) + compressor.flush(zlib.Z_SYNC_FLUSH)))
+            await read.wait()
+        await send(asgi_body(compressor.flush(), more_body=False))
+
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        for n in range(3):
+            assert await response.event() == SseEvent("message", str(n), "")
+            assert len(sent) == n + 1
+            read.set()
+        assert [event async for event in response] == []
+    assert response.body == b"".join(sent)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ([(b"content-type", b"application/json")], "its content-type is 'application/json'"),
+        ([], "its content-type is ''"),
+        ([(b"content-type", b"text/event-stream"), (b"content-encoding", b"br")], "its content-encoding is 'br'"),
+    ],
+)
+@async_test()
+async def test_client_events_of_what_is_not_an_event_stream_are_a_value_error(
+    headers: list[tuple[bytes, bytes]], reason: str
+) -> None:
+    """Only a text/event-stream body in an encoding the client reads has events."""
+    app = client_app(asgi_start(headers), asgi_body(b"data: 1\n\n", more_body=False))
+    async with AsgiClient(app) as client:
+        response = await client.request("GET", "/")
+        with pytest.raises(ValueError, match=re.escape(f"GET /: no events to read: {reason}")):
+            await response.event()
+    assert response.body == b"data: 1\n\n"
+
+
+@async_test()
+async def test_client_response_is_used_once_and_inside_its_block() -> None:
+    async with AsgiClient(client_app(*client_sse(more=False))) as client:
+        response = client.stream("GET", "/")
+        with pytest.raises(RuntimeError, match=r"use the response as `async with client.stream"):
+            await response.event()
+        async with response:
+            pass
+        with pytest.raises(RuntimeError, match="GET /: a response is used once"):
+            await response.__aenter__()
+
+
+# ---------------------------------------------------------------------------
+# Leaving, and the module's own apps
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_client_leaving_a_stream_ends_its_subscription() -> None:
+    """The module's response: leaving the block disconnects and waits for
+    the app, so the subscription is gone when the block ends."""
+    rooms: Broadcaster[str, Event] = Broadcaster()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await rooms.response(rooms.subscribe(scope["path"]))(scope, receive, send)
+
+    async with AsgiClient(app) as client:
+        async with client.stream("GET", "/a") as response:
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert rooms.subscriber_count("/a") == 1
+            rooms.send("/a", Event("hi", event="greeting"))
+            assert await response.event() == SseEvent("greeting", "hi", "")
+        assert rooms.subscriber_count("/a") == 0
+        assert not response.ended  # the client left: no end of body was sent
+
+
+@async_test()
+async def test_client_resumes_with_last_event_id() -> None:
+    """A Last-Event-ID header given by the test reaches the app: the
+    module's history answers with what came after it."""
+    rooms: Broadcaster[str, Event] = Broadcaster(history=10)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await rooms.response(rooms.subscribe("a", last_event_id(scope)))(scope, receive, send)
+
+    async with AsgiClient(app) as client:
+        async with client.stream("GET", "/") as response:
+            for text in ("1", "2", "3"):
+                rooms.send("a", Event(text))
+            first = await response.event()
+        async with client.stream("GET", "/", headers={"Last-Event-ID": first.last_event_id}) as response:
+            assert [event.data for event in await response.events(2)] == ["2", "3"]
+
+
+@async_test()
+async def test_client_what_the_app_sends_after_the_disconnect_is_dropped() -> None:
+    """As under uvicorn: once the client left, sends are dropped, not errors."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        assert (await receive())["type"] == "http.request"
+        assert (await receive())["type"] == "http.disconnect"
+        await send(asgi_body(b"data: late\n\n"))
+        await send(ASGI_FINAL)
+
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        pass
+    assert (response.body, response.ended) == (b"", False)
+
+
+# ---------------------------------------------------------------------------
+# Every wait is bounded
+# ---------------------------------------------------------------------------
+
+
+@async_test()
+async def test_client_app_that_never_starts_its_response_is_a_timeout() -> None:
+    """No response start within the timeout: TimeoutError naming it; the app
+    is then told the client left, and returns."""
+    async with AsgiClient(client_app(then="disconnect"), timeout=0.05) as client:
+        with pytest.raises(TimeoutError, match=r"^GET /events: no response start within 0.05 s$"):
+            async with client.stream("GET", "/events"):
+                pass  # pragma: no cover (never entered)
+
+
+@async_test()
+async def test_client_waits_for_events_and_body_are_timeouts() -> None:
+    app = client_app(*client_sse(b": quiet\n\n"), then="disconnect")
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        with pytest.raises(TimeoutError, match=r"^GET /: no event within 0.01 s$"):
+            await response.event(timeout=0.01)
+        with pytest.raises(TimeoutError, match=r"^GET /: no 3 events within 0.01 s$"):
+            await response.events(3, timeout=0.01)
+        with pytest.raises(TimeoutError, match=r"no end of the body \(an endless stream\?\) within 0.01 s"):
+            await response.read(timeout=0.01)
+        with pytest.raises(ValueError, match="timeout must be > 0 and finite"):
+            await response.read(timeout=-1)
+
+
+@async_test()
+async def test_client_app_that_never_returns_after_the_disconnect_is_cancelled_and_reported() -> None:
+    """Leaving, the app has the timeout to return; past it, it is cancelled
+    and the block raises TimeoutError saying so."""
+    cancelled = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    async with AsgiClient(app, timeout=0.05) as client:
+        message = r"^GET /: the app did not return within 0.05 s of the client's disconnect; cancelled$"
+        with pytest.raises(TimeoutError, match=message):
+            async with client.stream("GET", "/"):
+                pass
+    assert cancelled.is_set()
+
+
+@async_test()
+async def test_client_app_that_survives_its_cancellation_is_reported_still_running() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await release.wait()  # after the cancellation it swallowed
+
+    async with AsgiClient(app, timeout=0.05) as client:
+        with pytest.raises(TimeoutError, match=r"cancelled, and it is still running$"):
+            async with client.stream("GET", "/") as response:
+                pass
+    release.set()
+    await asyncio.wait((response._call.task,))  # type: ignore[union-attr]
+
+
+@async_test()
+async def test_client_cancelled_while_leaving_cancels_the_app_and_waits_for_it() -> None:
+    left = asyncio.Event()
+    app_done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        await receive()
+        await receive()
+        left.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            app_done.set()
+
+    async def use() -> None:
+        async with AsgiClient(app) as client, client.stream("GET", "/"):
+            pass
+
+    task = asyncio.ensure_future(use())
+    await left.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert app_done.is_set()
+
+
+# ---------------------------------------------------------------------------
+# What the app raises, and what it gets wrong
+# ---------------------------------------------------------------------------
+
+
+class ClientAppError(Exception):
+    pass
+
+
+@async_test()
+async def test_client_app_error_before_the_start_is_raised_on_entering() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ClientAppError("no")
+
+    async with AsgiClient(app) as client:
+        with pytest.raises(ClientAppError, match="no"):
+            async with client.stream("GET", "/"):
+                pass  # pragma: no cover (never entered)
+
+
+@async_test()
+async def test_client_app_error_while_streaming_is_raised_by_the_wait_once() -> None:
+    """Raised by the wait that sees it, and not again when leaving."""
+    go = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        await go.wait()
+        raise ClientAppError("while streaming")
+
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        go.set()
+        with pytest.raises(ClientAppError, match="while streaming"):
+            await response.event()
+
+
+@async_test()
+async def test_client_app_error_after_the_disconnect_is_raised_when_leaving() -> None:
+    async with AsgiClient(client_app(asgi_start(), then="disconnect")) as client:
+        pass
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        await receive()
+        await receive()
+        raise ClientAppError("on the way out")
+
+    async with AsgiClient(app) as client:
+        with pytest.raises(ClientAppError, match="on the way out"):
+            async with client.stream("GET", "/"):
+                pass
+
+
+@async_test()
+async def test_client_app_raising_cancelled_error_by_itself_is_a_runtime_error() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise asyncio.CancelledError
+
+    async with AsgiClient(app) as client:
+        with pytest.raises(RuntimeError, match=r"GET /: the app raised CancelledError\(\)"):
+            await client.request("GET", "/")
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([], "GET /: the app returned without sending response start"),
+        (client_sse(b"data: 1\n"), "GET /: the app returned without sending event"),
+        ([asgi_body(b"x")], "GET /: the app sent 'http.response.body' first"),
+        ([asgi_start(), asgi_start()], "GET /: the app sent 'http.response.start' after its start"),
+        ([asgi_start(), ASGI_FINAL, ASGI_FINAL], "the app sent 'http.response.body' after the end of the body"),
+        ([asgi_start(), {"type": "http.response.trailers"}], "the app sent 'http.response.trailers' after its start"),
+    ],
+)
+@async_test()
+async def test_client_app_that_breaks_the_protocol_is_a_runtime_error(
+    messages: list[AsgiMessage], message: str
+) -> None:
+    """Returning early, or a message out of order: RuntimeError, raised in
+    the app by its send() or in the test by the wait."""
+    async with AsgiClient(client_app(*messages)) as client:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            async with client.stream("GET", "/") as response:
+                await response.event()
+
+
+# ---------------------------------------------------------------------------
+# Lifespan
+# ---------------------------------------------------------------------------
+
+
+class ClientLifespanApp:
+    """An app with a lifespan: it answers startup and shutdown with
+    ``answers``, sets state, and serves requests only after startup."""
+
+    def __init__(self, startup: str = "complete", shutdown: str = "complete") -> None:
+        self.startup, self.shutdown = startup, shutdown
+        self.events: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            assert self.events == ["startup"]
+            await client_app(asgi_start([(b"content-type", b"application/json")]), then="disconnect")(
+                scope, receive, send
+            )
+            return
+        for phase, answer in (("startup", self.startup), ("shutdown", self.shutdown)):
+            message = await receive()
+            assert message == {"type": f"lifespan.{phase}"}
+            self.events.append(phase)
+            scope["state"]["ready"] = True
+            if answer == "raise":
+                raise ClientAppError(f"{phase} broke")
+            if answer == "hang":
+                await asyncio.Event().wait()
+            await send({"type": f"lifespan.{phase}.{answer}", "message": f"{phase} said no"})
+
+
+@async_test()
+async def test_client_lifespan_runs_around_the_block_and_its_state_reaches_requests() -> None:
+    app = ClientLifespanApp()
+    client = AsgiClient(app, lifespan=True)
+    with pytest.raises(RuntimeError, match="lifespan=True is used inside `async with AsgiClient"):
+        client.stream("GET", "/")
+    async with client:
+        async with client.stream("GET", "/") as response:
+            assert response.status == 200
+        with pytest.raises(RuntimeError, match="this AsgiClient is already in use"):
+            await client.__aenter__()
+    assert app.events == ["startup", "shutdown"]
+    async with AsgiClient(app) as plain:  # without lifespan, nothing of it runs
+        assert plain._life is None
+
+
+@async_test()
+async def test_client_lifespan_state_is_copied_into_each_request() -> None:
+    app = ClientRecorder()
+
+    async def with_lifespan(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            scope["state"]["db"] = "connected"
+            await send({"type": "lifespan.startup.complete"})
+            await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        scope["state"]["db"] = "changed by a request"
+        await app(scope, receive, send)
+
+    async with AsgiClient(with_lifespan, lifespan=True) as client:
+        await client.request("GET", "/")
+        await client.request("GET", "/")
+    assert [scope["state"] for scope in app.scopes] == [{"db": "changed by a request"}] * 2
+
+
+@pytest.mark.parametrize(
+    ("startup", "shutdown", "error", "message"),
+    [
+        ("failed", "complete", RuntimeError, "lifespan.startup with lifespan.startup.failed: startup said no"),
+        ("raise", "complete", ClientAppError, "startup broke"),
+        ("hang", "complete", TimeoutError, "lifespan: no lifespan.startup.complete within 0.05 s"),
+        ("complete", "failed", RuntimeError, "lifespan.shutdown.failed: shutdown said no"),
+        ("complete", "raise", ClientAppError, "shutdown broke"),
+        ("complete", "hang", TimeoutError, "lifespan: no lifespan.shutdown.complete within 0.05 s"),
+    ],
+)
+@async_test()
+async def test_client_lifespan_failure_is_raised_and_the_app_is_stopped(
+    startup: str, shutdown: str, error: type[Exception], message: str
+) -> None:
+    """A failed or broken phase is raised (the app's message, or its
+    exception); the lifespan task is cancelled, not left behind."""
+    app = ClientLifespanApp(startup, shutdown)
+    with pytest.raises(error, match=re.escape(message)):
+        async with AsgiClient(app, lifespan=True, timeout=0.05):
+            pass
+
+
+@async_test()
+async def test_client_lifespan_that_never_returns_after_shutdown_is_reported() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        await asyncio.Event().wait()
+
+    message = "lifespan: the app did not return within 0.05 s of lifespan.shutdown; cancelled"
+    with pytest.raises(TimeoutError, match=re.escape(message)):
+        async with AsgiClient(app, lifespan=True, timeout=0.05):
+            pass
+
+
+@async_test()
+async def test_client_lifespan_unexpected_answer_is_a_runtime_error() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+        await asyncio.Event().wait()
+
+    with pytest.raises(RuntimeError, match=r"answered lifespan\.startup with lifespan\.shutdown\.complete$"):
+        async with AsgiClient(app, lifespan=True, timeout=0.05):
+            pass
