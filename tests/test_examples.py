@@ -33,6 +33,8 @@ import _support
 import pytest
 from _support import Connection, request, serve
 
+from broadcaster import SseParser, parse_positions
+
 CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat.py"
 
 pytestmark = pytest.mark.skipif(
@@ -98,7 +100,6 @@ def stats(port: int, room: str) -> dict[str, Any]:
 # The id the broadcaster gives each message in its room: an epoch per room
 # lifetime, a dash, and the message's number in that lifetime. A stream of one
 # room writes it as "<room>=<id>" (the position it reached in each room).
-ID = re.compile(rb"\nid: [a-z0-9_-]+=([0-9a-f]{12})-([0-9]+)\n\n$")
 
 
 class reload:  # noqa: N801  (read as the frame it matches: ``chunk == reload("a")``)
@@ -130,11 +131,16 @@ def presence(room: str, count: int) -> bytes:
 
 
 def epoch(frame: bytes | None) -> str:
-    """The epoch of the id in a message frame."""
+    """The epoch of the id of a message frame (``<room>=<epoch>-<n>``), as a
+    browser reads it."""
     assert frame is not None
-    found = ID.search(frame)
-    assert found is not None, frame
-    return found[1].decode()
+    [event] = SseParser().feed(frame)
+    positions = parse_positions(event.last_event_id)
+    assert positions is not None, event
+    [position] = positions.values()
+    run, _, n = position.partition("-")
+    assert re.fullmatch("[0-9a-f]{12}", run) and n.isdigit(), event
+    return run
 
 
 def frames(conn: Connection, n: int) -> tuple[list[bytes], list[bytes]]:

@@ -20,7 +20,6 @@ except under ``CI=true``, where a skip would hide a broken setup: they fail.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,8 @@ from typing import Any
 import _support
 import pytest
 from _support import Connection, request
+
+from broadcaster import SseParser
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 INTERVAL = 0.05  # --interval of dashboard.py and threads.py
@@ -279,10 +280,11 @@ METRICS = {"client", "n", "uptime_s", "loop_lag_ms", "cpu_s", "clients", "tasks"
 
 
 def metrics(chunk: bytes | None) -> dict[str, Any]:
-    """The JSON of one metrics frame (one event per chunk)."""
-    assert chunk is not None and chunk.startswith(b"event: metrics\ndata: ") and chunk.endswith(b"\n\n"), chunk
-    assert chunk.count(b"\n") == 3, chunk  # one data line
-    value: dict[str, Any] = json.loads(chunk[len(b"event: metrics\ndata: "):])
+    """The JSON of one metrics event (one event per chunk)."""
+    assert chunk is not None
+    [event] = SseParser().feed(chunk)
+    assert event.type == "metrics", event
+    value: dict[str, Any] = json.loads(event.data)
     assert set(value) == METRICS
     return value
 
@@ -380,16 +382,13 @@ def test_sigterm_ends_metrics_streams_cleanly(tmp_path: Path) -> None:
 # threads.py: publishing from a plain thread
 # ---------------------------------------------------------------------------
 
-TICK = re.compile(rb"event: tick\nid: (\d+)\ndata: (\{[^\n]*\})\n\n")
-
-
 def tick(chunk: bytes | None) -> dict[str, Any]:
-    """The JSON of one tick frame, checked against its id."""
+    """The JSON of one tick event (one event per chunk), checked against its id."""
     assert chunk is not None
-    match = TICK.fullmatch(chunk)
-    assert match, chunk
-    value: dict[str, Any] = json.loads(match.group(2))
-    assert value["n"] == int(match.group(1))
+    [event] = SseParser().feed(chunk)
+    assert event.type == "tick", event
+    value: dict[str, Any] = json.loads(event.data)
+    assert value["n"] == int(event.last_event_id)
     return value
 
 

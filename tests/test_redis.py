@@ -11,7 +11,8 @@ per-worker history, B and C do not, so both resume paths meet); the outage test
 has a Redis and two workers of its own, since it stops that Redis.
 
 The SSE clients speak HTTP/1.1 on raw sockets (the tests see the status, the
-headers and the chunked body): an asyncio client that parses frame by frame,
+headers and the chunked body): an asyncio client that parses event by event
+with the module's SseParser,
 and for the 300-client fan-out one thread reading every socket in bulk under a
 selector (an asyncio client per stream would cost the small CI machine more
 CPU than the three workers). Plain requests go through urllib. Every read has
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -66,7 +68,7 @@ if TYPE_CHECKING or not MISSING:
     )
 
     import broadcaster
-    from broadcaster import Event
+    from broadcaster import Event, SseEvent, SseParser
 
 
 def require() -> None:
@@ -239,28 +241,16 @@ def stats(port: int, path: str = "/stats") -> dict[str, Any]:
     return value
 
 
-Frame = dict[str, str]
-
-
-def parse_frame(frame: bytes) -> Frame:
-    """The fields of one SSE frame (``comment`` for ``:`` lines; data lines joined)."""
-    fields: Frame = {}
-    for line in frame.decode().split("\n"):
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        key = name or "comment"
-        fields[key] = f"{fields[key]}\n{value}" if key in fields else value
-    return fields
-
-
 class SseClient:
-    """One SSE stream on a raw asyncio connection: parses the chunked body into frames."""
+    """One SSE stream on a raw asyncio connection: the chunked body read by
+    hand, its events parsed by the module's SseParser."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.raw = bytearray()  # unparsed chunked body
-        self.text = bytearray()  # event-stream text not yet split into frames
+        self.parser = SseParser(comments=True)
+        self.events: deque[SseEvent] = deque()  # parsed, not read yet
         self.ended = False
 
     @classmethod
@@ -273,8 +263,9 @@ class SseClient:
         status = head.split(b" ", 2)[1]
         assert status == b"200", head
         assert b"transfer-encoding: chunked" in head.lower(), head
-        first = await client.frame()
-        assert first == {"retry": "1000"}, first
+        first = await client._chunk()
+        assert first == b"retry: 1000\n\n", first
+        client.parser.feed(first)
         return client
 
     async def _chunk(self) -> bytes | None:
@@ -293,29 +284,28 @@ class SseClient:
                 raise EOFError("the server closed the connection mid-body")
             self.raw += more
 
-    async def frame(self) -> Frame | None:
-        """The next SSE frame; None at the clean end of the body."""
-        while True:
-            end = self.text.find(b"\n\n")
-            if end >= 0:
-                frame = bytes(self.text[:end])
-                del self.text[: end + 2]
-                return parse_frame(frame)
+    async def event(self) -> SseEvent | None:
+        """The next event; None at the clean end of the body."""
+        while not self.events:
             chunk = await self._chunk()
             if chunk is None:
-                assert not self.text, self.text
                 self.ended = True
                 return None
-            self.text += chunk
+            self.events.extend(self.parser.feed(chunk))
+        return self.events.popleft()
+
+    async def reload(self) -> None:
+        """The next event is the reload event (a resume that cannot be exact)."""
+        event = await self.event()
+        assert event is not None and (event.type, event.data) == ("reload", ""), event
 
     async def messages(self, n: int) -> list[tuple[str, str]]:
-        """The next ``n`` events with data, as (id, data); fails at the end of the body."""
+        """The next ``n`` events, as (last event id, data); fails at the end of the body."""
         got: list[tuple[str, str]] = []
         while len(got) < n:
-            frame = await self.frame()
-            assert frame is not None, f"the stream ended after {len(got)} of {n} messages"
-            if "data" in frame:
-                got.append((frame.get("id", ""), frame["data"]))
+            event = await self.event()
+            assert event is not None, f"the stream ended after {len(got)} of {n} messages"
+            got.append((event.last_event_id, event.data))
         return got
 
     def close(self) -> None:
@@ -395,14 +385,10 @@ class BulkStreams:
             assert size, "the body ended"
             body += raw[end + 2 : end + 2 + size]
             pos = end + 4 + size
-        frames = bytes(body).split(b"\n\n")
-        assert frames[0] == b"retry: 1000" and frames[-1] == b"", frames[:1] + frames[-1:]
-        got: list[tuple[str, str]] = []
-        for frame in frames[1:-1]:
-            head, _, data = frame.partition(self.MARKER)
-            assert head.startswith(b"id: ") and b"\n" not in head, frame
-            got.append((head[4:].decode(), data.decode()))
-        return got
+        assert body.startswith(b"retry: 1000\n\n"), bytes(body[:40])
+        events = SseParser().feed(bytes(body))
+        assert all(event.type == "message" for event in events), events
+        return [(event.last_event_id, event.data) for event in events]
 
     def close(self) -> None:
         for sock in self.socks:
@@ -578,7 +564,7 @@ def test_an_id_that_cannot_be_resumed_gets_reload_first(workers: list[Worker]) -
     async def main() -> None:
         for worker, last in ((b, "1-0"), (c, "garbage"), (workers[0], "1-0")):
             async with sse(worker.port, "/events/gap", last_event_id=last) as client:
-                assert await client.frame() == {"event": "reload", "data": ""}
+                await client.reload()
                 ident = publish(c.port, "gap", "live")
                 assert await client.messages(1) == [(ident, "live")]
 
@@ -661,7 +647,7 @@ def test_redis_stops_and_comes_back(outage: tuple[RedisServer, list[Worker]]) ->
         server.stop()
         start = time.monotonic()
         for client in (s1, s2):
-            assert await client.frame() is None  # the clean end of the body
+            assert await client.event() is None  # the clean end of the body
             client.close()
         assert time.monotonic() - start < 5
 
@@ -670,8 +656,8 @@ def test_redis_stops_and_comes_back(outage: tuple[RedisServer, list[Worker]]) ->
         assert json.loads(body)["error"].startswith("Redis unavailable: publishing to 'outage' failed")
         assert stats(w2.port)["redis"] is False
         async with sse(w2.port, f"/events/{key}") as refused:
-            assert await refused.frame() == {"comment": "redis unavailable: reconnect later"}
-            assert await refused.frame() is None
+            assert await refused.event() is None
+            assert refused.parser.comments == ["redis unavailable: reconnect later"]
 
         server.start()
 
@@ -680,7 +666,7 @@ def test_redis_stops_and_comes_back(outage: tuple[RedisServer, list[Worker]]) ->
 
         await asyncio.to_thread(wait_for, reconnected, "both workers reconnected", 15)
         async with sse(w1.port, f"/events/{key}", last_event_id=before) as s3, sse(w2.port, f"/events/{key}") as s4:
-            assert await s3.frame() == {"event": "reload", "data": ""}
+            await s3.reload()
             assert server.shard_subscribers(f"sse:{key}") == 2
             after = publish(w1.port, key, "after")
             assert await s3.messages(1) == await s4.messages(1) == [(after, "after")]
