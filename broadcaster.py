@@ -3012,47 +3012,54 @@ class SseParser:
         if not self._started:
             self._started = True
             text = text.removeprefix("\ufeff")
-        out: list[SseEvent] = []
-        start = 0
         if self._skip_lf and text.startswith("\n"):
-            start = 1
-        self._skip_lf = False
-        for found in _LINE_BREAK.finditer(text, start):
-            self._line.append(text[start : found.start()])
-            line = "".join(self._line)
-            self._line = []
-            self._interpret(line, out)
-            start = found.end()
-        if start < len(text):
-            self._line.append(text[start:])
+            text = text[1:]  # the LF of a CRLF whose CR ended the last chunk
+        # A CR ending the text ends a line; a LF starting the next one is
+        # part of the same line end.
         self._skip_lf = text.endswith("\r")
-        return out
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        if len(lines) == 1:  # no line end yet: one more piece of the line
+            self._line.append(text)
+            return []
+        if self._line:
+            self._line.append(lines[0])
+            lines[0] = "".join(self._line)
+        last = lines.pop()  # what follows the last line end: the next line's start
+        self._line = [last] if last else []
+        return self._interpret(lines)
 
-    def _interpret(self, line: str, out: list[SseEvent]) -> None:
-        if not line:
-            self.last_event_id = self._id
-            if self._data:
-                data = "".join(self._data)[:-1]
-                out.append(SseEvent(self._type or "message", data, self.last_event_id))
-            self._data = []
-            self._type = ""
-            return
-        if line.startswith(":"):
-            if self._comments:
-                self.comments.append(line[2:] if line.startswith(": ") else line[1:])
-            return
-        name, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value + "\n")
-        elif name == "event":
-            self._type = value
-        elif name == "id":
-            if "\0" not in value:
-                self._id = value
-        elif name == "retry" and value.isascii() and value.isdigit() and len(value) < _MAX_DIGITS:
-            self.retry = int(value)
+    def _interpret(self, lines: list[str]) -> list[SseEvent]:
+        """Interpret whole lines; the events they dispatch."""
+        out: list[SseEvent] = []
+        data, kind, ident = self._data, self._type, self._id
+        for line in lines:
+            if not line:  # dispatch
+                self.last_event_id = ident
+                if data:
+                    out.append(SseEvent(kind or "message", "\n".join(data), ident))
+                    data = []
+                kind = ""
+                continue
+            name, _, value = line.partition(":")
+            if not name:  # a comment: the line starts with a colon
+                if self._comments:
+                    self.comments.append(value[1:] if value.startswith(" ") else value)
+                continue
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value
+            elif name == "id":
+                if "\0" not in value:
+                    ident = value
+            elif name == "retry" and value.isascii() and value.isdigit() and len(value) < _MAX_DIGITS:
+                self.retry = int(value)
+        self._data, self._type, self._id = data, kind, ident
+        return out
 
 
 # ---------------------------------------------------------------------------
