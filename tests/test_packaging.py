@@ -215,7 +215,7 @@ def test_installed_package_imports_from_the_venv(installed: Installed) -> None:
 # Expected mypy output is written next to the line it belongs to, as
 # ``# N: <note>`` or ``# E: <error>  [code]`` (mypy's own test-data style).
 USER_INFER = '''\
-from broadcaster import Broadcaster, BroadcastStream, Event, LagPolicy, merge, replay
+from broadcaster import AsgiClient, Broadcaster, BroadcastStream, Event, LagPolicy, merge, replay
 
 
 async def main() -> None:
@@ -246,6 +246,14 @@ async def main() -> None:
     reveal_type(both)  # N: Revealed type is "broadcaster.KeyedStream[builtins.str, builtins.int | builtins.bytes]"
     reveal_type(many.gaps)  # N: Revealed type is "builtins.tuple[builtins.str, ...]"
     b.subscribe_many([1])  # E: List item 0 has incompatible type "int"; expected "str"  [list-item]
+    events = Broadcaster[str, Event]()
+    async with AsgiClient(events.response(events.subscribe("k"))) as client, client.stream("GET", "/") as response:
+        reveal_type(response)  # N: Revealed type is "broadcaster.AsgiResponse"
+        reveal_type(await response.event())  # N: Revealed type is "broadcaster.SseEvent"
+        async for event in response:
+            reveal_type(event.data)  # N: Revealed type is "builtins.str"
+    reveal_type(await client.request("GET", "/", json={"n": 1}))  # N: Revealed type is "broadcaster.AsgiResponse"
+    client.stream("GET", "/", headers={"a": 1})  # E: Argument "headers" to "stream" of "AsgiClient" has incompatible type "dict[str, int]"; expected "Mapping[str, str] | Iterable[tuple[str, str]]"  [arg-type]
 '''
 
 # Output lines that are not about a line of the checked file (e.g. "Success").
