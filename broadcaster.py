@@ -1137,6 +1137,10 @@ class _EventSource(Protocol):
 # cancelling the server's task out of it. A CancelledError without such a
 # note is not ours: it propagates from the server's task, and it is the
 # task's own failure anywhere else (_outcome turns it into a RuntimeError).
+# AsgiClient, a test's client, runs each call of an app in one task, owned
+# by the block that started it (a response's, or the client's for the
+# lifespan): it awaits the task, and cancels it only past its bound or when
+# that block is cancelled itself, noting it first (_AppCall.cancel).
 # ---------------------------------------------------------------------------
 
 
