@@ -3205,7 +3205,7 @@ class _Lifespan(_AppCall):
             await self.end("lifespan.shutdown")
 
 
-class AsgiResponse:
+class AsgiResponse(_AsyncClosing):
     """A response of the app under test, read as it arrives: what
     :meth:`AsgiClient.stream` makes, to use as ``async with`` (entering it
     sends the request and waits for the status and headers; leaving it
@@ -3260,17 +3260,16 @@ class AsgiResponse:
         try:
             await self._call.until(lambda: self.status != 0, "response start", None)
         except BaseException:
-            await self._leave()
+            await self.aclose()
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._leave()
+    async def aclose(self) -> None:
+        """Leave, as the end of the ``async with`` block does: the client
+        sends ``http.disconnect``, then waits for the app to return."""
+        call = self._running()
+        _complete(self._left)
+        await call.end("the client's disconnect")
 
     @property
     def body(self) -> bytes:
@@ -3327,11 +3326,6 @@ class AsgiResponse:
             raise ValueError(f"{self._what}: no events to read: {self._unreadable}")
         await call.until(lambda: len(self._events) >= n or self.ended, "event" if n == 1 else f"{n} events", timeout)
 
-    async def _leave(self) -> None:
-        """The client leaves: http.disconnect, then the app must return."""
-        call = self._running()
-        _complete(self._left)
-        await call.end("the client's disconnect")
 
     # -- internals: the server's side of the request --------------------------------
 
@@ -3380,7 +3374,7 @@ class AsgiResponse:
             _complete(self._left)
 
 
-class AsgiClient:
+class AsgiClient(_AsyncClosing):
     """A client of an ASGI 3 app, in process: for testing endpoints, endless
     event streams included, with no server, socket or extra dependency.
 
@@ -3431,12 +3425,9 @@ class AsgiClient:
                 raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """End the use of the client, as the end of the ``async with`` block
+        does: the lifespan's shutdown, if it started."""
         life, self._life = self._life, None
         if life is not None:
             await life.phase("shutdown")
