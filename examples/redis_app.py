@@ -25,7 +25,8 @@ HTTP API (``{key}`` matches ``[A-Za-z0-9_.:-]{1,64}``, else 400):
   is published as the ``data`` of one event -> 200 ``{"id": "<global id>"}``;
   503 ``{"error": "Redis unavailable: ..."}`` when Redis cannot take it (nothing
   was published); 400 on a body that is not UTF-8, 413 on a larger one.
-* ``GET /stats``: ``{"pid", "redis": bool, "channels": n}``.
+* ``GET /stats``: ``{"pid", "redis": bool, "channels": n}``. Every response
+  of a stream has an ``x-worker`` header: the pid of the worker serving it.
 * ``GET /stats/{key}``: ``{"key", "subscribers": n, "subscribed": bool}``:
   this worker's local streams of the key, and whether it holds a Redis
   subscription for it.
@@ -98,7 +99,9 @@ class RedisApp:
             history=history,
             local_history=local_history,
             linger=linger,
-            config=SseConfig(retry=1000),
+            # x-worker: which process serves the stream (with --workers N,
+            # the kernel hands each connection to one of them).
+            config=SseConfig(retry=1000, headers=(("x-worker", str(os.getpid())),)),
             backoff=(0.1, 2.0),
         )
 
@@ -228,38 +231,38 @@ def serve(args: argparse.Namespace, sock: socket.socket | None = None) -> None:
 def supervise(args: argparse.Namespace) -> None:
     """``--workers N``: bind the port once, run N worker processes on it (the
     kernel spreads the connections), stop them all on Ctrl-C or SIGTERM."""
-    sock = socket.create_server(("127.0.0.1", args.port))
-    sock.set_inheritable(True)
-    host, port = sock.getsockname()[:2]
-    command = [
-        sys.executable,
-        __file__,
-        f"--redis={args.redis}",
-        f"--history={args.history}",
-        f"--local-history={args.local_history}",
-        f"--linger={args.linger}",
-        f"--fd={sock.fileno()}",
-    ]
-    workers = [subprocess.Popen(command, pass_fds=[sock.fileno()]) for _ in range(args.workers)]
-    print(f"redis_app running on http://{host}:{port}/ with {args.workers} workers", flush=True)
+    with socket.create_server(("127.0.0.1", args.port)) as sock:
+        sock.set_inheritable(True)
+        host, port = sock.getsockname()[:2]
+        command = [
+            sys.executable,
+            __file__,
+            f"--redis={args.redis}",
+            f"--history={args.history}",
+            f"--local-history={args.local_history}",
+            f"--linger={args.linger}",
+            f"--fd={sock.fileno()}",
+        ]
+        workers = [subprocess.Popen(command, pass_fds=[sock.fileno()]) for _ in range(args.workers)]
+        print(f"redis_app running on http://{host}:{port}/ with {args.workers} workers", flush=True)
 
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        def stop(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        for worker in workers:
-            worker.wait()
-    except KeyboardInterrupt:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            for worker in workers:
                 worker.wait()
+        except KeyboardInterrupt:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,6 +91,8 @@ class Process:
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,
+            # A warning is an error in the served process too, as in the tests.
+            env={**os.environ, "PYTHONWARNINGS": "error"},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import re
 import selectors
 import shutil
 import socket
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -252,6 +253,14 @@ class SseClient:
         self.parser = SseParser(comments=True)
         self.events: deque[SseEvent] = deque()  # parsed, not read yet
         self.ended = False
+        self.head = b""  # the status line and headers
+
+    @property
+    def worker(self) -> str:
+        """The pid of the worker that serves the stream (its x-worker header)."""
+        found = re.search(rb"\r\nx-worker: (\d+)\r\n", self.head, re.IGNORECASE)
+        assert found, self.head
+        return found[1].decode()
 
     @classmethod
     async def open(cls, port: int, path: str, last_event_id: str | None = None) -> SseClient:
@@ -263,6 +272,7 @@ class SseClient:
         status = head.split(b" ", 2)[1]
         assert status == b"200", head
         assert b"transfer-encoding: chunked" in head.lower(), head
+        client.head = head
         first = await client._chunk()
         assert first == b"retry: 1000\n\n", first
         client.parser.feed(first)
@@ -626,6 +636,64 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServ
     finally:
         for worker in started:
             worker.kill()
+        server.stop()
+
+
+def test_redis_failover_ends_every_stream_of_three_workers_within_1s(tmp_path: Path) -> None:
+    """``redis_app.py --workers 3`` (one port, three processes) with 150
+    streams: when Redis stops, every stream of every worker ends cleanly (the
+    final chunk) within 1 s, each worker noticing the closed connection
+    itself, not waiting for its ping; the app then exits cleanly on SIGTERM,
+    with warnings as errors in all four processes."""
+    require()
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        argv = [sys.executable, str(APP), "--port", "0", "--redis", server.url, "--workers", "3"]
+        # The supervisor stops its workers on SIGTERM, then exits normally.
+        supervisor = _support.Process(argv, tmp_path, "redis_app running on", ready_within=20, exit_code=0, exit_within=10)
+        with supervisor as app:
+            pids: set[str] = set()
+            while len(pids) < 3:  # then each worker's, once it listens
+                line = app.stdout.get(timeout=20)
+                assert line is not None, app.stderr
+                pids |= set(re.findall(r"\(pid (\d+)\)", line))
+
+            async def main() -> dict[str, list[float]]:
+                streams: list[SseClient] = []
+                try:
+                    # The kernel hands each connection to one worker: open
+                    # 150, and more until each worker serves 20.
+                    while len(streams) < 150 or min(Counter(s.worker for s in streams)[p] for p in pids) < 20:
+                        assert len(streams) < 600, Counter(s.worker for s in streams)
+                        streams.append(await SseClient.open(app.port, f"/events/k{len(streams) % 10}"))
+                    start = time.monotonic()
+                    await asyncio.to_thread(server.stop)
+
+                    async def ended(stream: SseClient) -> float:
+                        assert await stream.event() is None  # the final chunk, nothing before it
+                        return time.monotonic() - start
+
+                    times = await asyncio.gather(*(ended(stream) for stream in streams))
+                finally:
+                    for stream in streams:
+                        stream.close()
+                by_worker: dict[str, list[float]] = {pid: [] for pid in pids}
+                for stream, seconds in zip(streams, times, strict=True):
+                    by_worker[stream.worker].append(seconds)
+                return by_worker
+
+            by_worker: dict[str, list[float]] = {}
+
+            async def measure() -> None:
+                by_worker.update(await main())
+
+            run(measure())
+            slowest = {pid: max(seconds) for pid, seconds in by_worker.items()}
+            print(f"failover, slowest stream end per worker: {slowest} (streams: {sum(map(len, by_worker.values()))})")
+            assert all(seconds < 1.0 for seconds in slowest.values()), slowest
+            app.terminate()
+    finally:
         server.stop()
 
 

@@ -170,7 +170,8 @@ class Server:
 
     def __init__(self, spec: Spec, keep_alive: float | None) -> None:
         self.spec = spec
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSE_SIGNAL_HOOK": "1"}
+        # PYTHONWARNINGS: a warning is an error in the server too, as in the tests.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSE_SIGNAL_HOOK": "1", "PYTHONWARNINGS": "error"}
         if keep_alive is not None:
             env["SSE_KEEP_ALIVE"] = str(keep_alive)
         self.lines: list[str] = []
