@@ -126,6 +126,7 @@ import functools
 import itertools
 import json
 import logging
+import random
 import re
 import secrets
 import sys
@@ -254,6 +255,18 @@ def _check_seconds(name: str, value: object, *, optional: bool = False) -> float
         hint = " (use None to disable)" if optional else ""
         raise ValueError(f"{name} must be > 0 and finite{hint}, got {value!r}")
     return float(value)
+
+
+def _check_window(name: str, value: object) -> None:
+    """None, or a ``(low, high)`` tuple of seconds, ``0 <= low <= high`` and finite."""
+    if value is None:
+        return
+    items = cast("tuple[object, ...]", value) if isinstance(value, tuple) else ()
+    if len(items) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        raise TypeError(f"{name} must be a (low, high) tuple of seconds or None, got {value!r}")
+    low, high = cast("tuple[float, float]", items)
+    if not 0 <= low <= high < float("inf"):
+        raise ValueError(f"{name} must have 0 <= low <= high, finite, got {value!r}")
 
 
 def _check_callable(name: str, value: object, *, optional: bool = False) -> None:
@@ -646,10 +659,18 @@ class SseConfig:
             a TCP connection open. ``None`` waits forever.
         headers: extra response headers as ``(name, value)`` pairs. A name equal
             to a built-in header's replaces it.
+        shutdown_retry: ``(low, high)`` seconds, or ``None`` (the default).
+            When set, a response that finishes once its broadcaster is closed
+            (``Broadcaster.close()``, at shutdown) writes ``retry: N`` just
+            before its end, N chosen at random between ``low`` and ``high``
+            seconds, so that its clients reconnect spread over that window
+            instead of all at once. The client keeps that reconnection time
+            until a stream sets another (``retry`` above does, at the start).
 
     Raises:
         TypeError: a field of the wrong type.
-        ValueError: a non-positive or non-finite time; CR or LF in the comment;
+        ValueError: a non-positive or non-finite time; a ``shutdown_retry``
+            that is not ``0 <= low <= high``, finite; CR or LF in the comment;
             a header name that is not a lowercase token, a framing header
             (``connection``, ``content-length``, ``transfer-encoding``) or a
             value that is not latin-1 or holds CR, LF or NUL.
@@ -660,6 +681,7 @@ class SseConfig:
     retry: int | None = None
     send_timeout: float | None = 30.0
     headers: tuple[tuple[str, str], ...] = ()
+    shutdown_retry: tuple[float, float] | None = None
     # Derived once, so a response does no work to build them.
     _start: tuple[tuple[bytes, bytes], ...] = dataclasses.field(init=False, repr=False, compare=False)
     _first_chunk: bytes = dataclasses.field(init=False, repr=False, compare=False)
@@ -668,6 +690,7 @@ class SseConfig:
     def __post_init__(self) -> None:
         _check_seconds("keep_alive", self.keep_alive, optional=True)
         _check_seconds("send_timeout", self.send_timeout, optional=True)
+        _check_window("shutdown_retry", self.shutdown_retry)
         comment = _check_line("keep_alive_comment", self.keep_alive_comment)
         keep_alive = _utf8("keep_alive_comment", f": {comment}\n\n" if comment else ":\n\n")
         first = b":\n\n" if self.retry is None else f"retry: {_check_int('retry', self.retry, 0)}\n\n".encode()
@@ -1988,7 +2011,7 @@ class Broadcaster(Generic[K, T]):
         if on_gap is not None and source.gaps:
             gap = on_gap if isinstance(on_gap, Event) else on_gap(source.gaps)
             _check_type("on_gap's result", gap, Event, "an Event")
-        return _SseResponse(source, self._config, render, gap)
+        return _SseResponse(source, self._config, render, gap, self)
 
     def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
         """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
@@ -2002,7 +2025,7 @@ class Broadcaster(Generic[K, T]):
         channel response ends at once without starting ``fn``.
         """
         _check_callable("fn", fn)
-        return _SseResponse(_FedSource(fn, self._buffer, "SSE channel closure", owner=self), self._config)
+        return _SseResponse(_FedSource(fn, self._buffer, "SSE channel closure", owner=self), self._config, owner=self)
 
     # -- what it is -------------------------------------------------------------
 
@@ -2231,6 +2254,8 @@ class _SseResponse:
         "_config",
         "_render",
         "_on_gap",
+        # The broadcaster that made it (its close() is a shutdown).
+        "_owner",
         "_called",
         # Set when called: the server's send and receive, its task and loop.
         "_send",
@@ -2270,11 +2295,13 @@ class _SseResponse:
         config: SseConfig,
         render: Callable[[Any], Event] | None = None,
         on_gap: Event | None = None,
+        owner: Broadcaster[Any, Any] | None = None,
     ) -> None:
         self._source = source
         self._config = config
         self._render = render
         self._on_gap = on_gap
+        self._owner = owner
         self._called = False
         self._wake: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -2313,7 +2340,7 @@ class _SseResponse:
             finally:
                 await self._unwatch()
             if finish:
-                await self._write(dict(_FINAL))
+                await self._write(self._final())
         finally:
             if self._timer is not None:
                 self._timer.cancel()
@@ -2322,6 +2349,16 @@ class _SseResponse:
                 await self._source.aclose()
             except Exception:
                 logger.exception("closing the SSE event source raised")
+
+    def _final(self) -> Message:
+        """The last body message: empty, or at shutdown with ``shutdown_retry``
+        the ``retry:`` frame that spreads the reconnections."""
+        window = self._config.shutdown_retry
+        owner = self._owner
+        if window is None or owner is None or not owner._closed:  # pyright: ignore[reportPrivateUsage]
+            return dict(_FINAL)
+        retry = random.randint(round(window[0] * 1000), round(window[1] * 1000))
+        return {"type": "http.response.body", "body": f"retry: {retry}\n\n".encode(), "more_body": False}
 
     async def _write_head(self, head: bool) -> bool:
         """The start message; then the whole empty body for ``HEAD`` (False:

@@ -1622,6 +1622,25 @@ def test_sse_config_defaults() -> None:
     assert fields == (15.0, "", None, 30.0, ()), f"defaults are {fields}"
 
 
+@pytest.mark.parametrize(
+    ("window", "error", "message"),
+    [
+        ((1, "2"), TypeError, "shutdown_retry must be a (low, high) tuple of seconds or None, got (1, '2')"),
+        ([1, 2], TypeError, "shutdown_retry must be a (low, high) tuple"),
+        ((1, 2, 3), TypeError, "shutdown_retry must be a (low, high) tuple"),
+        ((True, 2), TypeError, "shutdown_retry must be a (low, high) tuple"),
+        ((2, 1), ValueError, "shutdown_retry must have 0 <= low <= high, finite, got (2, 1)"),
+        ((-1, 1), ValueError, "shutdown_retry must have 0 <= low <= high"),
+        ((1, float("inf")), ValueError, "shutdown_retry must have 0 <= low <= high"),
+    ],
+)
+def test_sse_config_shutdown_retry_is_a_window_of_seconds(window: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        SseConfig(shutdown_retry=window)
+    assert SseConfig(shutdown_retry=(0, 0.5)).shutdown_retry == (0, 0.5)
+    assert SseConfig().shutdown_retry is None
+
+
 def test_sse_config_accepts_none_times() -> None:
     """keep_alive=None and send_timeout=None disable them."""
     config = SseConfig(keep_alive=None, send_timeout=None)
@@ -6741,6 +6760,72 @@ async def test_response_broadcaster_close_writes_buffered_events_then_ends() -> 
     await asgi_ended(task)
     expected = [asgi_start(), ASGI_FIRST, asgi_body(b"".join(e.encode() for e in events)), ASGI_FINAL]
     assert peer.sent == expected, f"wrong messages: {peer.sent}"
+
+
+async def shutdown_bodies(config: SseConfig, n: int) -> list[bytes]:
+    """The bodies of ``n`` responses of streams, plus one of a ``channel()``
+    and one that starts after the shutdown, as clients read them, when the
+    broadcaster is closed while they stream."""
+    b: Broadcaster[str, Event] = Broadcaster(config=config)
+
+    async def forever(tx: Sender) -> None:
+        await tx.send(Event("from a channel"))
+        await asyncio.Event().wait()
+
+    apps = [b.response(b.subscribe("k")) for _ in range(n)] + [b.channel(forever)]
+    async with contextlib.AsyncExitStack() as stack:
+        responses = [await stack.enter_async_context(AsgiClient(app).stream("GET", "/")) for app in apps]
+        b.send("k", Event("last"))
+        assert (await responses[-1].event()).data == "from a channel"
+        b.close()
+        for response in responses:
+            await response.read()
+        late = await client_request(b.response(b.subscribe("k")))
+    return [response.body for response in [*responses, late]]
+
+
+_SHUTDOWN_RETRY = re.compile(rb"retry: ([0-9]+)\n\n")
+
+
+@async_test()
+async def test_response_at_shutdown_writes_a_retry_chosen_in_the_window() -> None:
+    """With shutdown_retry, every response that close() ends writes, after
+    what it had to write, one ``retry:`` frame at random in the window
+    (inclusive, in ms), and a response that starts after the close too: the
+    clients reconnect spread over it."""
+    config = SseConfig(keep_alive=None, shutdown_retry=(1, 2.5))
+    bodies = await shutdown_bodies(config, 60)
+    retries = []
+    for body in bodies:
+        found = _SHUTDOWN_RETRY.search(body)
+        assert found is not None and body.endswith(found[0]), body
+        retries.append(int(found[1]))
+        assert parse_event_stream(body).retry == retries[-1]
+    assert all(1000 <= retry <= 2500 for retry in retries), retries
+    assert len(set(retries)) > 10, f"the retries do not spread: {sorted(retries)}"
+    assert bodies[0] == b":\n\ndata: last\n\n" + f"retry: {retries[0]}\n\n".encode()
+
+
+@async_test()
+async def test_response_at_shutdown_without_shutdown_retry_ends_as_before() -> None:
+    """The default: close() ends the responses with the final empty message,
+    and no retry frame."""
+    bodies = await shutdown_bodies(SseConfig(keep_alive=None), 3)
+    assert bodies[:3] == [b":\n\ndata: last\n\n"] * 3
+    assert bodies[3] == b":\n\ndata: from a channel\n\n" and bodies[4] == b":\n\n"
+
+
+@async_test()
+async def test_response_that_ends_before_the_shutdown_writes_no_retry() -> None:
+    """Only a shutdown writes the retry frame: a key removed, or a source
+    exhausted, ends as always."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None, shutdown_retry=(1, 1)))
+    stream = b.subscribe("k")
+    b.send("k", Event("x"))
+    b.remove("k")
+    assert (await client_request(b.response(stream))).body == b":\n\ndata: x\n\n"
+    b.close()
+    assert (await client_request(b.response(b.subscribe("k")))).body == b":\n\nretry: 1000\n\n"
 
 
 def test_response_lag_is_logged_as_a_warning_with_the_count(caplog: pytest.LogCaptureFixture) -> None:
