@@ -15,6 +15,8 @@ Environment:
 ``SSE_SIGNAL_HOOK``
     ``1`` (default) installs ``close_on_signals``; ``0`` leaves shutdown to a
     launcher (``serve_hypercorn.py``, ``serve_uvicorn.py``, ``serve_daphne.py``).
+``SSE_SHUTDOWN_RETRY``
+    ``low,high``: ``SseConfig.shutdown_retry`` in seconds (default: unset).
 
 Endpoints (``{key}`` is any path segment):
 
@@ -73,7 +75,9 @@ KEEP_ALIVE: Final = float(os.environ.get("SSE_KEEP_ALIVE", "15"))
 SIGNAL_HOOK = os.environ.get("SSE_SIGNAL_HOOK", "1") == "1"
 EVENT_FIELDS: Final = frozenset({"data", "event", "id", "retry", "comment"})
 
-b: Final[Broadcaster[str, Event]] = Broadcaster(config=SseConfig(keep_alive=KEEP_ALIVE))
+_WINDOW: Final = os.environ.get("SSE_SHUTDOWN_RETRY")
+SHUTDOWN_RETRY: Final = None if _WINDOW is None else (float(_WINDOW.split(",")[0]), float(_WINDOW.split(",")[1]))
+b: Final[Broadcaster[str, Event]] = Broadcaster(config=SseConfig(keep_alive=KEEP_ALIVE, shutdown_retry=SHUTDOWN_RETRY))
 inflight: Final = InFlight()
 channel_stats: Final[dict[str, dict[str, int]]] = {}
 hooked: list[str] = []  # the signals close_on_signals chained

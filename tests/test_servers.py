@@ -168,10 +168,10 @@ def require(spec: Spec) -> None:
 class Server:
     """One server process running ``sse_servers_app``, its output drained all along."""
 
-    def __init__(self, spec: Spec, keep_alive: float | None) -> None:
+    def __init__(self, spec: Spec, keep_alive: float | None, **environ: str) -> None:
         self.spec = spec
         # PYTHONWARNINGS: a warning is an error in the server too, as in the tests.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSE_SIGNAL_HOOK": "1", "PYTHONWARNINGS": "error"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "SSE_SIGNAL_HOOK": "1", "PYTHONWARNINGS": "error", **environ}
         if keep_alive is not None:
             env["SSE_KEEP_ALIVE"] = str(keep_alive)
         self.lines: list[str] = []
@@ -1010,6 +1010,88 @@ def test_sigterm_ends_every_stream_cleanly(spec: Spec) -> None:
         assert running.wait_for_line(re.escape(f"channel closure cancelled: {key}"), 0), running.output
     finally:
         running.kill()
+
+
+# ---------------------------------------------------------------------------
+# Shutdown without a reconnect storm: SseConfig(shutdown_retry=...)
+# ---------------------------------------------------------------------------
+
+RECONNECTING: Final = 200  # clients of the instance that shuts down
+DEFAULT_RETRY_MS: Final = 3000  # what the client waits when no retry was sent (browsers: about 3 s)
+
+
+async def reconnect_times(old: Server, new: Server, key: str) -> list[float]:
+    """``RECONNECTING`` clients that honour ``retry:`` (httpx, its bytes
+    parsed by SseParser) stream from ``old``; SIGTERM ends ``old``; each
+    client waits the reconnection time its stream set last, then reconnects
+    to ``new``. The seconds from the SIGTERM to each reconnection's headers."""
+    import httpx  # noqa: PLC0415  (the test group's client; the module needs none)
+
+    from broadcaster import SseParser  # noqa: PLC0415
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    opened = asyncio.Event()
+    count = 0
+    start = 0.0
+    async with httpx.AsyncClient(limits=limits, timeout=4 * TIMEOUT) as client:
+
+        async def one() -> float:
+            nonlocal count
+            parser = SseParser()
+            async with client.stream("GET", f"http://{HOST}:{old.port}/events/{key}") as response:
+                assert response.status_code == 200
+                count += 1
+                if count == RECONNECTING:
+                    opened.set()
+                async for chunk in response.aiter_raw():
+                    parser.feed(chunk)
+            await asyncio.sleep((DEFAULT_RETRY_MS if parser.retry is None else parser.retry) / 1000)
+            async with client.stream("GET", f"http://{HOST}:{new.port}/events/{key}") as response:
+                assert response.status_code == 200
+                return time.monotonic() - start
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(RECONNECTING)]
+        await asyncio.wait_for(opened.wait(), 4 * TIMEOUT)
+        await asyncio.to_thread(wait_for_stats, old.port, key, lambda s: s["subscribers"] == RECONNECTING, TIMEOUT)
+        start = time.monotonic()
+        old.proc.send_signal(signal.SIGTERM)
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 4 * TIMEOUT))
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """The first, 10th percentile, 90th percentile and last of ``times``."""
+    ordered = sorted(times)
+    p10, p90 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.1, 0.9))
+    return {"first": round(ordered[0], 3), "p10": round(p10, 3), "p90": round(p90, 3), "last": round(ordered[-1], 3)}
+
+
+@pytest.mark.parametrize("window", [None, (1.0, 4.0)], ids=["without", "with-1-to-4s"])
+def test_shutdown_retry_spreads_the_reconnections(window: tuple[float, float] | None) -> None:
+    """200 clients that honour ``retry:`` reconnect to the next instance
+    when theirs shuts down. Without shutdown_retry they all come back at
+    once (after the same delay); with a 1-4 s window their reconnections
+    spread over it."""
+    require(UVICORN_H11)
+    environ = {} if window is None else {"SSE_SHUTDOWN_RETRY": f"{window[0]},{window[1]}"}
+    old = Server(UVICORN_H11, None, **environ)
+    try:
+        new = Server(UVICORN_H11, None)
+        try:
+            times = asyncio.run(reconnect_times(old, new, new_key("storm")))
+        finally:
+            new.kill()
+    finally:
+        old.kill()
+    measured = spread(times)
+    record(UVICORN_H11, f"reconnect_spread_{'without' if window is None else 'with'}_shutdown_retry_s", measured)
+    print(f"reconnections after SIGTERM, shutdown_retry={window}: {measured}")
+    if window is None:
+        # A storm: every client within a fraction of a second of the others.
+        assert measured["last"] - measured["first"] < 0.5, measured
+    else:
+        low, high = window
+        assert low <= measured["first"] and measured["last"] < high + 1.0, measured
+        assert measured["p90"] - measured["p10"] > (high - low) / 2, measured
 
 
 # ---------------------------------------------------------------------------
