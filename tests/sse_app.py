@@ -8,7 +8,9 @@ reconnect 100 ms after a drop:
 * ``plain``: no history; events go out exactly as sent, ids included;
 * ``history``: ``history=1000, linger=30``; the broadcaster gives every event
   its id, resumes from ``Last-Event-ID`` and writes ``GAP`` (``event: gap``,
-  empty data) first when it cannot.
+  empty data) first when it cannot;
+* ``closing``: no history, ``shutdown_retry=(1.5, 1.5)``, and a ``close``
+  action: once closed, each response ends with ``retry: 1500``.
 
 Routes (``{mode}`` is ``plain`` or ``history``, ``{key}`` any path segment):
 
@@ -39,8 +41,10 @@ Routes (``{mode}`` is ``plain`` or ``history``, ``{key}`` any path segment):
   drops its history
 * ``POST /{mode}/{key}/end``        ends the key's open streams (``stream.close()``)
   but keeps its history: a clean server-side end a client can resume from
+* ``POST /closing/{key}/close``     ``close()`` of the ``closing`` broadcaster (for good)
 * ``GET /requests``                 every stream request so far: ``{"mode", "key",
-  "last_event_id"`` (the ``Last-Event-ID`` header, or null), ``"resumed"}``
+  "last_event_id"`` (the ``Last-Event-ID`` header, or null), ``"resumed",
+  "at"}`` (``at``: the server's monotonic clock, in seconds)
 
 SIGTERM or Ctrl-C closes both broadcasters first, so open streams end cleanly
 and the process exits at once (the same ``shutdown()`` override as the chat).
@@ -51,10 +55,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Final
@@ -109,6 +115,7 @@ class App:
         self.broadcasters: dict[str, Broadcaster[str, Event]] = {
             "plain": Broadcaster(config=CONFIG),
             "history": Broadcaster(config=CONFIG, history=1000, linger=30),
+            "closing": Broadcaster(config=dataclasses.replace(CONFIG, shutdown_retry=(1.5, 1.5))),
         }
         self.requests: list[dict[str, object]] = []
         self.pumped: dict[tuple[str, str], list[int]] = {}
@@ -159,6 +166,9 @@ class App:
         elif action == "remove" and method == "POST":
             b.remove(key)
             await respond(send, 200, b"{}")
+        elif action == "close" and method == "POST" and mode == "closing":
+            b.close()
+            await respond(send, 200, b"{}")
         elif action == "end" and method == "POST":
             ended = list(self.streams.get((mode, key), ()))
             for stream in ended:
@@ -180,7 +190,8 @@ class App:
             await self.broadcasters[mode].response(many, on_gap=lambda gaps: gap(list(gaps)))(scope, receive, send)
             return
         stream = self.broadcasters[mode].subscribe(key, last_event_id=last_event_id(scope))
-        self.requests.append({"mode": mode, "key": key, "last_event_id": header, "resumed": stream.resumed})
+        record = {"mode": mode, "key": key, "last_event_id": header, "resumed": stream.resumed, "at": time.monotonic()}
+        self.requests.append(record)
         streams = self.streams.setdefault((mode, key), set())
         streams.add(stream)
         try:

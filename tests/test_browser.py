@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import queue
@@ -577,6 +578,23 @@ def test_event_source_receives_exactly_what_was_sent(sse_app: Server, new_page: 
     for got, want in zip(received, expected, strict=True):
         assert got == want
     assert ["error", 0] not in log and ["error", 2] not in log  # the stream never dropped
+
+
+def test_event_source_waits_the_retry_a_shutdown_sent(sse_app: Server, new_page: Callable[[], Page]) -> None:
+    """A broadcaster with ``shutdown_retry=(1.5, 1.5)`` is closed while
+    Chromium's EventSource reads it: the stream ends with ``retry: 1500``
+    (its first chunk had set 100 ms), and the browser waits that long before
+    reconnecting; the closed broadcaster answers each reconnection the same
+    way, so they come 1.5 s apart."""
+    page = new_page()
+    page.goto(f"{sse_app.url}/page?" + urllib.parse.urlencode({"src": "/closing/spread/events"}))
+    page.wait_for_function("window.log.some((e) => e[0] === 'open')")
+    call(f"{sse_app.url}/closing/spread/close", "POST")
+    wait_until("two reconnections", lambda: len(stream_requests(sse_app, "spread")) >= 3, 10)
+    at = [request["at"] for request in stream_requests(sse_app, "spread")]
+    waits = [later - earlier for earlier, later in itertools.pairwise(at[1:3])]
+    print(f"EventSource reconnections after a shutdown retry of 1.5 s came {waits} s apart")
+    assert all(1.45 <= wait < 2.5 for wait in waits), waits
 
 
 # ---------------------------------------------------------------------------
