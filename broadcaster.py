@@ -126,6 +126,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -160,6 +161,9 @@ __all__ = [
     "Sender",
     "SseConfig",
     "ClientDisconnected",
+    "LimitReached",
+    "StreamLimit",
+    "KeyLimit",
     "last_event_id",
     "SseParser",
     "SseEvent",
@@ -739,6 +743,28 @@ class ClientDisconnected(Exception):
     """The client of a ``channel()`` response is gone; nothing more can be sent."""
 
 
+class LimitReached(Exception):
+    """``subscribe()`` or ``subscribe_many()`` refused: an admission limit of
+    the broadcaster is reached, and nothing changed. ``limit`` names it (the
+    argument of :class:`Broadcaster`), ``value`` is its value. Answer the
+    client with ``Broadcaster.try_later()``."""
+
+    def __init__(self, message: str, limit: str, value: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.value = value
+
+
+class StreamLimit(LimitReached):
+    """Refused: ``max_streams`` streams are open, or one of the keys has
+    ``max_streams_per_key``."""
+
+
+class KeyLimit(LimitReached):
+    """Refused: a new key's channel would pass ``max_keys`` (lingering
+    channels, which hold history, count)."""
+
+
 # ---------------------------------------------------------------------------
 # Delivery state: what the registry holds, and the functions that deliver
 #
@@ -780,6 +806,8 @@ class _Subscriber:
     # The future a reader sleeps on until something can be read; None or a
     # done future when no one waits.
     waiter: asyncio.Future[None] | None = None
+    # Counted among the broadcaster's open streams (registry lock).
+    counted: bool = False
 
     def all_keys(self) -> tuple[Hashable, ...]:
         """The keys whose channels this subscriber joined."""
@@ -1701,6 +1729,12 @@ class Broadcaster(Generic[K, T]):
             default) keeps none and assigns no ids.
         linger: with history, how many seconds a channel whose last stream
             left keeps its history for a reconnecting client before it goes.
+        max_streams, max_streams_per_key, max_keys: admission limits (None:
+            none): the streams open at once, those of one key, and the
+            channels (keys with a stream or a lingering history). A
+            subscription past one raises :class:`StreamLimit` or
+            :class:`KeyLimit` and changes nothing. A keyed stream counts once
+            in ``max_streams`` and once in each of its keys.
         on_change: called with a key each time it gains a channel (its first
             subscribe) or loses it (last stream gone, linger over, ``remove``,
             ``close``), so a bridge to another transport can follow exactly the
@@ -1713,8 +1747,8 @@ class Broadcaster(Generic[K, T]):
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: ``buffer < 1``, ``history < 0``, or ``linger`` not a
-            positive finite number.
+        ValueError: ``buffer < 1``, ``history < 0``, a limit below 1, or
+            ``linger`` not a positive finite number.
     """
 
     def __init__(
@@ -1724,6 +1758,9 @@ class Broadcaster(Generic[K, T]):
         *,
         history: int = 0,
         linger: float = 30.0,
+        max_streams: int | None = None,
+        max_streams_per_key: int | None = None,
+        max_keys: int | None = None,
         on_change: Callable[[K], object] | None = None,
     ) -> None:
         self._buffer: Final = _check_int("buffer", buffer, 1)
@@ -1732,6 +1769,8 @@ class Broadcaster(Generic[K, T]):
         )
         self._history: Final = _check_int("history", history, 0)
         self._linger: Final = cast("float", _check_seconds("linger", linger))
+        limits = {"max_streams": max_streams, "max_streams_per_key": max_streams_per_key, "max_keys": max_keys}
+        self._limits: Final = {name: _check_int(name, value, 1) for name, value in limits.items() if value is not None}
         _check_callable("on_change", on_change, optional=True)
         self._on_change: Final = on_change
         self._lock: Final = _RegistryLock(self)
@@ -1739,6 +1778,7 @@ class Broadcaster(Generic[K, T]):
         # The channels by key (keyed by K; typed Hashable so that a
         # subscriber's key indexes it too).
         self._channels: dict[Hashable, _Channel] = {}
+        self._streams = 0  # open streams (a keyed stream counts once)
         self._closed = False
         # Channels with history and no members, by key, in expiry order (every
         # channel lingers equally long); expired whenever the lock is released.
@@ -1785,6 +1825,9 @@ class Broadcaster(Generic[K, T]):
             if self._closed:
                 sub.closed = True
             else:
+                if self._limits:
+                    self._admit((key,))
+                self._count(sub)
                 channel = self._join(key, sub)
                 if last_event_id is not None and channel.history is not None:
                     # Under the lock, as send() retains and picks recipients
@@ -1859,6 +1902,9 @@ class Broadcaster(Generic[K, T]):
                 sub.open.clear()
                 positions = None
             else:
+                if self._limits:
+                    self._admit(names)
+                self._count(sub)
                 backlog: list[tuple[Hashable, _Entry]] = []
                 for key, key_name in names.items():
                     channel = self._join(key, sub)
@@ -2027,6 +2073,44 @@ class Broadcaster(Generic[K, T]):
         _check_callable("fn", fn)
         return _SseResponse(_FedSource(fn, self._buffer, "SSE channel closure", owner=self), self._config, owner=self)
 
+    def try_later(self, seconds: float, *, status: int = 200) -> ASGIApp:
+        """An ASGI app that asks the client to come back in ``seconds``: the
+        answer to a :class:`LimitReached`, or to any refusal for now.
+
+        An ``EventSource`` gives up for good on any status but 200, so for
+        browsers (``status=200``, the default) it is an event stream (this
+        broadcaster's headers) that sets ``retry:`` to ``seconds`` and ends
+        at once: the browser reconnects then. For other clients, ``status``
+        429 or 503 answers that status with ``Retry-After`` (whole seconds,
+        rounded up) and a short text.
+
+        Raises:
+            TypeError, ValueError: ``seconds`` not a positive finite number, or
+                another ``status``.
+        """
+        after = cast(float, _check_seconds("seconds", seconds))
+        if status not in (200, 429, 503):
+            raise ValueError(f"status must be 200, 429 or 503, got {status!r}")
+        if status == 200:
+            headers = list(self._config._start)  # pyright: ignore[reportPrivateUsage]
+            body = f": try again later\nretry: {round(after * 1000)}\n\n".encode()
+        else:
+            body = b"try again later\n"
+            headers = [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"retry-after", str(math.ceil(after)).encode()),
+                (b"content-length", str(len(body)).encode()),
+            ]
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope.get("type") != "http":
+                raise RuntimeError(f"try_later() answers 'http' scopes only, got {scope.get('type')!r}")
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            head = scope.get("method") == "HEAD"
+            await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
+
+        return app
+
     # -- what it is -------------------------------------------------------------
 
     @property
@@ -2107,11 +2191,39 @@ class Broadcaster(Generic[K, T]):
         # already scheduled on each loop, so every stream drains them first.
         _on_loops(channel.regroup(), bool(self._history), _end_group, key)
 
+    def _admit(self, keys: Iterable[Hashable]) -> None:
+        """Raise the LimitReached that one more stream of ``keys`` would pass."""
+        limits = self._limits
+        most = limits.get("max_streams")
+        if most is not None and self._streams >= most:
+            raise StreamLimit(f"{self._streams} streams are open: max_streams is {most}", "max_streams", most)
+        per_key = limits.get("max_streams_per_key")
+        new = 0
+        for key in keys:
+            channel = self._channels.get(key)
+            if channel is None:
+                new += 1
+            elif per_key is not None and len(channel.members) >= per_key:
+                message = f"key {key!r} has {len(channel.members)} streams: max_streams_per_key is {per_key}"
+                raise StreamLimit(message, "max_streams_per_key", per_key)
+        most = limits.get("max_keys")
+        if most is not None and new and len(self._channels) + new > most:
+            message = f"{len(self._channels)} channels and {new} new: max_keys is {most}"
+            raise KeyLimit(message, "max_keys", most)
+
+    def _count(self, sub: _Subscriber) -> None:
+        """Count ``sub`` among the open streams, until it leaves."""
+        sub.counted = True
+        self._streams += 1
+
     def _leave(self, sub: _Subscriber) -> None:
         """Take a subscriber whose stream left out of its channels; a channel
         goes with its last member, or lingers if it has history. A channel
         that was removed (or replaced by a newer channel of the same key) no
         longer holds the subscriber: nothing to do there."""
+        if sub.counted:
+            sub.counted = False
+            self._streams -= 1
         for key in sub.all_keys():
             channel = self._channels.get(key)
             if channel is None or sub not in channel.members:
@@ -3362,7 +3474,6 @@ class AsgiResponse(_AsyncClosing):
         if self._unreadable:
             raise ValueError(f"{self._what}: no events to read: {self._unreadable}")
         await call.until(lambda: len(self._events) >= n or self.ended, "event" if n == 1 else f"{n} events", timeout)
-
 
     # -- internals: the server's side of the request --------------------------------
 

@@ -610,6 +610,9 @@ def test_module_all_is_the_public_api() -> None:
         "Sender",
         "SseConfig",
         "ClientDisconnected",
+        "LimitReached",
+        "StreamLimit",
+        "KeyLimit",
         "last_event_id",
         "SseParser",
         "SseEvent",
@@ -2730,6 +2733,184 @@ def test_send_skips_a_closed_loop_and_still_reaches_the_next_loop() -> None:
 
     asyncio.run(main())
     holder.clear()
+
+
+# ---------------------------------------------------------------------------
+# Admission limits: max_streams, max_streams_per_key, max_keys
+# ---------------------------------------------------------------------------
+
+StreamLimit = broadcaster.StreamLimit
+KeyLimit = broadcaster.KeyLimit
+LimitReached = broadcaster.LimitReached
+
+
+@pytest.mark.parametrize("limit", ["max_streams", "max_streams_per_key", "max_keys"])
+def test_limits_are_positive_ints(limit: str) -> None:
+    zero: dict[str, Any] = {limit: 0}
+    with pytest.raises(ValueError, match=f"{limit} must be >= 1, got 0"):
+        Broadcaster(**zero)
+    text: dict[str, Any] = {limit: "5"}
+    with pytest.raises(TypeError, match=f"{limit} must be an int, not str"):
+        Broadcaster(**text)
+
+
+@async_test()
+async def test_limits_max_streams_refuses_the_next_and_changes_nothing() -> None:
+    """Past max_streams, subscribe and subscribe_many raise StreamLimit
+    (a LimitReached naming the limit), and the registry is as it was; a
+    keyed stream counts once; a stream that leaves, closed or dropped,
+    frees its place; one made after close() takes none."""
+    b: Broadcaster[str, int] = Broadcaster(max_streams=2)
+    first = b.subscribe("a")
+    many = b.subscribe_many(["b", "c"])
+    for attempt in (lambda: b.subscribe("d"), lambda: b.subscribe_many(["a", "e"])):
+        with pytest.raises(StreamLimit, match=r"^2 streams are open: max_streams is 2$") as refused:
+            attempt()
+        assert isinstance(refused.value, LimitReached)
+        assert (refused.value.limit, refused.value.value) == ("max_streams", 2)
+        assert (len(b), b.subscriber_count("a"), "d" in b, "e" in b) == (3, 1, False, False)
+    first.close()
+    second = b.subscribe("d")
+    del many
+    gc.collect()
+    third = b.subscribe("e")
+    b.close()
+    assert b.subscribe("f").closed
+    second.close()
+    third.close()
+
+
+@async_test()
+async def test_limits_max_streams_per_key_refuses_a_full_key_only() -> None:
+    b: Broadcaster[str, int] = Broadcaster(max_streams_per_key=2)
+    streams: list[BroadcastStream[int] | KeyedStream[str, int]] = [b.subscribe("a"), b.subscribe_many(["a", "b"])]
+    with pytest.raises(StreamLimit, match=r"^key 'a' has 2 streams: max_streams_per_key is 2$"):
+        b.subscribe("a")
+    with pytest.raises(StreamLimit, match="max_streams_per_key") as refused:
+        b.subscribe_many(["c", "b", "a"])
+    assert refused.value.limit == "max_streams_per_key"
+    assert ("c" in b, b.subscriber_count("b")) == (False, 1), "a refused keyed stream joined a channel"
+    streams.append(b.subscribe("b"))
+    for stream in streams:
+        stream.close()
+
+
+@async_test()
+async def test_limits_max_keys_counts_lingering_channels() -> None:
+    """max_keys bounds the channels, histories that linger included, so no
+    choice of keys makes the process hold more; a key with a channel
+    (live or lingering) can always be joined."""
+    b: Broadcaster[str, int] = Broadcaster(history=5, linger=60, max_keys=3)
+    a, c = b.subscribe("a"), b.subscribe("c")
+    b.send("a", 1)
+    a.close()  # "a" lingers with its history
+    with pytest.raises(KeyLimit, match=r"^2 channels and 2 new: max_keys is 3$") as refused:
+        b.subscribe_many(["x", "y", "c"])
+    assert (refused.value.limit, refused.value.value, len(b)) == ("max_keys", 3, 2)
+    b.subscribe("x").close()  # the third channel: it lingers too
+    with pytest.raises(KeyLimit, match=r"^3 channels and 1 new: max_keys is 3$"):
+        b.subscribe("z")
+    again = b.subscribe("a", last_event_id="nope")  # a lingering key revives
+    assert len(b) == 3
+    again.close()
+    c.close()
+
+
+_LIMITED_KEYS = st.sampled_from("abcdefgh")
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("one"), _LIMITED_KEYS),
+            st.tuples(st.just("many"), st.lists(_LIMITED_KEYS, min_size=1, max_size=4, unique=True)),
+            st.tuples(st.just("close"), st.integers(0, 20)),
+            st.tuples(st.just("send"), _LIMITED_KEYS),
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(1, 4),
+)
+@_budget(150)
+def test_property_limits_hold_whatever_the_clients_ask(
+    steps: list[tuple[str, Any]], max_streams: int, per_key: int, max_keys: int
+) -> None:
+    """Any sequence of subscriptions (one key or many), leaves and sends:
+    the open streams, the streams of each key and the channels (with their
+    lingering histories) never pass the limits; a refusal is a LimitReached
+    and leaves the registry as it was."""
+
+    async def main() -> None:
+        b: Broadcaster[str, int] = Broadcaster(
+            2, history=3, max_streams=max_streams, max_streams_per_key=per_key, max_keys=max_keys
+        )
+        open_streams: list[Any] = []  # BroadcastStream or KeyedStream
+        for kind, arg in steps:
+            before = (len(b), {key: b.subscriber_count(key) for key in "abcdefgh"})
+            try:
+                if kind == "one":
+                    open_streams.append(b.subscribe(arg))
+                elif kind == "many":
+                    open_streams.append(b.subscribe_many(arg))
+                elif kind == "close" and open_streams:
+                    open_streams.pop(arg % len(open_streams)).close()
+                elif kind == "send":
+                    b.send(arg, 1)
+            except LimitReached:
+                assert (len(b), {key: b.subscriber_count(key) for key in "abcdefgh"}) == before
+            assert len(open_streams) <= max_streams
+            assert len(b) <= max_keys
+            assert all(b.subscriber_count(key) <= per_key for key in "abcdefgh")
+        for stream in open_streams:
+            stream.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@async_test()
+async def test_try_later_asks_an_event_source_to_come_back(method: str) -> None:
+    """status 200: an event stream with the broadcaster's headers that sets
+    retry to the delay, then ends; a browser's EventSource reconnects then."""
+    b: Broadcaster[str, int] = Broadcaster(config=SseConfig(headers=(("x-app", "chat"),)))
+    response = await client_request(b.try_later(2.5), method)
+    assert response.status == 200 and response.ended
+    assert response.raw_headers == list(b.config._start)
+    assert response.headers["x-app"] == "chat"
+    if method == "GET":
+        assert response.body == b": try again later\nretry: 2500\n\n"
+        assert response.parser.retry == 2500 and response.parser.comments == ["try again later"]
+    else:
+        assert response.body == b""
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@async_test()
+async def test_try_later_answers_other_clients_with_retry_after(status: int) -> None:
+    response = await client_request(Broadcaster[str, int]().try_later(1.2, status=status))
+    assert response.status == status
+    assert response.headers == {
+        "content-type": "text/plain; charset=utf-8",
+        "retry-after": "2",
+        "content-length": str(len(b"try again later\n")),
+    }
+    assert response.body == b"try again later\n"
+
+
+@async_test()
+async def test_try_later_checks_its_arguments_and_its_scope() -> None:
+    b: Broadcaster[str, int] = Broadcaster()
+    with pytest.raises(ValueError, match="status must be 200, 429 or 503, got 404"):
+        b.try_later(1, status=404)
+    with pytest.raises(ValueError, match="seconds must be > 0 and finite"):
+        b.try_later(0)
+    peer = AsgiPeer()
+    peer.scope["type"] = "websocket"
+    with pytest.raises(RuntimeError, match="try_later\\(\\) answers 'http' scopes only, got 'websocket'"):
+        await asgi_call(b.try_later(1), peer)
+    assert peer.sent == []
 
 
 # ---------------------------------------------------------------------------
