@@ -25,6 +25,10 @@ What it demonstrates, in a plain ASGI app (no framework):
 * a fresh page, or one whose id cannot be resumed, loads the room's recent
   messages from ``GET /rooms/{room}/history`` without losing or doubling any
   that arrive meanwhile (see "Loading a room" below);
+* admission limits (``--max-streams``, ``--max-rooms``): past one, a stream
+  gets ``try_later()``'s answer, a 200 that sets ``retry`` to 10 s and ends
+  (an ``EventSource`` gives up for good on any other status), and a message
+  to one room too many a 503 with ``Retry-After``;
 * graceful shutdown under uvicorn: Ctrl-C or SIGTERM ends every open stream
   with a clean end of body, so the server exits at once (see ``ChatServer``).
 
@@ -109,6 +113,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import re
 import socket
 import sys
@@ -126,7 +131,7 @@ import uvicorn
 # first, so the checkout wins over an installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broadcaster import Broadcaster, Event, SseConfig, last_event_id, merge, replay
+from broadcaster import Broadcaster, Event, LimitReached, SseConfig, last_event_id, merge, replay
 
 # The conventional ASGI types (the same as broadcaster's and starlette's).
 Scope = MutableMapping[str, Any]
@@ -147,7 +152,10 @@ RECENT: Final = 100
 # Seconds a room's broadcast history outlives its last connection.
 LINGER: Final = 60.0
 # Rooms one connection may follow (the page's sidebar).
-MAX_ROOMS: Final = 50
+MAX_ROOMS: Final = 50  # per connection
+MAX_STREAMS: Final = 10_000  # open streams (--max-streams)
+MAX_KEYS: Final = 10_000  # rooms (--max-rooms): channels with their history, and rooms' state
+RETRY_LATER: Final = 10.0  # seconds a refused client is asked to wait
 
 ChatMessage = dict[str, object]
 
@@ -195,13 +203,19 @@ def as_sent(pair: tuple[str, Event]) -> Event:
 class Chat:
     """The ASGI app: routes by path and method to a handful of handlers."""
 
-    def __init__(self, linger: float = LINGER) -> None:
+    def __init__(self, linger: float = LINGER, max_streams: int = MAX_STREAMS, max_rooms: int = MAX_KEYS) -> None:
         # keep_alive: a comment every 15 s of silence keeps proxies from
         # closing idle streams; retry: browsers reconnect 2 s after a drop.
         # buffer: a client 64 messages behind is ended (Lagged); its browser
         # reconnects and resumes from the history (100 > 64, so nothing is lost).
         config = SseConfig(keep_alive=15, retry=2000)
-        self.messages: Broadcaster[str, Event] = Broadcaster(buffer=64, config=config, history=HISTORY, linger=linger)
+        # Admission limits: however many connections and rooms clients ask
+        # for, the process holds at most this many streams, and channels
+        # with their history; presence follows the same rooms and streams.
+        self.messages: Broadcaster[str, Event] = Broadcaster(
+            buffer=64, config=config, history=HISTORY, linger=linger, max_streams=max_streams, max_keys=max_rooms
+        )
+        self.max_rooms = max_rooms
         self.presence: Broadcaster[str, Event] = Broadcaster(buffer=64, config=config)
         # Rooms live as long as the process; a real app would expire idle ones.
         self.rooms: dict[str, Room] = {}
@@ -291,10 +305,15 @@ class Chat:
             await self.messages.response(replay(nothing))(scope, receive, send)
             return
         last_id = last_event_id(scope)
-        stream = merge(
-            self.messages.subscribe_many(rooms, last_event_id=last_id),
-            self.presence.subscribe_many(rooms),
-        )
+        try:
+            messages = self.messages.subscribe_many(rooms, last_event_id=last_id)
+        except LimitReached as full:
+            # A 200 that sets retry and ends: the browser's EventSource comes
+            # back later (any other status would make it give up for good).
+            logging.getLogger("chat").info("refused a stream for now: %s", full)
+            await self.messages.try_later(RETRY_LATER)(scope, receive, send)
+            return
+        stream = merge(messages, self.presence.subscribe_many(rooms))
         for room in rooms:  # the client sees its own join
             self.announce(room)
         position = stream.last_event_id
@@ -315,6 +334,9 @@ class Chat:
         user, text = parse_message(await read_body(scope, receive))
         state = self.rooms.get(room)
         if state is None:
+            if len(self.rooms) >= self.max_rooms:  # a client must not make us hold rooms without bound
+                await self.messages.try_later(RETRY_LATER, status=503)(scope, receive, send)
+                return
             state = self.rooms[room] = Room()
         # Stored and sent with no await in between, so the history and the
         # streams see the messages in the same order (the page relies on it).
@@ -445,8 +467,10 @@ def main(argv: list[str] | None = None) -> None:
         default=LINGER,
         help=f"seconds a room's history outlives its last client (default {LINGER:g})",
     )
+    parser.add_argument("--max-streams", type=int, default=MAX_STREAMS, help="open streams at most")
+    parser.add_argument("--max-rooms", type=int, default=MAX_KEYS, help="rooms at most")
     args = parser.parse_args(argv)
-    chat = Chat(linger=args.linger)
+    chat = Chat(linger=args.linger, max_streams=args.max_streams, max_rooms=args.max_rooms)
     config = uvicorn.Config(chat, host="127.0.0.1", port=args.port, log_level="info")
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
         ChatServer(config, chat).run()

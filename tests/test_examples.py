@@ -430,6 +430,34 @@ def test_history_expires_after_linger(tmp_path: Path) -> None:
         server.terminate()
 
 
+def test_limits_ask_refused_clients_to_come_back_later(tmp_path: Path) -> None:
+    """With ``--max-streams 2 --max-rooms 3``: a third stream gets a 200 that
+    sets ``retry`` to 10 s and ends at once (an EventSource comes back then,
+    where any other status would make it give up), a message to a fourth
+    room a 503 with ``Retry-After: 10``; a stream that leaves makes room."""
+    with Chat(tmp_path, "--max-streams", "2", "--max-rooms", "3") as server:
+        clients = Clients(server.port)
+        first = clients.stream("one")
+        assert first.chunk() == reload("one")
+        assert clients.stream("two").chunk() == reload("two")
+        refused, head = clients.open_stream("/events?room=three")
+        assert head["content-type"] == "text/event-stream; charset=utf-8"
+        assert refused.chunk() == b": try again later\nretry: 10000\n\n"
+        assert refused.chunk() is None
+        for room in ("one", "two", "three"):
+            post(server.port, room, "ann", "hi")
+        status, head, body = request(server.port, "POST", "/rooms/four/messages", b'{"user": "ann", "text": "hi"}')
+        assert (status, head["retry-after"], body) == (503, "10", b"try again later\n")
+        first.close()
+        deadline = time.monotonic() + 3.0
+        while stats(server.port, "one")["subscribers"]:
+            assert time.monotonic() < deadline, "the closed stream did not leave within 3 s"
+            time.sleep(0.02)
+        assert clients.stream("three").chunk() == reload("three")
+        clients.close_all()
+        server.terminate()
+
+
 LONG = "x" * 33
 
 BAD_REQUESTS = [
