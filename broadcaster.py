@@ -147,7 +147,7 @@ from collections.abc import (
     Mapping,
     MutableMapping,
 )
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar, cast, overload, runtime_checkable
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -161,6 +161,7 @@ __all__ = [
     "Sender",
     "SseConfig",
     "ClientDisconnected",
+    "Metrics",
     "LimitReached",
     "StreamLimit",
     "KeyLimit",
@@ -776,6 +777,43 @@ class KeyLimit(LimitReached):
 
 _EMPTY: Final[Any] = object()  # a _Subscriber's ``one`` when it holds no item
 
+# How an SSE response ended, as Metrics.responses_ended counts them.
+_ENDINGS: Final[tuple[str, ...]] = (
+    "source_done",
+    "client_gone",
+    "send_timeout",
+    "lag",
+    "error",
+    "shutdown",
+    "cancelled",
+)
+
+
+class _Counts:
+    """What one thread counted for one broadcaster (see ``Broadcaster.metrics``).
+
+    Only that thread writes it, so no increment is lost, however many
+    threads send at once (with or without the GIL); ``metrics()`` sums
+    every thread's. A subscriber holds its loop thread's, for the drops and
+    lag reports it counts there.
+    """
+
+    __slots__ = ("sends", "deliveries", "dropped", "lag_reports", "resumes", "gaps", "opened", "ended", "written")
+
+    def __init__(self) -> None:
+        self.sends = 0
+        self.deliveries = 0
+        self.dropped = 0
+        self.lag_reports = 0
+        self.resumes = 0
+        self.gaps = 0
+        self.opened = 0  # SSE responses started
+        self.ended = dict.fromkeys(_ENDINGS, 0)
+        self.written = 0  # body bytes
+
+
+_NO_COUNTS: Final = _Counts()  # what a subscriber made by hand counts into (tests)
+
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Subscriber:
@@ -808,6 +846,8 @@ class _Subscriber:
     waiter: asyncio.Future[None] | None = None
     # Counted among the broadcaster's open streams (registry lock).
     counted: bool = False
+    # Its loop thread's counts of its broadcaster: drops and lag reports.
+    counts: _Counts = _NO_COUNTS
 
     def all_keys(self) -> tuple[Hashable, ...]:
         """The keys whose channels this subscriber joined."""
@@ -944,6 +984,7 @@ def _deliver(subs: tuple[_Subscriber, ...], item: object, buffer: int) -> None:
             sub.one = _EMPTY
         if len(queue) == buffer:
             sub.lagged += 1  # the append below drops the oldest item
+            sub.counts.dropped += 1
         queue.append(item)
 
 
@@ -1016,6 +1057,7 @@ def _report_lag(sub: _Subscriber, policy: LagPolicy) -> bool:
     Lagged under ``LagPolicy.ERROR``; True under END (the reader closes)."""
     missed = sub.lagged - sub.reported
     sub.reported = sub.lagged
+    sub.counts.lag_reports += 1
     if policy is LagPolicy.ERROR:
         raise Lagged(missed)
     return policy is LagPolicy.END
@@ -1717,6 +1759,48 @@ def merge(*streams: KeyedStream[Any, Any]) -> KeyedStream[Any, Any]:
 _OnGap: TypeAlias = Event | Callable[[tuple[Any, ...]], Event] | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Metrics:
+    """What ``Broadcaster.metrics()`` saw: numbers to watch, since the
+    broadcaster was made (totals) or at that moment (the others).
+
+    Attributes:
+        channels: keys with a stream now.
+        lingering: keys without a stream whose history is kept for a while.
+        streams: streams open now (a keyed stream counts once).
+        sends: ``send()`` calls (total).
+        deliveries: items handed to streams: each send counts the streams it
+            addressed (total).
+        dropped: items dropped from a full stream's buffer (total).
+        lag_reports: times a stream told its reader of a loss, by its lag
+            policy (total).
+        resumes: subscriptions given a last event id that resumed exactly.
+        gaps: subscriptions given a last event id that could not (in some
+            key, for a keyed stream).
+        responses_open: SSE responses of ``response()`` and ``channel()``
+            running now.
+        responses_ended: responses that finished, by how (totals):
+            ``source_done`` (the stream or closure ended), ``client_gone``,
+            ``send_timeout``, ``lag`` (``Lagged``), ``error`` (the source, a
+            render, ``send()`` or ``receive()`` raised), ``shutdown`` (ended
+            by ``close()``), ``cancelled`` (the server cancelled it).
+        bytes_written: body bytes the responses handed to the server (total).
+    """
+
+    channels: int
+    lingering: int
+    streams: int
+    sends: int
+    deliveries: int
+    dropped: int
+    lag_reports: int
+    resumes: int
+    gaps: int
+    responses_open: int
+    responses_ended: Mapping[str, int]
+    bytes_written: int
+
+
 class Broadcaster(Generic[K, T]):
     """A registry of broadcast channels, one per key; see the module docstring.
 
@@ -1779,6 +1863,10 @@ class Broadcaster(Generic[K, T]):
         # subscriber's key indexes it too).
         self._channels: dict[Hashable, _Channel] = {}
         self._streams = 0  # open streams (a keyed stream counts once)
+        # Each thread's counts (see _Counts): its own through _local, and all
+        # of them (list appends are atomic) for metrics().
+        self._local = threading.local()
+        self._all_counts: list[_Counts] = []
         self._closed = False
         # Channels with history and no members, by key, in expiry order (every
         # channel lingers equally long); expired whenever the lock is released.
@@ -1817,7 +1905,8 @@ class Broadcaster(Generic[K, T]):
         except RuntimeError:
             raise RuntimeError("Broadcaster.subscribe() needs a running event loop: call it from async code") from None
         hash(key)
-        sub = _Subscriber(key, loop)
+        counts = self._counts()
+        sub = _Subscriber(key, loop, counts=counts)
         resumed: bool | None = None if last_event_id is None else False
         with self._lock:
             if self._lingering:  # a channel whose linger is over is not revived
@@ -1837,6 +1926,9 @@ class Broadcaster(Generic[K, T]):
                     if backlog is not None:
                         sub.backlog = backlog or None  # None: nothing to replay
                         resumed = True
+        if resumed is not None:
+            counts.resumes += resumed
+            counts.gaps += not resumed
         return BroadcastStream(sub, self._lock, self._history > 0, resumed)
 
     def subscribe_many(
@@ -1891,7 +1983,8 @@ class Broadcaster(Generic[K, T]):
             ) from None
         # Read before taking the lock: bounded work, whatever the client sent.
         wanted = None if last_event_id is None else parse_positions(last_event_id)
-        sub = _KeyedSubscriber(tuple(names), loop, open=set(names))
+        counts = self._counts()
+        sub = _KeyedSubscriber(tuple(names), loop, counts=counts, open=set(names))
         positions: dict[Hashable, str] | None = {} if self._history else None
         resumable: list[Hashable] = []
         with self._lock:
@@ -1920,6 +2013,9 @@ class Broadcaster(Generic[K, T]):
                 sub.backlog = deque(backlog) if backlog else None
         gaps = () if last_event_id is None else tuple(key for key in names if key not in resumable)
         resumed = None if last_event_id is None else not gaps
+        if resumed is not None:
+            counts.resumes += resumed
+            counts.gaps += not resumed
         return KeyedStream([_Part(sub, self._lock, names, positions)], resumed, gaps)
 
     def send(self, key: K, item: T, *, id: str | None = None) -> int:
@@ -1940,35 +2036,11 @@ class Broadcaster(Generic[K, T]):
             ValueError: ``id`` without history, holding CR, LF or NUL, or
                 longer than 48 bytes once percent-escaped.
         """
-        if self._history:
-            if id is not None:
-                _utf8("id", _check_field("id", id))
-                if len(_escape(id)) > _MAX_KEY_ID:
-                    raise ValueError(
-                        f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped (the id of a "
-                        f"keyed stream holds one per key): {id!r}"
-                    )
-            return self._send_with_history(key, item, id)
-        if id is not None:
-            raise ValueError("send(id=...) needs a broadcaster with history")
-        # Without the lock: see the concurrency model.
-        channel = self._channels.get(key)
-        if channel is None:
-            return 0
-        groups = channel.groups
-        if groups is None:
-            with self._lock:
-                groups = channel.regroup()
-        if len(groups) == 1 and groups[0][0] is _running_loop():
-            # The common case, spelled out (it saves a third of a send to one
-            # stream): every subscriber is on the caller's loop.
-            _, plain, keyed = groups[0]
-            if plain:
-                _deliver(plain, item, self._buffer)
-            if keyed:
-                _deliver(keyed, (key, item), self._buffer)
-            return len(plain) + len(keyed)
-        return _on_loops(groups, False, _deliver_group, item, key, self._buffer)
+        addressed = self._send(key, item, id)
+        counts = self._counts()
+        counts.sends += 1
+        counts.deliveries += addressed
+        return addressed
 
     def subscriber_count(self, key: K) -> int:
         """How many streams are subscribed to ``key`` (0 if it has no channel)."""
@@ -2057,7 +2129,7 @@ class Broadcaster(Generic[K, T]):
         if on_gap is not None and source.gaps:
             gap = on_gap if isinstance(on_gap, Event) else on_gap(source.gaps)
             _check_type("on_gap's result", gap, Event, "an Event")
-        return _SseResponse(source, self._config, render, gap, self)
+        return _SseResponse(source, self._config, render, gap, owner=self)
 
     def channel(self, fn: Callable[[Sender], Awaitable[None]]) -> ASGIApp:
         """An ASGI app that streams what ``fn`` sends through its :class:`Sender`.
@@ -2153,6 +2225,39 @@ class Broadcaster(Generic[K, T]):
         state = "closed" if self._closed else "open"
         return f"<Broadcaster {state} channels={len(self._channels)} buffer={self._buffer}>"
 
+    def metrics(self) -> Metrics:
+        """A snapshot of the numbers to watch (see :class:`Metrics`).
+
+        Cheap to count: each thread counts into its own counters, so a send
+        takes no lock for it and no increment is lost, however many threads
+        send at once; this sums them. Numbers that change meanwhile, in other
+        threads, are read as they are at that moment.
+        """
+        all_counts = list(self._all_counts)
+        ended: dict[str, int] = dict.fromkeys(_ENDINGS, 0)
+        for counts in all_counts:
+            for how, n in counts.ended.items():
+                ended[how] += n
+        with self._lock:
+            self._expire_lingering()
+            lingering = len(self._lingering)
+            channels = len(self._channels) - lingering
+            streams = self._streams
+        return Metrics(
+            channels=channels,
+            lingering=lingering,
+            streams=streams,
+            sends=sum(c.sends for c in all_counts),
+            deliveries=sum(c.deliveries for c in all_counts),
+            dropped=sum(c.dropped for c in all_counts),
+            lag_reports=sum(c.lag_reports for c in all_counts),
+            resumes=sum(c.resumes for c in all_counts),
+            gaps=sum(c.gaps for c in all_counts),
+            responses_open=sum(c.opened for c in all_counts) - sum(ended.values()),
+            responses_ended=MappingProxyType(ended),
+            bytes_written=sum(c.written for c in all_counts),
+        )
+
     # -- internals (registry lock held unless said otherwise) -----------------
 
     def _join(self, key: Hashable, sub: _Subscriber) -> _Channel:
@@ -2168,6 +2273,38 @@ class Broadcaster(Generic[K, T]):
         channel.members[sub] = None
         channel.groups = None
         return channel
+
+    def _send(self, key: K, item: T, id: str | None) -> int:
+        """``send()``, before it is counted."""
+        if self._history:
+            if id is not None:
+                _utf8("id", _check_field("id", id))
+                if len(_escape(id)) > _MAX_KEY_ID:
+                    raise ValueError(
+                        f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped (the id of a "
+                        f"keyed stream holds one per key): {id!r}"
+                    )
+            return self._send_with_history(key, item, id)
+        if id is not None:
+            raise ValueError("send(id=...) needs a broadcaster with history")
+        # Without the lock: see the concurrency model.
+        channel = self._channels.get(key)
+        if channel is None:
+            return 0
+        groups = channel.groups
+        if groups is None:
+            with self._lock:
+                groups = channel.regroup()
+        if len(groups) == 1 and groups[0][0] is _running_loop():
+            # The common case, spelled out (it saves a third of a send to one
+            # stream): every subscriber is on the caller's loop.
+            _, plain, keyed = groups[0]
+            if plain:
+                _deliver(plain, item, self._buffer)
+            if keyed:
+                _deliver(keyed, (key, item), self._buffer)
+            return len(plain) + len(keyed)
+        return _on_loops(groups, False, _deliver_group, item, key, self._buffer)
 
     def _send_with_history(self, key: K, item: T, id: str | None) -> int:
         # Lock not held: takes it.
@@ -2190,6 +2327,15 @@ class Broadcaster(Generic[K, T]):
         # longer change. With history the ends queue up behind the deliveries
         # already scheduled on each loop, so every stream drains them first.
         _on_loops(channel.regroup(), bool(self._history), _end_group, key)
+
+    def _counts(self) -> _Counts:
+        """This thread's counts (lock not needed)."""
+        try:
+            counts: _Counts = self._local.counts
+        except AttributeError:
+            counts = self._local.counts = _Counts()
+            self._all_counts.append(counts)
+        return counts
 
     def _admit(self, keys: Iterable[Hashable]) -> None:
         """Raise the LimitReached that one more stream of ``keys`` would pass."""
@@ -2366,8 +2512,12 @@ class _SseResponse:
         "_config",
         "_render",
         "_on_gap",
-        # The broadcaster that made it (its close() is a shutdown).
+        # The broadcaster that made it (its close() is a shutdown; it counts
+        # the response in its loop thread's counts), and how the response is
+        # ending, once known (one of _ENDINGS; the first reason stands).
         "_owner",
+        "_counts",
+        "_ending",
         "_called",
         # Set when called: the server's send and receive, its task and loop.
         "_send",
@@ -2407,13 +2557,16 @@ class _SseResponse:
         config: SseConfig,
         render: Callable[[Any], Event] | None = None,
         on_gap: Event | None = None,
-        owner: Broadcaster[Any, Any] | None = None,
+        *,
+        owner: Broadcaster[Any, Any],
     ) -> None:
         self._source = source
         self._config = config
         self._render = render
         self._on_gap = on_gap
         self._owner = owner
+        self._counts = _NO_COUNTS
+        self._ending: str | None = None
         self._called = False
         self._wake: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -2437,22 +2590,15 @@ class _SseResponse:
             task = asyncio.current_task()
             assert task is not None, "asyncio runs every coroutine in a task"
             self._task, self._loop = task, task.get_loop()
-            if not await self._write_head(scope.get("method") == "HEAD"):
-                return
-            self._receive = receive
-            self._watch()
+            self._counts = self._owner._counts()  # pyright: ignore[reportPrivateUsage]
+            self._counts.opened += 1
             try:
-                finish = await self._write_events()
-            except Lagged as exc:
-                logger.warning("SSE stream ended: %s", exc)
-                finish = True
-            except Exception:
-                logger.exception("SSE event source raised; ending the response")
-                finish = True
+                await self._respond(scope, receive)
+            except asyncio.CancelledError:
+                self._end_as("cancelled")
+                raise
             finally:
-                await self._unwatch()
-            if finish:
-                await self._write(self._final())
+                self._counts.ended[self._ending or "source_done"] += 1
         finally:
             if self._timer is not None:
                 self._timer.cancel()
@@ -2462,12 +2608,38 @@ class _SseResponse:
             except Exception:
                 logger.exception("closing the SSE event source raised")
 
+    async def _respond(self, scope: Scope, receive: Receive) -> None:
+        """The response, once it is called: the head, the events, the end."""
+        if not await self._write_head(scope.get("method") == "HEAD"):
+            return
+        self._receive = receive
+        self._watch()
+        try:
+            finish = await self._write_events()
+        except Lagged as exc:
+            logger.warning("SSE stream ended: %s", exc)
+            self._end_as("lag")
+            finish = True
+        except Exception:
+            logger.exception("SSE event source raised; ending the response")
+            self._end_as("error")
+            finish = True
+        finally:
+            await self._unwatch()
+        if finish:
+            self._end_as("shutdown" if self._owner._closed else "source_done")  # pyright: ignore[reportPrivateUsage]
+            await self._write(self._final())
+
+    def _end_as(self, how: str) -> None:
+        """Note how the response ends (the first reason stands)."""
+        if self._ending is None:
+            self._ending = how
+
     def _final(self) -> Message:
         """The last body message: empty, or at shutdown with ``shutdown_retry``
         the ``retry:`` frame that spreads the reconnections."""
         window = self._config.shutdown_retry
-        owner = self._owner
-        if window is None or owner is None or not owner._closed:  # pyright: ignore[reportPrivateUsage]
+        if window is None or self._ending != "shutdown":
             return dict(_FINAL)
         retry = random.randint(round(window[0] * 1000), round(window[1] * 1000))
         return {"type": "http.response.body", "body": f"retry: {retry}\n\n".encode(), "more_body": False}
@@ -2554,18 +2726,22 @@ class _SseResponse:
                 raise
             if abandon == "timeout":
                 logger.info("SSE client did not accept a write within %s s; ending the response", timeout)
+            self._end_as("send_timeout" if abandon == "timeout" else "client_gone")
             return False
         except OSError as exc:
             logger.debug("SSE client disconnected: %r", exc)
+            self._end_as("client_gone")
             return False
         except Exception:
             logger.exception("ASGI send() failed; ending the SSE response")
+            self._end_as("error")
             return False
         finally:
             self._sending_since = None
             # A send abandoned that returned or failed otherwise all the same.
             self._take_back_abandon()
         self._last_write = loop.time()
+        self._counts.written += len(message.get("body", b""))
         return True
 
     # -- the one timer: keep-alives and the send timeout --------------------------
@@ -2644,6 +2820,7 @@ class _SseResponse:
         except Exception as exc:
             logger.error("ASGI receive() failed; ending the SSE response", exc_info=exc)
             self._client = exc
+        self._end_as("client_gone" if self._client is _GONE else "error")
         # Nothing more is written to a client that left, not even the rest of
         # a send in progress; after a failed receive() the send completes and
         # the response finishes cleanly.

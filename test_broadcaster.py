@@ -610,6 +610,7 @@ def test_module_all_is_the_public_api() -> None:
         "Sender",
         "SseConfig",
         "ClientDisconnected",
+        "Metrics",
         "LimitReached",
         "StreamLimit",
         "KeyLimit",
@@ -2911,6 +2912,155 @@ async def test_try_later_checks_its_arguments_and_its_scope() -> None:
     with pytest.raises(RuntimeError, match="try_later\\(\\) answers 'http' scopes only, got 'websocket'"):
         await asgi_call(b.try_later(1), peer)
     assert peer.sent == []
+
+
+# ---------------------------------------------------------------------------
+# Metrics: Broadcaster.metrics()
+# ---------------------------------------------------------------------------
+
+Metrics = broadcaster.Metrics
+ENDINGS = ("source_done", "client_gone", "send_timeout", "lag", "error", "shutdown", "cancelled")
+
+
+def metrics_of(b: Broadcaster[Any, Any], **changed: Any) -> Metrics:
+    """The metrics of a fresh broadcaster, with ``changed`` fields; ``ended``
+    gives the responses_ended that differ from 0."""
+    ended = dict.fromkeys(ENDINGS, 0) | changed.pop("ended", {})
+    fresh = {name: 0 for name in Metrics.__dataclass_fields__ if name != "responses_ended"}
+    return Metrics(**(fresh | changed), responses_ended=ended)
+
+
+@async_test()
+async def test_metrics_count_the_registry_and_the_sends() -> None:
+    """Channels, lingering channels and open streams are what they are now;
+    sends, deliveries and resumes add up; the snapshot is immutable."""
+    b: Broadcaster[str, int] = Broadcaster(history=5, linger=60)
+    assert b.metrics() == metrics_of(b)
+    a1, a2, both = b.subscribe("a"), b.subscribe("a"), b.subscribe_many(["a", "b"])
+    b.send("a", 1)
+    b.send("b", 2)
+    b.send("nobody", 3)
+    assert b.metrics() == metrics_of(b, channels=2, streams=3, sends=3, deliveries=4)
+    position = both.last_event_id
+    a1.close()
+    both.close()
+    assert b.metrics() == metrics_of(b, channels=1, lingering=1, streams=1, sends=3, deliveries=4)
+    resumed = b.subscribe_many(["a", "b"], last_event_id=position)
+    b.subscribe("b", last_event_id="unknown-1").close()
+    b.subscribe_many(["a", "c"], last_event_id=position).close()  # "c" cannot resume
+    snapshot = b.metrics()
+    assert (snapshot.resumes, snapshot.gaps, snapshot.streams) == (1, 2, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snapshot.sends = 0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        snapshot.responses_ended["error"] = 1  # type: ignore[index]
+    a2.close()
+    resumed.close()
+
+
+@async_test()
+async def test_metrics_count_drops_and_lag_reports() -> None:
+    b: Broadcaster[str, int] = Broadcaster(buffer=2)
+    stream = b.subscribe("k")
+    for n in range(5):
+        b.send("k", n)
+    assert (b.metrics().dropped, b.metrics().lag_reports) == (3, 0)
+    with pytest.raises(Lagged):
+        await anext(stream)
+    assert (b.metrics().dropped, b.metrics().lag_reports) == (3, 1)
+    stream.close()
+
+
+def test_metrics_lose_no_send_of_concurrent_threads() -> None:
+    """Eight threads send 5,000 items each to three streams at once: every
+    send and delivery is counted (each thread counts into its own counters)."""
+    b: Broadcaster[str, int] = Broadcaster(buffer=1)
+    threads, sends = 8, 5000
+
+    async def main() -> None:
+        streams = [b.subscribe("k") for _ in range(3)]
+        start = threading.Barrier(threads)
+
+        def sender() -> None:
+            start.wait()
+            for n in range(sends):
+                b.send("k", n)
+
+        workers = [threading.Thread(target=sender) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+
+        def join() -> None:
+            for worker in workers:
+                worker.join()
+
+        await asyncio.to_thread(join)
+        for stream in streams:
+            stream.close()
+
+    asyncio.run(main())
+    snapshot = b.metrics()
+    assert (snapshot.sends, snapshot.deliveries) == (threads * sends, 3 * threads * sends)
+
+
+@async_test()
+async def test_metrics_count_responses_by_how_they_ended_and_their_bytes() -> None:
+    """Open responses now; ended ones by how; the body bytes written."""
+    b: Broadcaster[str, Event] = Broadcaster(buffer=1, config=SseConfig(keep_alive=None, send_timeout=0.05))
+    bodies = 0
+    # source_done: the key is removed
+    stream = b.subscribe("done")
+    b.send("done", Event("x"))
+    b.remove("done")
+    bodies += len((await client_request(b.response(stream))).body)
+    # client_gone, and open while it streams
+    async with AsgiClient(b.response(b.subscribe("gone"))) as client, client.stream("GET", "/") as response:
+        b.send("gone", Event("y"))
+        await response.event()
+        assert b.metrics().responses_open == 1
+    bodies += len(response.body)
+    # lag (LagPolicy.ERROR raises Lagged in the response)
+    lagging = b.subscribe("lag")
+    for n in range(3):
+        b.send("lag", Event(str(n)))
+    bodies += len((await client_request(b.response(lagging))).body)
+
+    # error: the render raises
+    def broken(item: Event) -> Event:
+        raise ValueError("no")
+
+    failing = b.subscribe("error")
+    b.send("error", Event("z"))
+    b.remove("error")
+    bodies += len((await client_request(b.response(failing, broken))).body)
+    # send_timeout: the server's send hangs
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(b.subscribe("slow")), peer)
+    await peer.wait_for_bodies(1)
+    peer.send_hangs = True
+    b.send("slow", Event("stuck"))
+    await asgi_ended(task)
+    bodies += sum(map(len, peer.bodies))
+    # cancelled: the server cancels the response's task
+    peer = AsgiPeer()
+    task = asgi_serve(b.response(b.subscribe("cancelled")), peer)
+    await peer.wait_for_bodies(1)
+    task.cancel()
+    await asyncio.wait((task,))
+    bodies += sum(map(len, peer.bodies))
+
+    # shutdown: close() ends a channel() response
+    async def forever(tx: Sender) -> None:
+        await asyncio.Event().wait()
+
+    async with AsgiClient(b.channel(forever)) as client, client.stream("GET", "/") as response:
+        b.close()
+        await response.read()
+    bodies += len(response.body)
+    ended = dict.fromkeys(ENDINGS, 1)
+    snapshot = b.metrics()
+    assert (snapshot.responses_open, dict(snapshot.responses_ended)) == (0, ended)
+    assert snapshot.bytes_written == bodies
 
 
 # ---------------------------------------------------------------------------
