@@ -434,3 +434,61 @@ def test_sigterm_stops_the_thread_and_ends_tick_streams_cleanly(tmp_path: Path) 
     ticks in flight), the thread is stopped and joined (lifespan shutdown
     completes), the process exits within 3 s, no error."""
     assert "Application shutdown complete." in sigterm_ends_streams(tmp_path, "threads", "/ticks", tick)
+
+
+# ---------------------------------------------------------------------------
+# metrics.py: Broadcaster.metrics() exported to Prometheus
+# ---------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of ``/metrics``, parsed by prometheus_client's own
+    parser: ``name`` or ``name{label="value"}`` -> value."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    status, head, body = request(port, "GET", "/metrics")
+    assert status == 200 and head["content-type"].startswith("text/plain"), (status, head)
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_metrics_example_exports_what_a_scripted_scenario_did(tmp_path: Path) -> None:
+    """Two clients connect, one message reaches both, one leaves, then a
+    burst of 10 overflows the other's 4-item buffer (6 dropped, the stream
+    ends with Lagged): Prometheus reads exactly that."""
+    require("uvicorn", "prometheus_client")
+    with Example("metrics", tmp_path, "--buffer", "4") as app:
+        clients = Clients(app.port)
+        slow, leaving = clients.stream("/events/news"), clients.stream("/events/news")
+        assert scrape(app.port)["sse_streams"] == 2
+        status, _, body = request(app.port, "POST", "/publish/news", b"hello", content_type="text/plain")
+        assert (status, json.loads(body)) == (200, {"sent": 1, "delivered": 2})
+        assert slow.chunk() == leaving.chunk() == b"data: hello\n\n"
+        leaving.close()
+        wait_until("the client that left is gone", lambda: scrape(app.port)["sse_streams"] == 1)
+        status, _, body = request(app.port, "POST", "/publish/news?count=10", b"burst", content_type="text/plain")
+        assert (status, json.loads(body)) == (200, {"sent": 10, "delivered": 10})
+        assert slow.chunk() is None  # the stream lagged: its response ended cleanly
+        wait_until("the lagging response ended", lambda: scrape(app.port)["sse_responses_open"] == 0)
+        samples = scrape(app.port)
+        clients.close_all()
+        app.terminate()
+    ended = {how: samples[f'sse_responses_ended_total{{how="{how}"}}'] for how in ("client_gone", "lag", "error")}
+    assert ended == {"client_gone": 1, "lag": 1, "error": 0}
+    assert {name: samples[name] for name in ("sse_streams", "sse_channels", "sse_lingering")} == dict.fromkeys(
+        ("sse_streams", "sse_channels", "sse_lingering"), 0
+    )
+    totals = ("sends", "deliveries", "dropped", "lag_reports", "resumes", "gaps", "bytes_written")
+    assert {name: samples[f"sse_{name}_total"] for name in totals} == {
+        "sends": 11,
+        "deliveries": 12,
+        "dropped": 6,
+        "lag_reports": 1,
+        "resumes": 0,
+        "gaps": 0,
+        "bytes_written": 2 * len(b":\n\ndata: hello\n\n"),
+    }
