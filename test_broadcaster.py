@@ -6941,6 +6941,58 @@ def test_response_send_failure_is_logged_with_its_message(position: str, caplog:
     assert records == [(logging.ERROR, "ASGI send() failed; ending the SSE response")], f"wrong records: {records}"
 
 
+def test_logs_never_hold_event_data_above_debug(caplog: pytest.LogCaptureFixture) -> None:
+    """Every way a response ends with an error or a warning, while it holds
+    events whose data, type and id are secret: the records at INFO and above
+    (their messages, arguments and tracebacks) name none of it."""
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cr3t-token"
+    event = Event(f"data {secret}", event=f"type-{secret}", id=f"id-{secret}")
+
+    @async_test()
+    async def scenario() -> None:
+        # A lag, a send timeout, a failing send, a failing receive, an item
+        # that is no Event (its text is secret), a render that raises.
+        b: Broadcaster[str, Any] = Broadcaster(buffer=1, config=SseConfig(keep_alive=None, send_timeout=0.05))
+        lagging = b.subscribe("lag")
+        for _ in range(3):
+            b.send("lag", event)
+        await client_request(b.response(lagging))
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(b.subscribe("slow")), peer)
+        await peer.wait_for_bodies(1)
+        peer.send_hangs = True
+        b.send("slow", event)
+        await asgi_ended(task)
+        peer = AsgiPeer()
+        task = asgi_serve(b.response(b.subscribe("fail")), peer)
+        await peer.wait_for_bodies(1)
+        peer.send_error = RuntimeError("server bug")
+        b.send("fail", event)
+        await asgi_ended(task)
+        peer = AsgiPeer()
+        peer.push({"type": "http.bogus"})
+        stream = b.subscribe("receive")
+        b.send("receive", event)
+        await asgi_ended(asgi_serve(b.response(stream), peer))
+        b.send("odd", 0)
+        odd = b.subscribe("odd")
+        b.send("odd", f"not an event {secret}")
+        b.remove("odd")
+        await client_request(b.response(odd))
+        broken = b.subscribe("render")
+        b.send("render", event)
+        b.remove("render")
+        await client_request(b.response(broken, lambda item: Event(str(1 / 0))))
+
+    scenario()
+    loud = [record for record in caplog.records if record.levelno >= logging.INFO]
+    assert {record.levelno for record in loud} >= {logging.INFO, logging.WARNING, logging.ERROR}
+    for record in loud:
+        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        assert secret not in text, text
+
+
 def test_response_send_timeout_on_the_start_is_logged_with_the_timeout(caplog: pytest.LogCaptureFixture) -> None:
     """A send() of the response start that hangs past send_timeout ends the
     response: nothing sent, the source never read and closed, one INFO record
