@@ -1,10 +1,12 @@
 """The project's static promises, checked by the test suite itself so that the
-README's one test command covers them: mypy --strict is clean, and
-test_broadcaster.py alone covers 100% of broadcaster.py's lines and branches."""
+README's one test command covers them: mypy --strict is clean,
+test_broadcaster.py alone covers 100% of broadcaster.py's lines and branches,
+and every test SECURITY.md cites for a guarantee exists."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,18 @@ def test_ruff_check_and_format_are_clean() -> None:
     assert check.returncode == 0, f"ruff check failed:\n{check.stdout}{check.stderr}"
     form = run("-m", "ruff", "format", "--check", "--no-cache", *files)
     assert form.returncode == 0, f"ruff format --check failed:\n{form.stdout}{form.stderr}"
+
+
+def test_security_md_names_only_tests_that_exist() -> None:
+    """Each guarantee of SECURITY.md names the test that checks it: every
+    ``test_...`` it names (``path::test_...`` for a file of tests/, else one
+    of test_broadcaster.py) is defined there."""
+    text = (ROOT / "SECURITY.md").read_text(encoding="utf-8")
+    cited = re.findall(r"`(?:(tests/[a-z_]+\.py)::)?(test_[a-z0-9_]+)`", text)
+    assert len(cited) >= 30, cited
+    missing = []
+    for path, name in cited:
+        source = (ROOT / (path or "test_broadcaster.py")).read_text(encoding="utf-8")
+        if not re.search(rf"^(?:async )?def {name}\(", source, re.MULTILINE):
+            missing.append(f"{path or 'test_broadcaster.py'}::{name}")
+    assert not missing, f"SECURITY.md names tests that do not exist: {missing}"
