@@ -870,7 +870,10 @@ class _KeyedSubscriber(_Subscriber):
 
 # The members of a channel on one loop: (loop, single-key subscribers, keyed
 # subscribers). Delivered to as a unit (see _deliver_group).
-_Group = tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...], tuple[_Subscriber, ...]]
+# A loop, its single-key and its keyed subscribers of one channel, and the
+# counts of the thread that runs that loop (theirs; see _Counts), which a
+# send on that loop's thread counts into without a thread-local lookup.
+_Group = tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...], tuple[_Subscriber, ...], "_Counts"]
 
 
 class _Entry:
@@ -920,7 +923,9 @@ class _Channel:
         by_loop: dict[asyncio.AbstractEventLoop, tuple[list[_Subscriber], list[_Subscriber]]] = {}
         for sub in self.members:
             by_loop.setdefault(sub.loop, ([], []))[isinstance(sub, _KeyedSubscriber)].append(sub)
-        self.groups = tuple((loop, tuple(plain), tuple(keyed)) for loop, (plain, keyed) in by_loop.items())
+        self.groups = tuple(
+            (loop, tuple(plain), tuple(keyed), (plain or keyed)[0].counts) for loop, (plain, keyed) in by_loop.items()
+        )
         return self.groups
 
     def position(self) -> str:
@@ -1107,7 +1112,7 @@ def _on_loops(groups: Iterable[_Group], defer: bool, fn: Callable[..., None], *a
     thread (see :func:`_run_on`); how many subscribers were addressed."""
     running = _running_loop()
     count = 0
-    for loop, plain, keyed in groups:
+    for loop, plain, keyed, _ in groups:
         if _run_on(loop, running, defer, fn, plain, keyed, *args):
             count += len(plain) + len(keyed)
     return count
@@ -2036,8 +2041,38 @@ class Broadcaster(Generic[K, T]):
             ValueError: ``id`` without history, holding CR, LF or NUL, or
                 longer than 48 bytes once percent-escaped.
         """
-        addressed = self._send(key, item, id)
-        counts = self._counts()
+        if self._history:
+            if id is not None:
+                _utf8("id", _check_field("id", id))
+                if len(_escape(id)) > _MAX_KEY_ID:
+                    raise ValueError(
+                        f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped (the id of a "
+                        f"keyed stream holds one per key): {id!r}"
+                    )
+            addressed, counts = self._send_with_history(key, item, id), self._counts()
+        elif id is not None:
+            raise ValueError("send(id=...) needs a broadcaster with history")
+        # Without the lock: see the concurrency model. Counted into the counts
+        # of the sending thread (see _Counts).
+        elif (channel := self._channels.get(key)) is None:
+            addressed, counts = 0, self._counts()
+        else:
+            groups = channel.groups
+            if groups is None:
+                with self._lock:
+                    groups = channel.regroup()
+            if len(groups) == 1 and groups[0][0] is _running_loop():
+                # The common case, spelled out (it saves a third of a send to
+                # one stream): every subscriber is on the caller's loop, whose
+                # thread's counts the group holds.
+                _, plain, keyed, counts = groups[0]
+                if plain:
+                    _deliver(plain, item, self._buffer)
+                if keyed:
+                    _deliver(keyed, (key, item), self._buffer)
+                addressed = len(plain) + len(keyed)
+            else:
+                addressed, counts = _on_loops(groups, False, _deliver_group, item, key, self._buffer), self._counts()
         counts.sends += 1
         counts.deliveries += addressed
         return addressed
@@ -2273,38 +2308,6 @@ class Broadcaster(Generic[K, T]):
         channel.members[sub] = None
         channel.groups = None
         return channel
-
-    def _send(self, key: K, item: T, id: str | None) -> int:
-        """``send()``, before it is counted."""
-        if self._history:
-            if id is not None:
-                _utf8("id", _check_field("id", id))
-                if len(_escape(id)) > _MAX_KEY_ID:
-                    raise ValueError(
-                        f"id must take at most {_MAX_KEY_ID} bytes once percent-escaped (the id of a "
-                        f"keyed stream holds one per key): {id!r}"
-                    )
-            return self._send_with_history(key, item, id)
-        if id is not None:
-            raise ValueError("send(id=...) needs a broadcaster with history")
-        # Without the lock: see the concurrency model.
-        channel = self._channels.get(key)
-        if channel is None:
-            return 0
-        groups = channel.groups
-        if groups is None:
-            with self._lock:
-                groups = channel.regroup()
-        if len(groups) == 1 and groups[0][0] is _running_loop():
-            # The common case, spelled out (it saves a third of a send to one
-            # stream): every subscriber is on the caller's loop.
-            _, plain, keyed = groups[0]
-            if plain:
-                _deliver(plain, item, self._buffer)
-            if keyed:
-                _deliver(keyed, (key, item), self._buffer)
-            return len(plain) + len(keyed)
-        return _on_loops(groups, False, _deliver_group, item, key, self._buffer)
 
     def _send_with_history(self, key: K, item: T, id: str | None) -> int:
         # Lock not held: takes it.
