@@ -44,6 +44,15 @@ Bridges
     ``examples/redis_bridge.py``) needs to serve only the keys this process has
     and to keep ids global.
 
+Limits and numbers
+    ``Broadcaster(max_streams=, max_streams_per_key=, max_keys=)`` refuse a
+    subscription past a limit (:class:`StreamLimit`, :class:`KeyLimit`),
+    changing nothing; ``try_later()`` answers the refused client.
+    ``metrics()`` is a snapshot of what is open and of totals (sends,
+    deliveries, drops, how responses ended...), counted by each thread into
+    its own counters (``_Counts``). ``SseConfig(shutdown_retry=...)`` spreads
+    the reconnections of the clients that ``close()`` ends.
+
 Threads and loops
     Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
     loop that subscribed it and is read on that loop only. ``send`` called on
