@@ -820,6 +820,14 @@ class _Counts:
         self.ended = dict.fromkeys(_ENDINGS, 0)
         self.written = 0  # body bytes
 
+    def add(self, other: _Counts) -> None:
+        """Add ``other``'s counts to these."""
+        for name in self.__slots__:
+            if name != "ended":
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+        for how, n in other.ended.items():
+            self.ended[how] += n
+
 
 _NO_COUNTS: Final = _Counts()  # what a subscriber made by hand counts into (tests)
 
@@ -878,10 +886,9 @@ class _KeyedSubscriber(_Subscriber):
 
 
 # The members of a channel on one loop: (loop, single-key subscribers, keyed
-# subscribers). Delivered to as a unit (see _deliver_group).
-# A loop, its single-key and its keyed subscribers of one channel, and the
-# counts of the thread that runs that loop (theirs; see _Counts), which a
-# send on that loop's thread counts into without a thread-local lookup.
+# subscribers, the counts of the thread that runs that loop). Delivered to
+# as a unit (see _deliver_group); a send on that loop's thread counts into
+# those counts (theirs; see _Counts) without a thread-local lookup.
 _Group = tuple[asyncio.AbstractEventLoop, tuple[_Subscriber, ...], tuple[_Subscriber, ...], "_Counts"]
 
 
@@ -1199,7 +1206,9 @@ class _EventSource(Protocol):
 # The lock guards the registry: the channels by key (_channels), each
 # channel's members and history (with its seq and expiry), the grouping of
 # members by loop (built under it), the lingering channels, _closed, the
-# running channel() sources, and appends to the keys changed for on_change.
+# running channel() sources, appends to the keys changed for on_change, the
+# open streams' count (_streams, and each subscriber's ``counted``), and the
+# list of each thread's counts with the sum of the ended threads' (metrics()).
 # It is held only for those updates. Under it run only: the keys' own
 # __hash__ and __eq__ (dict lookups), and, with history, the scheduling of
 # deliveries with call_soon(_threadsafe), on purpose: concurrent sends then
@@ -1222,6 +1231,10 @@ class _EventSource(Protocol):
 #   len(_channels). Momentary values, as any count read by another thread is.
 # - on_change's queue (_changed): appended under the lock, popped after its
 #   release by whichever thread released it (deque pops are atomic).
+# - The counts (_Counts): each is written by one thread only (the sending
+#   thread's, found through a thread-local; a subscriber's and a group's are
+#   those of the thread running their loop), and read by metrics() under the
+#   lock as they are at that moment; no increment is lost.
 # With history, send() takes the lock: retaining an item, numbering it and
 # choosing its recipients must be one step for resume to be exact.
 #
@@ -1786,13 +1799,13 @@ class Metrics:
         deliveries: items handed to streams: each send counts the streams it
             addressed (total).
         dropped: items dropped from a full stream's buffer (total).
-        lag_reports: times a stream told its reader of a loss, by its lag
-            policy (total).
+        lag_reports: times a stream's lag policy acted on a loss: raised
+            ``Lagged``, ended the stream, or went on silently (total).
         resumes: subscriptions given a last event id that resumed exactly.
         gaps: subscriptions given a last event id that could not (in some
             key, for a keyed stream).
         responses_open: SSE responses of ``response()`` and ``channel()``
-            running now.
+            running now (a ``HEAD`` counts too, and ends as ``source_done``).
         responses_ended: responses that finished, by how (totals):
             ``source_done`` (the stream or closure ended), ``client_gone``,
             ``send_timeout``, ``lag`` (``Lagged``), ``error`` (the source, a
@@ -1877,10 +1890,12 @@ class Broadcaster(Generic[K, T]):
         # subscriber's key indexes it too).
         self._channels: dict[Hashable, _Channel] = {}
         self._streams = 0  # open streams (a keyed stream counts once)
-        # Each thread's counts (see _Counts): its own through _local, and all
-        # of them (list appends are atomic) for metrics().
+        # Each thread's counts (see _Counts): its own through _local; the
+        # live threads' (with the thread) and the sum of those that ended,
+        # for metrics(), which folds an ended thread's into that sum.
         self._local = threading.local()
-        self._all_counts: list[_Counts] = []
+        self._all_counts: list[tuple[weakref.ref[threading.Thread], _Counts]] = []
+        self._retired = _Counts()
         self._closed = False
         # Channels with history and no members, by key, in expiry order (every
         # channel lingers equally long); expired whenever the lock is released.
@@ -1911,6 +1926,8 @@ class Broadcaster(Generic[K, T]):
         Raises:
             RuntimeError: no event loop is running in this thread.
             TypeError: ``key`` is not hashable, or ``last_event_id`` not a str.
+            StreamLimit, KeyLimit: an admission limit is reached (nothing
+                changed).
         """
         if last_event_id is not None:
             _check_type("last_event_id", last_event_id, str, "a str or None")
@@ -1940,9 +1957,9 @@ class Broadcaster(Generic[K, T]):
                     if backlog is not None:
                         sub.backlog = backlog or None  # None: nothing to replay
                         resumed = True
-        if resumed is not None:
-            counts.resumes += resumed
-            counts.gaps += not resumed
+                if resumed is not None:
+                    counts.resumes += resumed
+                    counts.gaps += not resumed
         return BroadcastStream(sub, self._lock, self._history > 0, resumed)
 
     def subscribe_many(
@@ -1983,6 +2000,8 @@ class Broadcaster(Generic[K, T]):
             ValueError: no keys, more than 100, the same key twice, a name
                 that is empty, not one line, or the same as another's, or keys
                 whose id could exceed 8,192 bytes.
+            StreamLimit, KeyLimit: an admission limit is reached (nothing
+                changed).
         """
         names = _check_keys(keys, name)
         if self._history:
@@ -2027,7 +2046,7 @@ class Broadcaster(Generic[K, T]):
                 sub.backlog = deque(backlog) if backlog else None
         gaps = () if last_event_id is None else tuple(key for key in names if key not in resumable)
         resumed = None if last_event_id is None else not gaps
-        if resumed is not None:
+        if resumed is not None and sub.counted:  # (not after close())
             counts.resumes += resumed
             counts.gaps += not resumed
         return KeyedStream([_Part(sub, self._lock, names, positions)], resumed, gaps)
@@ -2205,23 +2224,24 @@ class Broadcaster(Generic[K, T]):
                 another ``status``.
         """
         after = cast(float, _check_seconds("seconds", seconds))
-        if status not in (200, 429, 503):
+        if _check_int("status", status, 0) not in (200, 429, 503):
             raise ValueError(f"status must be 200, 429 or 503, got {status!r}")
         if status == 200:
-            headers = list(self._config._start)  # pyright: ignore[reportPrivateUsage]
-            body = f": try again later\nretry: {round(after * 1000)}\n\n".encode()
+            headers = self._config._start  # pyright: ignore[reportPrivateUsage]
+            body = f": try again later\nretry: {max(1, math.ceil(after * 1000))}\n\n".encode()
         else:
             body = b"try again later\n"
-            headers = [
+            headers = (
                 (b"content-type", b"text/plain; charset=utf-8"),
                 (b"retry-after", str(math.ceil(after)).encode()),
                 (b"content-length", str(len(body)).encode()),
-            ]
+            )
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope.get("type") != "http":
                 raise RuntimeError(f"try_later() answers 'http' scopes only, got {scope.get('type')!r}")
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            # A fresh list: middleware may edit the headers of a message in place.
+            await send({"type": "http.response.start", "status": status, "headers": list(headers)})
             head = scope.get("method") == "HEAD"
             await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
@@ -2274,32 +2294,39 @@ class Broadcaster(Generic[K, T]):
 
         Cheap to count: each thread counts into its own counters, so a send
         takes no lock for it and no increment is lost, however many threads
-        send at once; this sums them. Numbers that change meanwhile, in other
-        threads, are read as they are at that moment.
+        send at once; this sums them (and keeps one sum for the threads that
+        ended). Numbers that change meanwhile, in other threads, are read as
+        they are at that moment.
         """
-        all_counts = list(self._all_counts)
-        ended: dict[str, int] = dict.fromkeys(_ENDINGS, 0)
-        for counts in all_counts:
-            for how, n in counts.ended.items():
-                ended[how] += n
         with self._lock:
             self._expire_lingering()
             lingering = len(self._lingering)
             channels = len(self._channels) - lingering
             streams = self._streams
+            live: list[tuple[weakref.ref[threading.Thread], _Counts]] = []
+            total = _Counts()
+            for thread, counts in self._all_counts:
+                alive = thread()
+                if alive is not None and alive.is_alive():
+                    live.append((thread, counts))
+                    total.add(counts)
+                else:  # final: fold it into the sum of the threads that ended
+                    self._retired.add(counts)
+            self._all_counts = live
+            total.add(self._retired)
         return Metrics(
             channels=channels,
             lingering=lingering,
             streams=streams,
-            sends=sum(c.sends for c in all_counts),
-            deliveries=sum(c.deliveries for c in all_counts),
-            dropped=sum(c.dropped for c in all_counts),
-            lag_reports=sum(c.lag_reports for c in all_counts),
-            resumes=sum(c.resumes for c in all_counts),
-            gaps=sum(c.gaps for c in all_counts),
-            responses_open=sum(c.opened for c in all_counts) - sum(ended.values()),
-            responses_ended=MappingProxyType(ended),
-            bytes_written=sum(c.written for c in all_counts),
+            sends=total.sends,
+            deliveries=total.deliveries,
+            dropped=total.dropped,
+            lag_reports=total.lag_reports,
+            resumes=total.resumes,
+            gaps=total.gaps,
+            responses_open=total.opened - sum(total.ended.values()),
+            responses_ended=MappingProxyType(total.ended),
+            bytes_written=total.written,
         )
 
     # -- internals (registry lock held unless said otherwise) -----------------
@@ -2346,7 +2373,8 @@ class Broadcaster(Generic[K, T]):
             counts: _Counts = self._local.counts
         except AttributeError:
             counts = self._local.counts = _Counts()
-            self._all_counts.append(counts)
+            with self._lock:
+                self._all_counts.append((weakref.ref(threading.current_thread()), counts))
         return counts
 
     def _admit(self, keys: Iterable[Hashable]) -> None:
@@ -2362,7 +2390,8 @@ class Broadcaster(Generic[K, T]):
             if channel is None:
                 new += 1
             elif per_key is not None and len(channel.members) >= per_key:
-                message = f"key {key!r} has {len(channel.members)} streams: max_streams_per_key is {per_key}"
+                # (No repr of the key: only its __hash__ and __eq__ run under the lock.)
+                message = f"a key has {len(channel.members)} streams: max_streams_per_key is {per_key}"
                 raise StreamLimit(message, "max_streams_per_key", per_key)
         most = limits.get("max_keys")
         if most is not None and new and len(self._channels) + new > most:
@@ -2494,7 +2523,9 @@ class _SseResponse:
     How it finishes: source exhausted, :class:`Lagged` (WARNING), a source
     exception (ERROR, with traceback) or a failing ``receive()`` (ERROR)
     finish cleanly with a last ``more_body=False`` message (a send in progress
-    when ``receive()`` fails completes first). A disconnect
+    when ``receive()`` fails completes first); that message is empty, or
+    when its broadcaster's ``close()`` ended the source and ``shutdown_retry``
+    is set, a ``retry:`` frame. How it ended is counted (``Metrics``). A disconnect
     (``http.disconnect``, or ``OSError`` from ``send``), a send timeout and a
     failing ``send()`` (ERROR) finish with nothing more sent. Cancellation
     propagates. On every way out the source is closed and the pending
@@ -3462,7 +3493,8 @@ class _AppCall:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"{self.what}: no {what} within {limit:g} s")
-            self._changed = loop.create_future()
+            if self._changed is None or self._changed.done():  # (shared by concurrent waiters)
+                self._changed = loop.create_future()
             await asyncio.wait((self._changed,), timeout=remaining)
 
     def raise_failure(self) -> None:
@@ -3474,12 +3506,11 @@ class _AppCall:
         """Wait for the app to return (it was told ``after``), at most the
         timeout; past it, cancel it and raise TimeoutError. Then raise what
         it raised, unless a wait did already. A cancellation of the caller
-        cancels the app too, and waits for it."""
+        cancels the app too (see ``cancel``)."""
         try:
             await asyncio.wait((self.task,), timeout=self.timeout)
         except asyncio.CancelledError:
-            self.task.cancel()
-            await _join(self.task)
+            await self.cancel()
             raise
         if not self.task.done():
             await self.cancel()
@@ -3543,7 +3574,7 @@ class _Lifespan(_AppCall):
             await self.end("lifespan.shutdown")
 
 
-class AsgiResponse(_AsyncClosing):
+class AsgiResponse:
     """A response of the app under test, read as it arrives: what
     :meth:`AsgiClient.stream` makes, to use as ``async with`` (entering it
     sends the request and waits for the status and headers; leaving it
@@ -3597,17 +3628,18 @@ class AsgiResponse(_AsyncClosing):
         self._call = _AppCall(self._what, self._timeout, self._app, self._scope, self._receive, self._send)
         try:
             await self._call.until(lambda: self.status != 0, "response start", None)
-        except BaseException:
-            await self.aclose()
+        except BaseException as exc:
+            await self._leave(exc)
             raise
         return self
 
-    async def aclose(self) -> None:
-        """Leave, as the end of the ``async with`` block does: the client
-        sends ``http.disconnect``, then waits for the app to return."""
-        call = self._running()
-        _complete(self._left)
-        await call.end("the client's disconnect")
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._leave(exc)
 
     @property
     def body(self) -> bytes:
@@ -3653,6 +3685,17 @@ class AsgiResponse(_AsyncClosing):
 
     # -- internals ---------------------------------------------------------------
 
+    async def _leave(self, exc: BaseException | None) -> None:
+        """The client leaves: ``http.disconnect``, then the app must return.
+        When the block is being cancelled (``exc``), the app is cancelled at
+        once instead, and the cancellation goes on."""
+        call = self._running()
+        _complete(self._left)
+        if isinstance(exc, asyncio.CancelledError):
+            await call.cancel()
+        else:
+            await call.end("the client's disconnect")
+
     def _running(self) -> _AppCall:
         if self._call is None:
             raise RuntimeError(f"{self._what}: use the response as `async with client.stream(...) as response:`")
@@ -3674,12 +3717,12 @@ class AsgiResponse(_AsyncClosing):
         return {"type": "http.disconnect"}
 
     async def _send(self, message: Message) -> None:
+        if not self.ended and cast("asyncio.Future[None]", self._left).done():
+            return  # after the client left: dropped, as uvicorn does
         kind = message.get("type")
         if self.ended or kind != ("http.response.body" if self.status else "http.response.start"):
             state = "after the end of the body" if self.ended else "after its start" if self.status else "first"
             raise RuntimeError(f"{self._what}: the app sent {kind!r} {state}")
-        if cast("asyncio.Future[None]", self._left).done():
-            return  # after the client left: dropped, as uvicorn does
         if self.status:
             self._received(bytes(message.get("body", b"")), bool(message.get("more_body", False)))
         else:
@@ -3711,14 +3754,15 @@ class AsgiResponse(_AsyncClosing):
             _complete(self._left)
 
 
-class AsgiClient(_AsyncClosing):
+class AsgiClient:
     """A client of an ASGI 3 app, in process: for testing endpoints, endless
     event streams included, with no server, socket or extra dependency.
 
     Use it as ``async with AsgiClient(app) as client:``. With
     ``lifespan=True`` the app's lifespan starts there and shuts down at the
-    end of the block (a failure is a RuntimeError; request scopes get a copy
-    of its ``state``). Then::
+    end of the block (``lifespan.*.failed`` is a RuntimeError with the app's
+    message; an exception the app raises comes through as it is; request
+    scopes get a copy of its ``state``). Then::
 
         async with client.stream("GET", "/events", headers={"Last-Event-ID": "7"}) as response:
             assert response.status == 200
@@ -3762,11 +3806,18 @@ class AsgiClient(_AsyncClosing):
                 raise
         return self
 
-    async def aclose(self) -> None:
-        """End the use of the client, as the end of the ``async with`` block
-        does: the lifespan's shutdown, if it started."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         life, self._life = self._life, None
-        if life is not None:
+        if life is None:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            await life.cancel()  # the cancellation goes on
+        else:
             await life.phase("shutdown")
 
     def stream(
@@ -3828,7 +3879,7 @@ class AsgiClient(_AsyncClosing):
             if content:
                 raise ValueError("give a body or json, not both")
             content = _utf8("json", json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
-            fields.append((b"content-type", b"application/json"))
+            fields += [(b"content-type", b"application/json")] * all(name != b"content-type" for name, _ in fields)
         names = {name for name, _ in fields}
         fields = [(b"host", b"testserver")] * (b"host" not in names) + fields
         fields += [(b"content-length", str(len(content)).encode())] * bool(content)

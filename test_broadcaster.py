@@ -2785,7 +2785,7 @@ async def test_limits_max_streams_refuses_the_next_and_changes_nothing() -> None
 async def test_limits_max_streams_per_key_refuses_a_full_key_only() -> None:
     b: Broadcaster[str, int] = Broadcaster(max_streams_per_key=2)
     streams: list[BroadcastStream[int] | KeyedStream[str, int]] = [b.subscribe("a"), b.subscribe_many(["a", "b"])]
-    with pytest.raises(StreamLimit, match=r"^key 'a' has 2 streams: max_streams_per_key is 2$"):
+    with pytest.raises(StreamLimit, match=r"^a key has 2 streams: max_streams_per_key is 2$"):
         b.subscribe("a")
     with pytest.raises(StreamLimit, match="max_streams_per_key") as refused:
         b.subscribe_many(["c", "b", "a"])
@@ -2901,10 +2901,26 @@ async def test_try_later_answers_other_clients_with_retry_after(status: int) -> 
 
 
 @async_test()
+async def test_try_later_sends_fresh_headers_and_a_retry_of_at_least_1_ms() -> None:
+    """Each answer gets its own list of headers (middleware edits them in
+    place); a delay under 1 ms is written as 1 ms, never 0."""
+    b: Broadcaster[str, int] = Broadcaster()
+    app = b.try_later(0.0001)
+    first, second = AsgiPeer(), AsgiPeer()
+    await asgi_call(app, first)
+    first.start["headers"].append((b"x-added", b"by a middleware"))
+    await asgi_call(app, second)
+    assert second.start["headers"] == list(b.config._start)
+    assert second.bodies == [b": try again later\nretry: 1\n\n"]
+
+
+@async_test()
 async def test_try_later_checks_its_arguments_and_its_scope() -> None:
     b: Broadcaster[str, int] = Broadcaster()
     with pytest.raises(ValueError, match="status must be 200, 429 or 503, got 404"):
         b.try_later(1, status=404)
+    with pytest.raises(TypeError, match="status must be an int, not float"):
+        b.try_later(1, status=200.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seconds must be > 0 and finite"):
         b.try_later(0)
     peer = AsgiPeer()
@@ -2956,6 +2972,30 @@ async def test_metrics_count_the_registry_and_the_sends() -> None:
         snapshot.responses_ended["error"] = 1  # type: ignore[index]
     a2.close()
     resumed.close()
+
+
+@async_test()
+async def test_metrics_count_no_resume_or_gap_after_close() -> None:
+    """A reconnection during shutdown is neither a resume nor a gap."""
+    b: Broadcaster[str, int] = Broadcaster(history=5)
+    b.close()
+    b.subscribe("k", last_event_id="x-1")
+    b.subscribe_many(["k"], last_event_id="k=x-1")
+    assert (b.metrics().resumes, b.metrics().gaps, b.metrics().streams) == (0, 0, 0)
+
+
+def test_metrics_keep_the_counts_of_threads_that_ended() -> None:
+    """Sends from 50 short-lived threads: every one counted, and the
+    counters of the threads that ended are folded into one sum."""
+    b: Broadcaster[str, int] = Broadcaster()
+    for _ in range(50):
+        thread = threading.Thread(target=b.send, args=("k", 1))
+        thread.start()
+        thread.join()
+    assert b.metrics().sends == 50
+    assert len(b._all_counts) == 0, "the counters of ended threads are kept one by one"
+    b.send("k", 2)
+    assert b.metrics().sends == 51 and len(b._all_counts) == 1
 
 
 @async_test()
@@ -10195,6 +10235,84 @@ async def test_client_cancelled_while_leaving_cancels_the_app_and_waits_for_it()
     assert app_done.is_set()
 
 
+@async_test()
+async def test_client_cancelled_block_stays_cancelled_whatever_the_app_raises() -> None:
+    """A test cancelled inside a response's block, or while it waits for
+    the start: the app is cancelled at once, and the cancellation goes on
+    (not an error the app raises as it is cancelled)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/started":
+            await send(asgi_start())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            raise ClientAppError("while cancelled")
+
+    for path in ("/started", "/never"):
+        entered = asyncio.Event()
+
+        async def use(path: str = path, entered: asyncio.Event = entered) -> None:
+            async with AsgiClient(app) as client:
+                if path == "/never":
+                    entered.set()
+                async with client.stream("GET", path):
+                    entered.set()
+                    await asyncio.Event().wait()
+
+        task = asyncio.ensure_future(use())
+        await entered.wait()
+        task.cancel()
+        await asyncio.wait((task,))
+        assert task.cancelled(), task
+
+
+@async_test()
+async def test_client_a_response_start_after_the_client_left_is_dropped() -> None:
+    """An app that starts its response only after the client gave up: the
+    test sees the timeout, and what the app sends then is dropped."""
+    late = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "http.request"
+        assert (await receive())["type"] == "http.disconnect"
+        await send(asgi_start())
+        await send(asgi_body(b"data: late\n\n", more_body=False))
+        late.set()
+
+    async with AsgiClient(app, timeout=0.05) as client:
+        with pytest.raises(TimeoutError, match=r"^GET /: no response start within 0.05 s$"):
+            async with client.stream("GET", "/"):
+                pass  # pragma: no cover (never entered)
+    assert late.is_set()
+
+
+@async_test()
+async def test_client_two_waits_on_one_response_are_both_woken() -> None:
+    go = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        await go.wait()
+        await send(asgi_body(b"data: 1\n\n", more_body=False))
+
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        both = asyncio.gather(response.read(), response.event())
+        await asyncio.sleep(0)
+        go.set()
+        assert list(await both) == [b"data: 1\n\n", SseEvent("message", "1", "")]
+
+
+@async_test()
+async def test_client_json_keeps_a_content_type_given() -> None:
+    app = ClientRecorder()
+    async with AsgiClient(app) as client:
+        await client.request("POST", "/", json=[1], headers={"Content-Type": "application/vnd.api+json"})
+    assert [value for name, value in app.scopes[0]["headers"] if name == b"content-type"] == [
+        b"application/vnd.api+json"
+    ]
+
+
 # ---------------------------------------------------------------------------
 # What the app raises, and what it gets wrong
 # ---------------------------------------------------------------------------
@@ -10371,6 +10489,30 @@ async def test_client_lifespan_failure_is_raised_and_the_app_is_stopped(
     with pytest.raises(error, match=re.escape(message)):
         async with AsgiClient(app, lifespan=True, timeout=0.05):
             pass
+
+
+@async_test()
+async def test_client_cancelled_in_its_block_cancels_the_lifespan_and_stays_cancelled() -> None:
+    entered = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        try:
+            await receive()
+        finally:
+            raise ClientAppError("while cancelled")
+
+    async def use() -> None:
+        async with AsgiClient(app, lifespan=True):
+            entered.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(use())
+    await entered.wait()
+    task.cancel()
+    await asyncio.wait((task,))
+    assert task.cancelled(), task
 
 
 @async_test()
