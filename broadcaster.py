@@ -185,6 +185,10 @@ __all__ = [
     "replay",
 ]
 
+# The version, in this one place (the build reads it); semantic versioning
+# of the names in __all__ (see CHANGELOG.md).
+__version__ = "0.2.0.dev0"
+
 logger: Final = logging.getLogger("broadcaster")
 
 K = TypeVar("K", bound=Hashable)
