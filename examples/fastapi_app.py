@@ -3,7 +3,7 @@
 Run it from a checkout::
 
     pip install '.[examples]'            # uvicorn and fastapi (and starlette)
-    python examples/fastapi_app.py       # http://127.0.0.1:8000/ (API docs at /docs)
+    python examples/fastapi_app.py       # http://127.0.0.1:8000/docs (the API docs)
     python examples/fastapi_app.py --port 0   # any free port; the printed URL says which
 
 then, from another terminal::
@@ -234,7 +234,7 @@ class Server(uvicorn.Server):
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             url = f"http://{host}:{port}/"
-            print(f"fastapi_app running on {url} (API docs at {url}docs) - try: "
+            print(f"fastapi_app running on {url}docs (the API docs) - try: "
                   f"curl -N -H 'Authorization: Bearer alice-token' {url}rooms/general/events", flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -3,7 +3,7 @@
 Run it from a checkout::
 
     pip install '.[examples]'              # uvicorn and starlette (and fastapi)
-    python examples/starlette_app.py       # http://127.0.0.1:8000/
+    python examples/starlette_app.py       # http://127.0.0.1:8000/rooms/general/stats
     python examples/starlette_app.py --port 0   # any free port; the printed URL says which
 
 then, from another terminal::
@@ -205,7 +205,7 @@ class Server(uvicorn.Server):
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             url = f"http://{host}:{port}/"
-            print(f"starlette_app running on {url} - try: "
+            print(f"starlette_app running on {url}rooms/general/stats - try: "
                   f"curl -N -H 'Authorization: Bearer alice-token' {url}rooms/general/events", flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

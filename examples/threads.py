@@ -3,7 +3,7 @@
 Run it from a checkout::
 
     pip install '.[examples]'            # uvicorn
-    python examples/threads.py           # http://127.0.0.1:8000/
+    python examples/threads.py           # http://127.0.0.1:8000/ticks
     python examples/threads.py --port 0 --interval 0.1   # any free port, 10 ticks a second
 
 then ``curl -N http://127.0.0.1:8000/ticks`` (in as many terminals as you like).
@@ -168,7 +168,7 @@ class Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"threads running on http://{host}:{port}/ - try: curl -N http://{host}:{port}/ticks", flush=True)
+            print(f"threads running on http://{host}:{port}/ticks - try: curl -N http://{host}:{port}/ticks", flush=True)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.ticks_app.close()

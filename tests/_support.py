@@ -111,6 +111,7 @@ class Process:
         for thread in self._threads:
             thread.start()
         self.port = 0
+        self.url = ""  # the URL the script printed
         if ready_within is not None:
             self.wait_ready(ready_within)
 
@@ -142,6 +143,7 @@ class Process:
                 pytest.fail(f"{self.name} exited with {self.proc.returncode}; stderr: {self.stderr}")
             if line.startswith(self.prefix):
                 self.port = int(line[len(self.prefix) :].split("/")[0])
+                self.url = line[len(self.prefix) - len(f"http://{HOST}:") :].split()[0]
                 return
 
     def wait_for_log(self, text: str, within: float) -> float:

@@ -19,6 +19,7 @@ except under ``CI=true``, where a skip would hide a broken setup: they fail.
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import time
@@ -492,3 +493,34 @@ def test_metrics_example_exports_what_a_scripted_scenario_did(tmp_path: Path) ->
         "gaps": 0,
         "bytes_written": 2 * len(b":\n\ndata: hello\n\n"),
     }
+
+
+# ---------------------------------------------------------------------------
+# Every example: the URL it prints works
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "modules"),
+    [
+        ("chat", ("uvicorn",)),
+        ("dashboard", ("uvicorn",)),
+        ("fastapi_app", ("uvicorn", "fastapi")),
+        ("starlette_app", ("uvicorn", "starlette")),
+        ("threads", ("uvicorn",)),
+        ("metrics", ("uvicorn", "prometheus_client")),
+    ],
+)
+def test_every_example_prints_a_url_that_answers(tmp_path: Path, name: str, modules: tuple[str, ...]) -> None:
+    """The URL an example prints when it starts answers 200 (a page, the
+    API docs, JSON, or a stream: only its head is read)."""
+    require(*modules)
+    with Example(name, tmp_path) as app:
+        assert app.url.startswith(f"http://127.0.0.1:{app.port}/"), app.url
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=5)
+        try:
+            conn.request("GET", app.url.removeprefix(f"http://127.0.0.1:{app.port}"))
+            assert conn.getresponse().status == 200, app.url
+        finally:
+            conn.close()
+        app.terminate()
