@@ -263,6 +263,10 @@ class Chat:
             allow(method, "GET", "HEAD")
             await respond(scope, send, 200, PAGE, b"text/html; charset=utf-8")
             return
+        if path == "/favicon.ico":
+            allow(method, "GET", "HEAD")
+            await respond(scope, send, 200, FAVICON, b"image/svg+xml")
+            return
         if path == "/events":
             allow(method, "GET", "HEAD")
             await self.events(scope, receive, send, parse_rooms(scope))
@@ -476,6 +480,12 @@ def main(argv: list[str] | None = None) -> None:
         ChatServer(config, chat).run()
 
 
+# A speech bubble, as SVG (browsers take an SVG icon at any path).
+FAVICON: Final = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<path d="M2 2h12v9H7l-3 3v-3H2z" fill="#2a7"/></svg>'
+)
+
 PAGE: Final = b"""\
 <!doctype html>
 <html lang="en">
@@ -483,6 +493,7 @@ PAGE: Final = b"""\
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>broadcaster.py chat</title>
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
   :root { font: 15px/1.45 system-ui, sans-serif; color-scheme: light dark; --line: #8885; }
   body { margin: 0; height: 100vh; display: grid;
@@ -524,8 +535,8 @@ PAGE: Final = b"""\
 <nav>
   <div id="rooms"></div>
   <form id="join">
-    <input id="room" placeholder="join a room" maxlength="32" pattern="[a-z0-9_\\-]{1,32}"
-           title="1-32 of a-z, 0-9, _ and -" required>
+    <input id="room" placeholder="join a room" maxlength="32" pattern="[A-Za-z0-9_\\-]{1,32}"
+           title="1-32 letters, digits, _ and - (in lower case)" required>
     <button>join</button>
   </form>
 </nav>

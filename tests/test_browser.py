@@ -354,6 +354,23 @@ def post(chat: Server, room: str, text: str) -> None:
     assert call(f"{chat.url}/rooms/{room}/messages", "POST", {"user": "test", "text": text}) is None
 
 
+def test_chat_room_names_typed_in_upper_case_join_the_lower_case_room(
+    chat: Server, new_page: Callable[[], Page]
+) -> None:
+    """The form takes "Ops" (the field's pattern allows upper case; a
+    pattern that did not would block the submit) and the page joins "ops";
+    nothing the page loads answers an error."""
+    page = new_page()
+    failed: list[str] = []  # (aborted requests are fine: the page replaces its EventSource per room set)
+    page.on("response", lambda response: failed.append(response.url) if response.status >= 400 else None)
+    page.goto(chat.url)
+    join(page, "lobby")  # the page is ready
+    page.fill("#room", "Ops")
+    page.click("#join button")
+    page.wait_for_function(READY, arg=["ops", 1])  # (the form's validation would have blocked "Ops")
+    assert not failed, failed
+
+
 def test_chat_two_pages_exchange_messages_and_see_presence(chat: Server, new_page: Callable[[], Page]) -> None:
     """Two users' pages: a message typed and sent in one appears once in both,
     presence counts follow joins and leaves, and a reloaded page shows the

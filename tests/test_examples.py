@@ -188,6 +188,14 @@ def test_page_is_served(chat: Chat) -> None:
     assert b'addEventListener("reload"' in body and b'"/history"' in body
     assert b"innerHTML" not in body
     assert b"http://" not in body and b"https://" not in body and b"src=" not in body
+    # The room field takes upper case too: the page lower-cases the name.
+    assert b'pattern="[A-Za-z0-9_\\-]{1,32}"' in body and b".toLowerCase()" in body
+
+
+def test_favicon_is_served(chat: Chat) -> None:
+    status, head, body = request(chat.port, "GET", "/favicon.ico")
+    assert (status, head["content-type"]) == (200, "image/svg+xml")
+    assert body.startswith(b"<svg ") and body.endswith(b"</svg>")
 
 
 def test_stream_headers_then_first_chunk_before_any_message(clients: Clients) -> None:
