@@ -3433,7 +3433,7 @@ class SseParser:
             elif name == "id":
                 if "\0" not in value:
                     ident = value
-            elif name == "retry" and value.isascii() and value.isdigit() and len(value) < _MAX_DIGITS:
+            elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= _MAX_DIGITS:
                 self.retry = int(value)
         self._data, self._type, self._id = data, kind, ident
         return out

@@ -2789,7 +2789,7 @@ async def test_limits_max_streams_per_key_refuses_a_full_key_only() -> None:
         b.subscribe("a")
     with pytest.raises(StreamLimit, match="max_streams_per_key") as refused:
         b.subscribe_many(["c", "b", "a"])
-    assert refused.value.limit == "max_streams_per_key"
+    assert (refused.value.limit, refused.value.value) == ("max_streams_per_key", 2)
     assert ("c" in b, b.subscriber_count("b")) == (False, 1), "a refused keyed stream joined a channel"
     streams.append(b.subscribe("b"))
     for stream in streams:
@@ -2892,6 +2892,7 @@ async def test_try_later_asks_an_event_source_to_come_back(method: str) -> None:
 async def test_try_later_answers_other_clients_with_retry_after(status: int) -> None:
     response = await client_request(Broadcaster[str, int]().try_later(1.2, status=status))
     assert response.status == status
+    assert [name for name, _ in response.raw_headers] == [b"content-type", b"retry-after", b"content-length"]
     assert response.headers == {
         "content-type": "text/plain; charset=utf-8",
         "retry-after": "2",
@@ -9822,10 +9823,14 @@ def test_parser_reports_comments_when_asked_and_checks_its_input() -> None:
     space removed); bytes only; the last event id it starts from is carried
     into the first event; a retry too long for int() is ignored."""
     parser = broadcaster.SseParser(comments=True, last_event_id="5")
-    stream = b": hello\n:\ndata: x\n\n:  two spaces\nretry: " + b"9" * 5000 + b"\nretry: 10\n"
+    stream = b": hello\n:\ndata: x\n\n:  two spaces\n:tight\nretry: " + b"9" * 5000 + b"\nretry: 10\n"
     assert parser.feed(stream) == [broadcaster.SseEvent("message", "x", "5")]
-    assert parser.comments == ["hello", "", " two spaces"]
+    assert parser.comments == ["hello", "", " two spaces", "tight"]
     assert parser.retry == 10
+    # The longest retry int() takes (4,300 digits) is read; one digit more is ignored.
+    assert parser.feed(b"retry: " + b"1" * 4300 + b"\n") == [] and parser.retry == int("1" * 4300)
+    parser.feed(b"retry: " + b"2" * 4301 + b"\n")
+    assert parser.retry == int("1" * 4300)
     quiet = broadcaster.SseParser()
     assert quiet.feed(b": hidden\n") == [] and quiet.comments == []
     with pytest.raises(TypeError, match="chunk must be bytes, not str"):
@@ -9920,6 +9925,9 @@ async def test_client_json_body_and_a_host_of_ones_own() -> None:
     app = ClientRecorder()
     async with AsgiClient(app) as client:
         response = await client.request("PUT", "/", json={"text": "é"}, headers=[("Host", "example.org")])
+        several = await client.request("POST", "/", query={"a/b": "c/d&e f"}, json={"a": [1, 2], "b": None})
+    assert several.body == b'{"a":[1,2],"b":null}'
+    assert app.scopes[1]["query_string"] == b"a%2Fb=c%2Fd%26e%20f"
     assert response.body == '{"text":"é"}'.encode()
     assert app.scopes[0]["headers"] == [
         (b"host", b"example.org"),
@@ -9943,6 +9951,10 @@ async def test_client_json_body_and_a_host_of_ones_own() -> None:
         ({"body": "text"}, TypeError, "body must be bytes, not str"),
         ({"body": b"x", "json": 1}, ValueError, "give a body or json, not both"),
         ({"json": float("nan")}, ValueError, "Out of range float values"),
+        ({"json": "\ud800"}, ValueError, "json contains a lone surrogate"),
+        ({"path": b"/"}, TypeError, "path must be a str, not bytes"),
+        ({"query": [(1, "a")]}, TypeError, "query name must be a str, not int"),
+        ({"headers": [(1, "a")]}, TypeError, "header name must be a str, not int"),
     ],
 )
 def test_client_bad_request_is_refused_before_the_app_runs(
@@ -10005,6 +10017,29 @@ async def test_client_events_one_at_a_time_n_at_a_time_and_to_the_end() -> None:
         assert [event async for event in response] == []
         assert (response.parser.retry, response.parser.last_event_id, response.parser.comments) == (7, "x", ["hi"])
         assert response.ended and repr(response).endswith(f"ended, {len(b''.join(bodies))} bytes>")
+
+
+@async_test()
+async def test_client_reads_events_of_an_open_stream_one_by_one() -> None:
+    """``async for`` hands out each event as it comes, while the body is
+    still open; a body message without ``body`` adds nothing."""
+    more = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(asgi_start())
+        await send(asgi_body(b"data: 1\n\n"))
+        await more.wait()
+        await send({"type": "http.response.body", "more_body": True})
+        await send(asgi_body(b"data: 2\n\n", more_body=False))
+
+    async with AsgiClient(app) as client, client.stream("GET", "/") as response:
+        async for event in response:
+            assert event == SseEvent("message", "1", "")
+            assert repr(response) == "<AsgiResponse GET /: 200, open, 9 bytes>"
+            break
+        more.set()
+        assert [event.data async for event in response] == ["2"]
+        assert response.body == b"data: 1\n\ndata: 2\n\n"
 
 
 @async_test()
@@ -10419,6 +10454,7 @@ class ClientLifespanApp:
                 scope, receive, send
             )
             return
+        assert scope["asgi"] == {"version": "3.0", "spec_version": "2.0"}
         for phase, answer in (("startup", self.startup), ("shutdown", self.shutdown)):
             message = await receive()
             assert message == {"type": f"lifespan.{phase}"}
@@ -10428,6 +10464,9 @@ class ClientLifespanApp:
                 raise ClientAppError(f"{phase} broke")
             if answer == "hang":
                 await asyncio.Event().wait()
+            if answer == "failed-quietly":  # no message
+                await send({"type": f"lifespan.{phase}.failed"})
+                return
             await send({"type": f"lifespan.{phase}.{answer}", "message": f"{phase} said no"})
 
 
@@ -10459,13 +10498,15 @@ async def test_client_lifespan_state_is_copied_into_each_request() -> None:
             await receive()
             await send({"type": "lifespan.shutdown.complete"})
             return
+        seen.append(dict(scope["state"]))
         scope["state"]["db"] = "changed by a request"
         await app(scope, receive, send)
 
+    seen: list[dict[str, Any]] = []
     async with AsgiClient(with_lifespan, lifespan=True) as client:
         await client.request("GET", "/")
         await client.request("GET", "/")
-    assert [scope["state"] for scope in app.scopes] == [{"db": "changed by a request"}] * 2
+    assert seen == [{"db": "connected"}] * 2, "each request gets a copy of the lifespan's state"
 
 
 @pytest.mark.parametrize(
@@ -10474,6 +10515,7 @@ async def test_client_lifespan_state_is_copied_into_each_request() -> None:
         ("failed", "complete", RuntimeError, "lifespan.startup with lifespan.startup.failed: startup said no"),
         ("raise", "complete", ClientAppError, "startup broke"),
         ("hang", "complete", TimeoutError, "lifespan: no lifespan.startup.complete within 0.05 s"),
+        ("failed-quietly", "complete", RuntimeError, "lifespan.startup with lifespan.startup.failed: $"),
         ("complete", "failed", RuntimeError, "lifespan.shutdown.failed: shutdown said no"),
         ("complete", "raise", ClientAppError, "shutdown broke"),
         ("complete", "hang", TimeoutError, "lifespan: no lifespan.shutdown.complete within 0.05 s"),
@@ -10486,7 +10528,7 @@ async def test_client_lifespan_failure_is_raised_and_the_app_is_stopped(
     """A failed or broken phase is raised (the app's message, or its
     exception); the lifespan task is cancelled, not left behind."""
     app = ClientLifespanApp(startup, shutdown)
-    with pytest.raises(error, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message.removesuffix("$")) + "$" * message.endswith("$")):
         async with AsgiClient(app, lifespan=True, timeout=0.05):
             pass
 
