@@ -1086,8 +1086,11 @@ def test_shutdown_retry_spreads_the_reconnections(window: tuple[float, float] | 
     record(UVICORN_H11, f"reconnect_spread_{'without' if window is None else 'with'}_shutdown_retry_s", measured)
     print(f"reconnections after SIGTERM, shutdown_retry={window}: {measured}")
     if window is None:
-        # A storm: every client within a fraction of a second of the others.
-        assert measured["last"] - measured["first"] < 0.5, measured
+        # A storm: every client within a second of the others (the time the
+        # new instance takes to accept 200 connections at once, on a loaded
+        # two-core machine up to half a second), after the same delay.
+        assert DEFAULT_RETRY_MS / 1000 <= measured["first"], measured
+        assert measured["last"] - measured["first"] < 1.0, measured
     else:
         low, high = window
         assert low <= measured["first"] and measured["last"] < high + 1.0, measured
