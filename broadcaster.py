@@ -53,6 +53,14 @@ Limits and numbers
     its own counters (``_Counts``). ``SseConfig(shutdown_retry=...)`` spreads
     the reconnections of the clients that ``close()`` ends.
 
+Shutdown
+    An SSE response never finishes by itself, so a server shutting down
+    gracefully would wait for ever. ``close_on_signals()`` chains a handler in
+    front of the server's own for SIGINT and SIGTERM that closes the
+    broadcaster on the event loop, waits for the responses to end, then
+    passes the signal on; ``shutdown_trigger()`` does the same for a server
+    that takes a trigger (hypercorn).
+
 Threads and loops
     Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
     loop that subscribed it and is read on that loop only. ``send`` called on
@@ -114,9 +122,10 @@ helpers); encoding (Event, the ids of keyed streams); configuration
 (SseConfig); lag policies and exceptions; delivery state (what the registry
 holds, and delivering); the event-source contract; the registry lock and the
 concurrency model; streams (BroadcastStream, KeyedStream, merge()); the
-registry (Broadcaster); the ASGI layer (_SseResponse); other event sources
-(channel()'s Sender, _FedSource, replay(), last_event_id()); reading an event
-stream as a client (SseParser); testing an app in process (AsgiClient).
+registry (Broadcaster); the ASGI layer (_SseResponse); shutdown on a signal
+(_SignalChain); other event sources (channel()'s Sender, _FedSource,
+replay(), last_event_id()); reading an event stream as a client (SseParser);
+testing an app in process (AsgiClient).
 """
 
 # pyright: strict
@@ -139,6 +148,7 @@ import math
 import random
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -156,7 +166,7 @@ from collections.abc import (
     Mapping,
     MutableMapping,
 )
-from types import MappingProxyType, TracebackType
+from types import FrameType, MappingProxyType, TracebackType
 from typing import Any, Final, Generic, Protocol, TypeAlias, TypeVar, cast, overload, runtime_checkable
 from urllib.parse import quote, unquote, unquote_to_bytes
 
@@ -1239,6 +1249,15 @@ class _EventSource(Protocol):
 #   thread's, found through a thread-local; a subscriber's and a group's are
 #   those of the thread running their loop), and read by metrics() under the
 #   lock as they are at that moment; no increment is lost.
+# - The running SSE responses (_responses): each response adds itself and
+#   discards itself, in its own thread; a shutdown reads a copy, keeping the
+#   responses of its own loop. A set's add, discard and copy are atomic (under
+#   the GIL, and by the set's own lock in free-threaded builds).
+# - _signals: set once, under the lock; read by each response as a plain
+#   attribute. Its handlers are installed and removed in the main thread
+#   only. A handler runs in the main thread between two bytecodes, possibly
+#   while that thread holds the lock, so it takes no lock: it only schedules
+#   the shutdown on the loop (call_soon_threadsafe).
 # With history, send() takes the lock: retaining an item, numbering it and
 # choosing its recipients must be one step for resume to be exact.
 #
@@ -1906,6 +1925,11 @@ class Broadcaster(Generic[K, T]):
         self._lingering: dict[Hashable, _Channel] = {}
         # The running channel() responses, for close() to end.
         self._sources: set[_FedSource] = set()
+        # Not guarded by the lock (see the concurrency model): the running SSE
+        # responses, for a shutdown to wait for, and the signal handling
+        # close_on_signals() set up.
+        self._responses: set[_SseResponse] = set()
+        self._signals: _SignalChain | None = None
         # Keys whose channel appeared or went, for on_change (appended with
         # the lock held, handed to on_change after it is released).
         self._changed: deque[Any] = deque()  # of K
@@ -2149,6 +2173,73 @@ class Broadcaster(Generic[K, T]):
         for source in sources:
             assert source.loop is not None, "a tracked source has started on a loop"
             _run_on(source.loop, running, False, source.end)
+        if self._signals is not None:
+            self._signals.unchain()
+
+    # -- shutdown on a signal -------------------------------------------------
+
+    def close_on_signals(self, *, timeout: float = 1.0) -> None:
+        """Make SIGINT and SIGTERM (Ctrl-C, a service manager's or a
+        container's stop) end every SSE response of this broadcaster cleanly,
+        so that the server's graceful shutdown ends at once instead of waiting
+        for ever for streams that never finish.
+
+        Call it once, anywhere: at module level or at lifespan startup. The
+        first of this broadcaster's responses that runs in the main thread
+        puts a handler in front of the server's own handler of each signal
+        (the server installed its handlers before serving anything, and until
+        a response runs there is nothing to end). On a signal that handler
+        has the event loop close this broadcaster (every stream ends; each
+        response writes what it was sent and its end of body), waits until
+        those responses have returned, at most ``timeout`` seconds, then
+        passes the signal on to the server's handler. ``close()`` gives the
+        signals back to the server's handlers, so a second Ctrl-C during the
+        wait goes straight to the server.
+
+        For servers that handle the signals in Python: uvicorn, granian and
+        daphne from their command lines (daphne needs the wait: its handler
+        cancels every running response). hypercorn handles them in asyncio:
+        give ``serve()`` :meth:`shutdown_trigger` instead. A signal whose
+        handler is not a Python function (its default action, or a handler
+        set in C) is left alone, as chaining would change what it does; so is
+        everything outside the main thread, where Python runs no handler.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not a positive, finite
+                number of seconds.
+        """
+        timeout = cast("float", _check_seconds("timeout", timeout))
+        with self._lock:
+            if self._signals is None:
+                self._signals = _SignalChain(self, timeout)
+
+    async def shutdown_trigger(self, timeout: float = 1.0) -> None:
+        """Return once SIGINT or SIGTERM has arrived, this broadcaster is
+        closed and its responses running on this loop have returned (waited
+        for at most ``timeout`` seconds): for a server that takes a shutdown
+        trigger, like hypercorn's ``serve(app, config,
+        shutdown_trigger=b.shutdown_trigger)``.
+
+        The signals are handled with ``loop.add_signal_handler`` until the
+        first one arrives; a second one then has its default effect (a second
+        Ctrl-C ends the process). Unix only, as asyncio's signal handling is.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not a positive, finite
+                number of seconds.
+        """
+        timeout = cast("float", _check_seconds("timeout", timeout))
+        loop = asyncio.get_running_loop()
+        signalled: asyncio.Future[None] = loop.create_future()
+        for sig in _SIGNALS:
+            loop.add_signal_handler(sig, _complete, signalled)
+        try:
+            await signalled
+        finally:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+        self.close()
+        await _responses_ended(self, timeout)
 
     # -- SSE responses --------------------------------------------------------
 
@@ -2637,8 +2728,13 @@ class _SseResponse:
             task = asyncio.current_task()
             assert task is not None, "asyncio runs every coroutine in a task"
             self._task, self._loop = task, task.get_loop()
-            self._counts = self._owner._counts()  # pyright: ignore[reportPrivateUsage]
+            owner = self._owner
+            self._counts = owner._counts()  # pyright: ignore[reportPrivateUsage]
             self._counts.opened += 1
+            owner._responses.add(self)  # pyright: ignore[reportPrivateUsage]
+            signals = owner._signals  # pyright: ignore[reportPrivateUsage]
+            if signals is not None and signals.pending:
+                signals.chain(self._loop)
             try:
                 await self._respond(scope, receive)
             except asyncio.CancelledError:
@@ -2646,6 +2742,7 @@ class _SseResponse:
                 raise
             finally:
                 self._counts.ended[self._ending or "source_done"] += 1
+                owner._responses.discard(self)  # pyright: ignore[reportPrivateUsage]
         finally:
             if self._timer is not None:
                 self._timer.cancel()
@@ -2948,6 +3045,122 @@ class _SseResponse:
         if id is None or event.id == id:
             return frame
         return _with_id(frame, id)
+
+
+# ---------------------------------------------------------------------------
+# Shutdown on a signal
+#
+# A server that shuts down gracefully waits for its responses to finish, and
+# an SSE response never finishes by itself: the server would wait for ever.
+# The cure is Broadcaster.close() when the signal arrives, which ends every
+# response cleanly. _SignalChain puts a handler in front of the server's own
+# (Python) handler of SIGINT and SIGTERM: it closes the broadcaster on the
+# event loop, waits (bounded) for the responses to end, then passes the
+# signal on. The ASGI lifespan shutdown is no use: servers send it only after
+# the responses are gone.
+# ---------------------------------------------------------------------------
+
+_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+# How long, after the last response returned, the server is given to write
+# what that response sent it (an HTTP/2 server may write its END_STREAM from
+# a task of its own, which nothing here can await).
+_FLUSH: Final = 0.05
+
+_Handler: TypeAlias = Callable[[int, FrameType | None], object]
+
+
+async def _responses_ended(owner: Broadcaster[Any, Any], timeout: float) -> None:
+    """Wait until every response of ``owner`` running on this loop has
+    returned (its server task done), for at most ``timeout`` seconds; then give
+    the server a moment to write what they sent."""
+    loop = asyncio.get_running_loop()
+    tasks = {response._task for response in list(owner._responses) if response._loop is loop}  # pyright: ignore[reportPrivateUsage]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+        await asyncio.sleep(_FLUSH)
+
+
+class _SignalChain:
+    """What ``Broadcaster.close_on_signals()`` set up: chained handlers of
+    SIGINT and SIGTERM, installed by the first response that runs in the main
+    thread (the server installed its own handlers before serving anything;
+    and before any response runs there is nothing to end), then the shutdown
+    they start."""
+
+    __slots__ = ("_owner", "_timeout", "pending", "_chained", "_task")
+
+    def __init__(self, owner: Broadcaster[Any, Any], timeout: float) -> None:
+        self._owner = owner
+        self._timeout = timeout
+        # True until a response in the main thread has chained the handlers.
+        self.pending = True
+        self._chained: dict[int, _Chained] = {}
+        # The shutdown, once a signal started it (owned here, so it cannot be
+        # garbage-collected while it runs).
+        self._task: asyncio.Task[None] | None = None
+
+    def chain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Chain the handlers, from a response running on ``loop``: only in
+        the main thread (Python runs signal handlers there only), and only in
+        front of a Python handler (``SIG_DFL``, ``SIG_IGN`` or one set in C
+        mean this process does not handle the signal in Python; chaining would
+        change what it does)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.pending = False
+        for sig in _SIGNALS:
+            previous = signal.getsignal(sig)
+            if callable(previous):
+                handler = self._chained[sig] = _Chained(self, loop, previous)
+                signal.signal(sig, handler)
+
+    def unchain(self) -> None:
+        """Give each signal back to the handler chained behind, if ours is
+        still the one installed (from the main thread only; elsewhere ours
+        stays, and passes each signal straight on)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler in self._chained.items():
+            previous = handler.previous
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous)
+        self._chained.clear()
+
+    def begin(self, handler: _Chained, signum: int, frame: FrameType | None) -> None:
+        """On the loop: the first signal starts the shutdown; any later one
+        goes straight on."""
+        if self._task is None:
+            self._task = handler.loop.create_task(self._shut_down(handler.previous, signum, frame))
+        else:
+            handler.previous(signum, frame)
+
+    async def _shut_down(self, previous: _Handler, signum: int, frame: FrameType | None) -> None:
+        try:
+            self._owner.close()  # also unchains: a second Ctrl-C reaches the server at once
+            await _responses_ended(self._owner, self._timeout)
+        finally:
+            previous(signum, frame)
+
+
+class _Chained:
+    """The handler of one signal, in front of the one it replaced."""
+
+    __slots__ = ("chain", "loop", "previous")
+
+    def __init__(self, chain: _SignalChain, loop: asyncio.AbstractEventLoop, previous: _Handler) -> None:
+        self.chain = chain
+        self.loop = loop
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        # Runs between two bytecodes of the main thread, which may hold the
+        # registry lock: nothing here takes a lock. call_soon_threadsafe only
+        # appends to the loop's queue and wakes it.
+        try:
+            self.loop.call_soon_threadsafe(self.chain.begin, self, signum, frame)
+        except RuntimeError:  # the loop is closed: no response of ours runs
+            self.previous(signum, frame)
 
 
 # ---------------------------------------------------------------------------

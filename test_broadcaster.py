@@ -5,8 +5,8 @@ module's order, each holding all the tests of one unit (examples, properties,
 faults, leak checks): the harness; the module itself; the reference
 event-stream parser the frames are checked against; Event; SseConfig;
 Broadcaster and BroadcastStream; history and resume; keyed streams; response();
-faults of response() and channel() side by side; channel() and Sender; replay()
-and last_event_id(); SseParser; AsgiClient.
+faults of response() and channel() side by side; shutdown on a signal;
+channel() and Sender; replay() and last_event_id(); SseParser; AsgiClient.
 
 Conventions: flat ``test_<unit>_<behaviour>`` functions, one property each, a
 one-line docstring stating it. Async tests run under ``@async_test``, which puts
@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -8668,6 +8669,312 @@ def test_fault_probe_fails_a_test_that_crashes_the_loop_or_leaves_a_mess(misdeed
 
     with pytest.raises(AssertionError, match=caught):
         scenario()
+
+
+# ===========================================================================
+# Shutdown on a signal: close_on_signals() and shutdown_trigger()
+#
+# Real signals, sent to this process with os.kill: Python runs their handlers
+# in the main thread, where @async_test runs the loop. ServerHandlers stands
+# in for a server's own handlers; the fixture restores the process's.
+# ===========================================================================
+
+
+class ServerHandlers:
+    """A server's Python handler of SIGINT and SIGTERM: records each call,
+    with how many responses the broadcaster had ended by shutdown then."""
+
+    def __init__(self, b: Broadcaster[Any, Any]) -> None:
+        self.b = b
+        self.loop = asyncio.get_running_loop()
+        self.calls: list[tuple[int, int]] = []
+        self._called = asyncio.Event()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.calls.append((signum, self.b.metrics().responses_ended["shutdown"]))
+        self.loop.call_soon_threadsafe(self._called.set)  # safe in a signal handler
+
+    def install(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, self)
+
+    async def wait_calls(self, n: int = 1) -> None:
+        while len(self.calls) < n:
+            self._called.clear()
+            await self._called.wait()
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture
+def saved_signals() -> Iterator[None]:
+    """Restore the handlers of SIGINT and SIGTERM the process had."""
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.asynccontextmanager
+async def open_streams(b: Broadcaster[str, Event], *keys: str) -> AsyncIterator[list[AsgiResponse]]:
+    """An SSE response of ``b`` for each key, each with its headers read."""
+    async with contextlib.AsyncExitStack() as stack:
+        responses = []
+        for key in keys:
+            client = await stack.enter_async_context(AsgiClient(b.response(b.subscribe(key))))
+            responses.append(await stack.enter_async_context(client.stream("GET", f"/{key}")))
+        yield responses
+
+
+@pytest.mark.usefixtures("saved_signals")
+@pytest.mark.parametrize("sig", SIGNALS, ids=["SIGINT", "SIGTERM"])
+@async_test()
+async def test_close_on_signals_ends_every_response_before_passing_the_signal_on(sig: signal.Signals) -> None:
+    """A signal closes the broadcaster; every response writes what it was sent
+    and ends cleanly; only then does the server's handler get the signal, and
+    the handlers are the server's again."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+    assert signal.getsignal(sig) is server, "nothing is chained before a response runs"
+    async with open_streams(b, "a", "b") as responses:
+        assert signal.getsignal(sig) is not server
+        b.send("a", Event("last"))
+        os.kill(os.getpid(), sig)
+        await server.wait_calls()
+        assert server.calls == [(sig, 2)]
+        assert [response.ended for response in responses] == [True, True]
+        assert [event.data for event in await responses[0].events(1)] == ["last"]
+        assert signal.getsignal(sig) is server
+        assert b.subscribe("a").closed
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_chains_once_however_often_it_is_called() -> None:
+    """A second call, and later responses, chain nothing more: one signal
+    reaches the server's handler once."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+    async with open_streams(b, "a"):
+        chained = signal.getsignal(signal.SIGTERM)
+        b.close_on_signals()
+        async with open_streams(b, "b"):
+            assert signal.getsignal(signal.SIGTERM) is chained
+            os.kill(os.getpid(), signal.SIGTERM)
+            await server.wait_calls()
+    assert server.calls == [(signal.SIGTERM, 2)]
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_sends_a_second_signal_straight_to_the_server() -> None:
+    """While the shutdown waits for a response that cannot finish (its
+    client takes nothing), a second Ctrl-C reaches the server at once; the
+    first reaches it when the wait is over (``timeout``)."""
+    removed = asyncio.Event()
+    b: Broadcaster[str, Event] = Broadcaster(
+        config=SseConfig(keep_alive=None, send_timeout=None),
+        on_change=lambda key: None if key in b else removed.set(),
+    )
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals(timeout=0.2)
+    peer = AsgiPeer()
+    app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, peer.send))
+    await peer.wait_for_bodies(1)
+    peer.send_hangs = True  # the final body message never completes
+    os.kill(os.getpid(), signal.SIGINT)
+    await removed.wait()  # the shutdown has closed the broadcaster
+    os.kill(os.getpid(), signal.SIGINT)
+    await server.wait_calls(1)
+    assert server.calls == [(signal.SIGINT, 0)]  # the second, during the wait
+    await server.wait_calls(2)
+    assert server.calls == [(signal.SIGINT, 0), (signal.SIGINT, 0)]  # the first, after the timeout
+    assert not app.done()
+    app.cancel()
+    await asyncio.wait((app,))
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_leaves_a_signal_without_a_python_handler_alone() -> None:
+    """A signal with its default action or ignored is not chained: chaining
+    would change what it does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    b.close_on_signals()
+    async with open_streams(b, "a"):
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN, signal.SIG_DFL)
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_chains_at_the_first_response_in_the_main_thread() -> None:
+    """A response on another thread's loop chains nothing (Python runs signal
+    handlers in the main thread only); the next one in the main thread does."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+
+    async def elsewhere() -> None:
+        async with open_streams(b, "a"):
+            assert signal.getsignal(signal.SIGTERM) is server
+
+    await asyncio.to_thread(asyncio.run, elsewhere())
+    async with open_streams(b, "b"):
+        assert signal.getsignal(signal.SIGTERM) is not server
+
+
+@pytest.mark.usefixtures("saved_signals")
+def test_close_on_signals_passes_a_signal_on_at_once_once_its_loop_is_closed() -> None:
+    """After the loop that chained the handlers is gone, a signal goes
+    straight to the server's handler."""
+    calls: list[int] = []
+
+    def server(signum: int, frame: Any) -> None:
+        calls.append(signum)
+
+    for sig in SIGNALS:
+        signal.signal(sig, server)
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    b.close_on_signals()
+
+    async def serve_one() -> None:
+        async with open_streams(b, "a"):
+            pass
+
+    asyncio.run(serve_one())
+    assert signal.getsignal(signal.SIGTERM) is not server
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert calls == [signal.SIGTERM]
+    assert not b.metrics().streams and b.subscriber_count("a") == 0
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_keeps_working_after_a_close_from_another_thread() -> None:
+    """close() outside the main thread cannot give the signals back: the
+    chained handler stays, and a signal then goes on to the server once the
+    (already closed) broadcaster has nothing left to wait for."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+    async with open_streams(b, "a") as (response,):
+        chained = signal.getsignal(signal.SIGTERM)
+        await asyncio.to_thread(b.close)
+        await response.read()
+        assert signal.getsignal(signal.SIGTERM) is chained
+        os.kill(os.getpid(), signal.SIGTERM)
+        await server.wait_calls()
+    assert server.calls == [(signal.SIGTERM, 1)]
+    assert signal.getsignal(signal.SIGTERM) is server
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_behind_another_handler_passes_later_signals_straight_on() -> None:
+    """Chained behind another library's handler (which close() cannot
+    remove), the first signal starts the shutdown and each later one goes
+    straight on to the server's handler."""
+    removed = asyncio.Event()
+    b: Broadcaster[str, Event] = Broadcaster(
+        config=SseConfig(keep_alive=None, send_timeout=None),
+        on_change=lambda key: None if key in b else removed.set(),
+    )
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals(timeout=60)
+    peer = AsgiPeer()
+    app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, peer.send))
+    await peer.wait_for_bodies(1)
+    ours = signal.getsignal(signal.SIGTERM)
+    assert callable(ours)
+    seen: list[int] = []
+
+    def library(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        ours(signum, frame)
+
+    signal.signal(signal.SIGTERM, library)
+    peer.send_hangs = True
+    os.kill(os.getpid(), signal.SIGTERM)
+    await removed.wait()  # the shutdown has begun
+    os.kill(os.getpid(), signal.SIGTERM)
+    await server.wait_calls(1)  # the second, at once
+    assert seen == [signal.SIGTERM, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is library
+    app.cancel()  # the stuck response returns: the first goes on
+    await server.wait_calls(2)
+    assert server.calls == [(signal.SIGTERM, 0), (signal.SIGTERM, 0)]
+    await asyncio.wait((app,))
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_shutdown_trigger_returns_once_a_signal_ended_every_response() -> None:
+    """The trigger returns after the signal, with the broadcaster closed and
+    its responses ended cleanly; a later signal has its default effect."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    trigger = asyncio.ensure_future(b.shutdown_trigger())
+    async with open_streams(b, "a", "b") as responses:
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "the trigger handles the signal"
+        os.kill(os.getpid(), signal.SIGTERM)
+        await trigger
+        assert [response.ended for response in responses] == [True, True]
+        assert b.metrics().responses_ended["shutdown"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_shutdown_trigger_waits_only_for_the_responses_of_its_own_loop() -> None:
+    """A response stuck on another thread's loop is closed but not waited for
+    (the trigger's ``timeout`` is far beyond the test's)."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None, send_timeout=None))
+    trigger = asyncio.ensure_future(b.shutdown_trigger(timeout=60))
+    started, release = threading.Event(), threading.Event()
+
+    async def stuck() -> None:
+        peer = AsgiPeer()
+        app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, peer.send))
+        await peer.wait_for_bodies(1)
+        peer.send_hangs = True
+        started.set()
+        await asyncio.to_thread(release.wait, 5)
+        app.cancel()
+        await asyncio.wait((app,))
+
+    elsewhere = asyncio.ensure_future(asyncio.to_thread(asyncio.run, stuck()))
+    await asyncio.to_thread(started.wait, 5)
+    os.kill(os.getpid(), signal.SIGINT)
+    await trigger
+    assert b.subscriber_count("k") == 0
+    release.set()
+    await elsewhere
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf")])
+@async_test()
+async def test_close_on_signals_and_shutdown_trigger_refuse_a_bad_timeout(timeout: float) -> None:
+    """The wait's bound is a positive, finite number of seconds."""
+    b: Broadcaster[str, Event] = Broadcaster()
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        b.close_on_signals(timeout=timeout)
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        await b.shutdown_trigger(timeout)
+    with pytest.raises(TypeError, match="timeout must be a number of seconds"):
+        b.close_on_signals(timeout="1")  # type: ignore[arg-type]
 
 
 # ===========================================================================

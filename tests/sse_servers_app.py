@@ -2,19 +2,17 @@
 
 Not a test module (pytest collects ``test_*.py`` only): each server imports it
 as ``sse_servers_app:app``, with ``tests/`` as its working directory or on
-``sys.path``. It is a plain ASGI app around one ``Broadcaster[str, Event]``,
-written the way ``examples/shutdown.py`` recommends for the server command
-lines: ``close_on_signals(b, wait=inflight.wait)`` at lifespan startup (uvicorn,
-granian) and at the first request (daphne, which sends no lifespan events; the
-second call is a no-op), and every SSE response run through ``inflight``.
+``sys.path``. It is a plain ASGI app around one ``Broadcaster[str, Event]``
+that calls ``b.close_on_signals()`` at import, as the README recommends for
+the server command lines (uvicorn, granian, daphne).
 
 Environment:
 
 ``SSE_KEEP_ALIVE``
     seconds of ``SseConfig.keep_alive`` (default 15).
 ``SSE_SIGNAL_HOOK``
-    ``1`` (default) installs ``close_on_signals``; ``0`` leaves shutdown to a
-    launcher (``serve_hypercorn.py``, ``serve_uvicorn.py``, ``serve_daphne.py``).
+    ``1`` (default) calls ``b.close_on_signals()``; ``0`` leaves shutdown to a
+    launcher (``serve_hypercorn.py``, with ``b.shutdown_trigger``).
 ``SSE_SHUTDOWN_RETRY``
     ``low,high``: ``SseConfig.shutdown_retry`` in seconds (default: unset).
 
@@ -36,8 +34,8 @@ Endpoints (``{key}`` is any path segment):
     ``b.send(key, Event(**fields))`` in order. Answers ``{"delivered": [n, ...]}``.
 ``GET /stats/{key}``
     ``{"subscribers": b.subscriber_count(key), "present": key in b,
-    "channels": len(b), "inflight": n, "channel": {"started", "running",
-    "cancelled", "ended"}, "hooked": [signal names], "pid": pid}``.
+    "channels": len(b), "inflight": b.metrics().responses_open, "channel":
+    {"started", "running", "cancelled", "ended"}, "pid": pid}``.
 ``POST /log-error/{marker}``
     logs ``marker`` at ERROR level (the tests check that they would see one).
 """
@@ -55,10 +53,7 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-# The checkout's broadcaster.py, and examples/shutdown.py as an app would copy it.
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
-
-from shutdown import InFlight, close_on_signals  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the checkout's broadcaster.py
 
 from broadcaster import Broadcaster, Event, Sender, SseConfig  # noqa: E402
 
@@ -72,27 +67,14 @@ if not logging.getLogger().handlers:  # every record carries its level name
 log: Final = logging.getLogger("sse_servers_app")
 
 KEEP_ALIVE: Final = float(os.environ.get("SSE_KEEP_ALIVE", "15"))
-SIGNAL_HOOK = os.environ.get("SSE_SIGNAL_HOOK", "1") == "1"
 EVENT_FIELDS: Final = frozenset({"data", "event", "id", "retry", "comment"})
 
 _WINDOW: Final = os.environ.get("SSE_SHUTDOWN_RETRY")
 SHUTDOWN_RETRY: Final = None if _WINDOW is None else (float(_WINDOW.split(",")[0]), float(_WINDOW.split(",")[1]))
 b: Final[Broadcaster[str, Event]] = Broadcaster(config=SseConfig(keep_alive=KEEP_ALIVE, shutdown_retry=SHUTDOWN_RETRY))
-inflight: Final = InFlight()
+if os.environ.get("SSE_SIGNAL_HOOK", "1") == "1":
+    b.close_on_signals()
 channel_stats: Final[dict[str, dict[str, int]]] = {}
-hooked: list[str] = []  # the signals close_on_signals chained
-_hook_tried = False
-
-
-def hook() -> None:
-    """The recommended shutdown hook, if this process should install it."""
-    global _hook_tried  # noqa: PLW0603
-    if _hook_tried or not SIGNAL_HOOK:
-        return
-    _hook_tried = True
-    for sig in close_on_signals(b, wait=inflight.wait):
-        hooked.append(sig.name)
-        log.info("close_on_signals: chained %s", sig.name)
 
 
 def stats_of(key: str) -> dict[str, int]:
@@ -145,10 +127,9 @@ async def lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            hook()  # uvicorn, granian: their signal handlers are installed by now
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            b.close()  # too late for open streams (see examples/shutdown.py), harmless
+            b.close()  # too late for open streams (see close_on_signals), harmless
             await send({"type": "lifespan.shutdown.complete"})
             return
 
@@ -159,7 +140,6 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     if scope["type"] != "http":
         return
-    hook()  # daphne: no lifespan, so at the first request
     method = scope["method"]
     parts = scope["path"].split("/")
     if len(parts) != 3:
@@ -168,11 +148,11 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     _, kind, key = parts
     key = unquote(key)
     if kind == "events" and method in ("GET", "HEAD"):
-        await inflight.run(b.response(b.subscribe(key)), scope, receive, send)
+        await b.response(b.subscribe(key))(scope, receive, send)
     elif kind == "many" and method in ("GET", "HEAD"):
-        await inflight.run(b.response(b.subscribe_many(key.split(","))), scope, receive, send)
+        await b.response(b.subscribe_many(key.split(",")))(scope, receive, send)
     elif kind == "channel" and method in ("GET", "HEAD"):
-        await inflight.run(b.channel(closure(key)), scope, receive, send)
+        await b.channel(closure(key))(scope, receive, send)
     elif kind == "publish" and method == "POST":
         payload = json.loads(await read_body(receive))
         events = [event_of(fields) for fields in (payload if isinstance(payload, list) else [payload])]
@@ -183,9 +163,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
             "subscribers": b.subscriber_count(key),
             "present": key in b,
             "channels": len(b),
-            "inflight": inflight.count,
+            "inflight": b.metrics().responses_open,
             "channel": stats_of(key),
-            "hooked": hooked,
             "pid": os.getpid(),
         }
         await respond(send, 200, json.dumps(stats).encode())

@@ -16,14 +16,12 @@ over h2c (HTTP/2 with prior knowledge), daphne and granian. For each one:
 * a ``channel()`` closure is cancelled when its client leaves;
 * an ERROR logged by the app shows up in the output the suite scans, and
   nothing else is logged at error level while the server serves these tests;
-* graceful shutdown, in the configuration the README recommends for it: with
-  100 open streams (plus one ``channel()`` response), SIGTERM ends every stream
-  with a clean end of body (the chunked terminator, or END_STREAM on h2c)
-  after what was published last, and the process exits within 3 s with
-  nothing logged at error level.
-
-The helpers of ``examples/shutdown.py`` are also tested in this process
-(chaining, the wait, a second signal, the hypercorn trigger, InFlight's timeout).
+* graceful shutdown, in the configuration the README recommends for it
+  (``b.close_on_signals()``; for hypercorn, ``serve()`` with
+  ``shutdown_trigger=b.shutdown_trigger``): with 100 open streams (plus one
+  ``channel()`` response), SIGTERM ends every stream with a clean end of body
+  (the chunked terminator, or END_STREAM on h2c) after what was published
+  last, and the process exits within 3 s with nothing logged at error level.
 
 Raw clients are the standard library (sockets; ``asyncio`` streams for the 100
 concurrent ones) and, for h2c, the ``h2`` protocol library. Every read has a
@@ -43,7 +41,6 @@ import asyncio
 import contextlib
 import dataclasses
 import http.client
-import inspect
 import itertools
 import json
 import os
@@ -100,7 +97,7 @@ UVICORN_LISTENING: Final = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"
 HYPERCORN_LISTENING: Final = r"Running on http://127\.0\.0\.1:(\d+)"
 DAPHNE_LISTENING: Final = r"Listening on TCP address 127\.0\.0\.1:(\d+)"
 APP: Final = "sse_servers_app:app"
-ON_LIFESPAN: Final = "CLI; close_on_signals(b, wait=inflight.wait) at lifespan startup"
+ON_SIGNALS: Final = "command line; b.close_on_signals()"
 
 UVICORN_H11: Final = Spec(
     "uvicorn-h11",
@@ -108,7 +105,7 @@ UVICORN_H11: Final = Spec(
     (PY, "-m", "uvicorn", APP, "--host", HOST, "--port", "{port}", "--http", "h11"),
     UVICORN_LISTENING,
     exit_code=-signal.SIGTERM,
-    why=ON_LIFESPAN,
+    why=ON_SIGNALS,
 )
 UVICORN_HTTPTOOLS: Final = dataclasses.replace(
     UVICORN_H11, id="uvicorn-httptools", modules=("uvicorn", "httptools"), argv=(*UVICORN_H11.argv[:-1], "httptools")
@@ -118,7 +115,7 @@ HYPERCORN_H1: Final = Spec(
     ("hypercorn",),
     (PY, "serve_hypercorn.py", "--port", "{port}"),
     HYPERCORN_LISTENING,
-    why="serve(app, config, shutdown_trigger=shutdown_trigger(b, wait=inflight.wait))",
+    why="serve(app, config, shutdown_trigger=b.shutdown_trigger)",
 )
 HYPERCORN_H2C: Final = dataclasses.replace(HYPERCORN_H1, id="hypercorn-h2c", modules=("hypercorn", "h2"), h2=True)
 DAPHNE: Final = Spec(
@@ -126,33 +123,26 @@ DAPHNE: Final = Spec(
     ("daphne",),
     (PY, "-m", "daphne", "-b", HOST, "-p", "{port}", APP),
     DAPHNE_LISTENING,
-    why="CLI; close_on_signals(b, wait=inflight.wait) at the first request",
+    why=ON_SIGNALS,
 )
 GRANIAN: Final = Spec(
     "granian",
     ("granian",),
     (PY, "-m", "granian", "--interface", "asgi", "--host", HOST, "--port", "{port}", "--workers", "1", APP),
     None,
-    why=ON_LIFESPAN,
+    why=ON_SIGNALS,
 )
 SERVERS: Final = (UVICORN_H11, UVICORN_HTTPTOOLS, HYPERCORN_H1, HYPERCORN_H2C, DAPHNE, GRANIAN)
-# The graceful shutdown is also tested for the README's "from Python" recipes.
-UVICORN_SERVER_SUBCLASS: Final = Spec(
-    "uvicorn-h11-server-subclass",
+# The graceful shutdown is also tested with uvicorn started from Python.
+UVICORN_RUN: Final = Spec(
+    "uvicorn-run",
     ("uvicorn",),
     (PY, "serve_uvicorn.py", "--port", "{port}", "--http", "h11"),
     UVICORN_LISTENING,
     exit_code=-signal.SIGTERM,
-    why="uvicorn.Server subclass whose shutdown() calls b.close() first",
+    why="uvicorn.run(app) from Python; b.close_on_signals()",
 )
-DAPHNE_SERVER_API: Final = Spec(
-    "daphne-server-api",
-    ("daphne",),
-    (PY, "serve_daphne.py", "--port", "{port}"),
-    DAPHNE_LISTENING,
-    why="daphne.server.Server(signal_handlers=False); own handler: close, wait, stop()",
-)
-SHUTDOWN_SERVERS: Final = (*SERVERS, UVICORN_SERVER_SUBCLASS, DAPHNE_SERVER_API)
+SHUTDOWN_SERVERS: Final = (*SERVERS, UVICORN_RUN)
 
 
 def require_modules(*modules: str) -> None:
@@ -435,8 +425,8 @@ class H2Stream:
     """One request on its own h2c connection (prior knowledge), with h2."""
 
     def __init__(self, port: int, path: str, method: str = "GET") -> None:
-        import h2.config  # noqa: PLC0415 - only the h2c server needs it
-        import h2.connection  # noqa: PLC0415
+        import h2.config
+        import h2.connection
 
         self.sock = socket.create_connection((HOST, port), timeout=TIMEOUT)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -460,7 +450,7 @@ class H2Stream:
         self.headers: dict[str, str] = {name: value for name, value in self.response if not name.startswith(":")}
 
     def _receive(self) -> None:
-        import h2.events  # noqa: PLC0415
+        import h2.events
 
         data = self.sock.recv(65536)
         if not data:
@@ -494,7 +484,7 @@ class H2Stream:
 
     def close(self, how: str = "close") -> None:
         if how == "stream-reset":  # the connection stays open: only the stream goes
-            import h2.errors  # noqa: PLC0415
+            import h2.errors
 
             self.conn.reset_stream(self.sid, h2.errors.ErrorCodes.CANCEL)
             self.sock.sendall(self.conn.data_to_send())
@@ -662,7 +652,7 @@ def test_one_stream_over_twenty_keys_is_byte_exact(server: Server, clients: Clie
 def httpx_client(spec: Spec) -> Any:
     """An httpx client speaking the server's protocol (h2c: prior knowledge)."""
     require_modules("httpx", "httpx_sse", *(("h2",) if spec.h2 else ()))
-    import httpx  # noqa: PLC0415
+    import httpx
 
     if spec.h2:
         return httpx.Client(http1=False, http2=True, timeout=TIMEOUT, trust_env=False)
@@ -700,7 +690,7 @@ def test_httpx_sse_parses_every_event(server: Server) -> None:
     for one.
     """
     require_modules("httpx_sse")
-    import httpx_sse  # noqa: PLC0415
+    import httpx_sse
 
     key = new_key("sse")
     url = f"http://{HOST}:{server.port}/events/{key}"
@@ -873,8 +863,8 @@ class ShutdownStreams:
     # -- h2c ----------------------------------------------------------------------
 
     async def open_h2(self, names: list[tuple[str, str]]) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
-        import h2.config  # noqa: PLC0415
-        import h2.connection  # noqa: PLC0415
+        import h2.config
+        import h2.connection
 
         reader, writer = await asyncio.open_connection(HOST, self.port)
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -900,7 +890,7 @@ class ShutdownStreams:
         ids: dict[int, str],
         first: set[int],
     ) -> None:
-        import h2.events  # noqa: PLC0415
+        import h2.events
 
         data = await reader.read(65536)
         if not data:
@@ -1025,9 +1015,9 @@ async def reconnect_times(old: Server, new: Server, key: str) -> list[float]:
     parsed by SseParser) stream from ``old``; SIGTERM ends ``old``; each
     client waits the reconnection time its stream set last, then reconnects
     to ``new``. The seconds from the SIGTERM to each reconnection's headers."""
-    import httpx  # noqa: PLC0415  (the test group's client; the module needs none)
+    import httpx
 
-    from broadcaster import SseParser  # noqa: PLC0415
+    from broadcaster import SseParser
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     opened = asyncio.Event()
@@ -1095,173 +1085,3 @@ def test_shutdown_retry_spreads_the_reconnections(window: tuple[float, float] | 
         low, high = window
         assert low <= measured["first"] and measured["last"] < high + 1.0, measured
         assert measured["p90"] - measured["p10"] > (high - low) / 2, measured
-
-
-# ---------------------------------------------------------------------------
-# The helpers of examples/shutdown.py, in this process (SIGUSR1/SIGUSR2 stand
-# in for SIGINT/SIGTERM, which belong to pytest)
-# ---------------------------------------------------------------------------
-
-sys.path.insert(0, str(HERE.parent / "examples"))
-from shutdown import InFlight, close_on_signals, shutdown_trigger  # noqa: E402
-
-SIGNALS: Final = (signal.SIGUSR1, signal.SIGUSR2)
-
-
-class Closable:
-    """Records close() calls: for each, whether it ran as a callback of the
-    event loop (as it must), not inside the signal handler."""
-
-    def __init__(self) -> None:
-        self.closes: list[bool] = []
-
-    def close(self) -> None:
-        frames = inspect.stack(context=0)
-        from_loop = any(
-            f.function == "_run" and f.filename.endswith(os.path.join("asyncio", "events.py")) for f in frames
-        )
-        in_handler = any(f.function == "__call__" and f.filename.endswith("shutdown.py") for f in frames)
-        self.closes.append(from_loop and not in_handler)
-
-
-async def no_receive() -> dict[str, Any]:
-    return {"type": "http.disconnect"}
-
-
-async def no_send(message: Any) -> None:
-    pass
-
-
-@pytest.fixture
-def restore_signals() -> Iterator[None]:
-    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
-async def until(predicate: Callable[[], bool], within: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
-
-@pytest.mark.usefixtures("restore_signals")
-def test_close_on_signals_closes_on_the_loop_then_passes_the_signal_on() -> None:
-    """Without ``wait``: close() runs on the loop and the server's handler at
-    once; a second call is a no-op; SIG_DFL is left alone."""
-    server_saw: list[int] = []
-    signal.signal(signal.SIGUSR1, lambda signum, frame: server_saw.append(signum))
-    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
-    closable = Closable()
-
-    async def main() -> None:
-        assert close_on_signals(closable, signals=SIGNALS) == [signal.SIGUSR1]
-        assert close_on_signals(closable, signals=SIGNALS) == []  # already chained
-        os.kill(os.getpid(), signal.SIGUSR1)
-        await until(lambda: bool(closable.closes))
-        assert server_saw == [signal.SIGUSR1]
-        assert closable.closes == [True]
-
-    asyncio.run(main())
-    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
-
-
-@pytest.mark.usefixtures("restore_signals")
-def test_close_on_signals_with_wait_holds_the_server_back() -> None:
-    """With ``wait``: the server's handler runs only after close() and the
-    wait; a second signal meanwhile reaches the server at once."""
-    server_saw: list[str] = []
-    signal.signal(signal.SIGUSR1, lambda signum, frame: server_saw.append("signal"))
-    closable = Closable()
-    release = threading.Event()
-
-    async def main() -> None:
-        waited = asyncio.Event()
-
-        async def wait() -> None:
-            server_saw.append("wait")
-            waited.set()
-            await asyncio.get_running_loop().run_in_executor(None, release.wait, TIMEOUT)
-
-        close_on_signals(closable, wait=wait, signals=(signal.SIGUSR1,))
-        os.kill(os.getpid(), signal.SIGUSR1)
-        await asyncio.wait_for(waited.wait(), TIMEOUT)
-        assert closable.closes == [True] and server_saw == ["wait"]
-        os.kill(os.getpid(), signal.SIGUSR1)  # a second Ctrl-C
-        await until(lambda: len(server_saw) == 2)
-        assert server_saw == ["wait", "signal"]
-        release.set()
-        await until(lambda: len(server_saw) == 3)
-        assert server_saw == ["wait", "signal", "signal"]
-        assert closable.closes == [True, True]  # close() is idempotent on a Broadcaster
-
-    asyncio.run(main())
-
-
-def test_close_on_signals_outside_the_main_thread_chains_nothing() -> None:
-    chained: list[list[signal.Signals]] = []
-
-    def run() -> None:
-        async def main() -> None:
-            chained.append(close_on_signals(Closable(), signals=SIGNALS))
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(TIMEOUT)
-    assert chained == [[]]
-
-
-@pytest.mark.usefixtures("restore_signals")
-def test_shutdown_trigger_returns_after_the_signal_the_close_and_the_wait() -> None:
-    closable = Closable()
-    inflight = InFlight()
-    steps: list[str] = []
-
-    async def response(scope: Any, receive: Any, send: Any) -> None:
-        await until(lambda: bool(closable.closes))  # ends once closed, like an SSE response
-        await asyncio.sleep(0.05)
-        steps.append("response ended")
-
-    async def main() -> None:
-        running = asyncio.ensure_future(inflight.run(response, {}, no_receive, no_send))
-        await until(lambda: inflight.count == 1)
-        trigger = asyncio.ensure_future(shutdown_trigger(closable, wait=inflight.wait, signals=SIGNALS)())
-        await asyncio.sleep(0.05)
-        assert not trigger.done()
-        os.kill(os.getpid(), signal.SIGUSR2)
-        await asyncio.wait_for(trigger, TIMEOUT)
-        steps.append("trigger returned")
-        await running
-        assert inflight.count == 0
-
-    asyncio.run(main())
-    assert closable.closes == [True]
-    assert steps == ["response ended", "trigger returned"]
-    # The handlers are gone after the first signal: a second one gets its default action.
-    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
-
-
-def test_inflight_wait_gives_up_after_its_timeout() -> None:
-    inflight = InFlight()
-
-    async def forever(scope: Any, receive: Any, send: Any) -> None:
-        await asyncio.sleep(3600)
-
-    async def main() -> None:
-        assert await inflight.wait(timeout=0.01, settle=0) is True  # nothing running
-        task = asyncio.ensure_future(inflight.run(forever, {}, no_receive, no_send))
-        await until(lambda: inflight.count == 1)
-        start = time.monotonic()
-        assert await inflight.wait(timeout=0.1, settle=0) is False
-        assert 0.1 <= time.monotonic() - start < 1.0
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        assert inflight.count == 0
-
-    asyncio.run(main())
