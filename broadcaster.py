@@ -1250,8 +1250,10 @@ class _EventSource(Protocol):
 #   those of the thread running their loop), and read by metrics() under the
 #   lock as they are at that moment; no increment is lost.
 # - The running SSE responses (_responses): each response adds itself and
-#   discards itself, in its own thread; a shutdown reads a copy, keeping the
-#   responses of its own loop. A set's add, discard and copy are atomic (under
+#   discards itself, in its own thread; close() reads a copy and has each
+#   one stopped on its own loop (_run_on), and a shutdown's wait keeps the
+#   responses of its own loop. A response that starts after close() set
+#   _closed stops itself; one that started before is in close()'s copy. A set's add, discard and copy are atomic (under
 #   the GIL, and by the set's own lock in free-threaded builds).
 # - _signals: set once, under the lock; read by each response as a plain
 #   attribute. Its handlers are installed and removed in the main thread
@@ -2152,8 +2154,10 @@ class Broadcaster(Generic[K, T]):
 
     def close(self) -> None:
         """End every stream of every key (each drains first) and every running
-        ``channel()`` response, and refuse new ones: later ``subscribe`` calls
-        return closed streams, ``send`` returns 0. Idempotent.
+        response (each writes what its source holds, then ends cleanly, even
+        one that also reads streams of another broadcaster), and refuse new
+        ones: later ``subscribe`` calls return closed streams, ``send``
+        returns 0. Idempotent.
 
         Thread-safe, but not for a signal handler: one runs in the middle of
         whatever the main thread was doing, possibly holding the registry lock.
@@ -2173,6 +2177,8 @@ class Broadcaster(Generic[K, T]):
         for source in sources:
             assert source.loop is not None, "a tracked source has started on a loop"
             _run_on(source.loop, running, False, source.end)
+        for response in list(self._responses):
+            _run_on(response._loop, running, False, response._stop)  # pyright: ignore[reportPrivateUsage]
         if self._signals is not None:
             self._signals.unchain()
 
@@ -2615,22 +2621,24 @@ class _SseResponse:
     without a write. ``HEAD`` gets the headers and an empty body, and the
     source is never read.
 
-    How it finishes: source exhausted, :class:`Lagged` (WARNING), a source
+    How it finishes: source exhausted, its broadcaster closed (once what the
+    source holds is written), :class:`Lagged` (WARNING), a source
     exception (ERROR, with traceback) or a failing ``receive()`` (ERROR)
     finish cleanly with a last ``more_body=False`` message (a send in progress
     when ``receive()`` fails completes first); that message is empty, or
-    when its broadcaster's ``close()`` ended the source and ``shutdown_retry``
-    is set, a ``retry:`` frame. How it ended is counted (``Metrics``). A disconnect
+    when its broadcaster is closed and ``shutdown_retry`` is set, a
+    ``retry:`` frame. How it ended is counted (``Metrics``). A disconnect
     (``http.disconnect``, or ``OSError`` from ``send``), a send timeout and a
     failing ``send()`` (ERROR) finish with nothing more sent. Cancellation
     propagates. On every way out the source is closed and the pending
     ``receive()`` is cancelled and awaited.
 
     How it runs: in the server's task, which writes, and sleeps on one future
-    (``_wake``) while nothing can be written. Three things complete that
+    (``_wake``) while nothing can be written. Four things complete that
     future: the source (through ``_wait``), the pending ``receive()`` (the one
-    task of the response's own) when the client leaves or it fails, and the
-    one timer (``_tick``) when a keep-alive is due. The timer is also the send
+    task of the response's own) when the client leaves or it fails, the one
+    timer (``_tick``) when a keep-alive is due, and its broadcaster's
+    ``close()`` (``_stop``). The timer is also the send
     timeout: when a send has taken ``send_timeout``, it cancels the server's
     task out of that send, and so does the client's departure while a send is
     in progress. ``_write`` knows that cancellation for its own by ``_abandon``
@@ -2681,6 +2689,8 @@ class _SseResponse:
         # None while the client is there; _GONE once it left; the exception
         # if its receive() failed.
         "_client",
+        # True once its broadcaster is closed (see _stop).
+        "_stopping",
     )
 
     # Set when called, and read only after that.
@@ -2714,6 +2724,7 @@ class _SseResponse:
         self._receiving: asyncio.Future[Message] | None = None
         self._more_body = True
         self._client: object = None
+        self._stopping = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One coroutine for the whole response (its frame is what an idle
@@ -2732,6 +2743,8 @@ class _SseResponse:
             self._counts = owner._counts()  # pyright: ignore[reportPrivateUsage]
             self._counts.opened += 1
             owner._responses.add(self)  # pyright: ignore[reportPrivateUsage]
+            if owner._closed:  # pyright: ignore[reportPrivateUsage]
+                self._stop()
             signals = owner._signals  # pyright: ignore[reportPrivateUsage]
             if signals is not None and signals.pending:
                 signals.chain(self._loop)
@@ -2773,6 +2786,14 @@ class _SseResponse:
         if finish:
             self._end_as("shutdown" if self._owner._closed else "source_done")  # pyright: ignore[reportPrivateUsage]
             await self._write(self._final())
+
+    def _stop(self) -> None:
+        """Its broadcaster is closed: finish once what the source holds now
+        is written, even if the source would go on (a stream of another
+        broadcaster, merged in). close() has ended the broadcaster's own
+        streams and fed sources first, so what they were sent is held."""
+        self._stopping = True
+        _complete(self._wake)
 
     def _end_as(self, how: str) -> None:
         """Note how the response ends (the first reason stands)."""
@@ -2820,6 +2841,8 @@ class _SseResponse:
             except StopAsyncIteration:
                 return True
             if written is None:
+                if self._stopping:
+                    return True
                 if keep_alive is not None and loop.time() - self._last_write >= keep_alive:
                     written = await self._write(_body_message(self._config._keep_alive_frame))  # pyright: ignore[reportPrivateUsage]
                 else:

@@ -8707,6 +8707,11 @@ class ServerHandlers:
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def installed(sig: signal.Signals) -> object:
+    """The handler of ``sig`` now (as a plain object: compared, not called)."""
+    return signal.getsignal(sig)
+
+
 @pytest.fixture
 def saved_signals() -> Iterator[None]:
     """Restore the handlers of SIGINT and SIGTERM the process had."""
@@ -8740,16 +8745,16 @@ async def test_close_on_signals_ends_every_response_before_passing_the_signal_on
     server = ServerHandlers(b)
     server.install()
     b.close_on_signals()
-    assert signal.getsignal(sig) is server, "nothing is chained before a response runs"
+    assert installed(sig) is server, "nothing is chained before a response runs"
     async with open_streams(b, "a", "b") as responses:
-        assert signal.getsignal(sig) is not server
+        assert installed(sig) is not server
         b.send("a", Event("last"))
         os.kill(os.getpid(), sig)
         await server.wait_calls()
         assert server.calls == [(sig, 2)]
         assert [response.ended for response in responses] == [True, True]
         assert [event.data for event in await responses[0].events(1)] == ["last"]
-        assert signal.getsignal(sig) is server
+        assert installed(sig) is server
         assert b.subscribe("a").closed
 
 
@@ -8763,10 +8768,10 @@ async def test_close_on_signals_chains_once_however_often_it_is_called() -> None
     server.install()
     b.close_on_signals()
     async with open_streams(b, "a"):
-        chained = signal.getsignal(signal.SIGTERM)
+        chained = installed(signal.SIGTERM)
         b.close_on_signals()
         async with open_streams(b, "b"):
-            assert signal.getsignal(signal.SIGTERM) is chained
+            assert installed(signal.SIGTERM) is chained
             os.kill(os.getpid(), signal.SIGTERM)
             await server.wait_calls()
     assert server.calls == [(signal.SIGTERM, 2)]
@@ -8812,7 +8817,7 @@ async def test_close_on_signals_leaves_a_signal_without_a_python_handler_alone()
     b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
     b.close_on_signals()
     async with open_streams(b, "a"):
-        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (signal.SIG_IGN, signal.SIG_DFL)
+        assert (installed(signal.SIGINT), installed(signal.SIGTERM)) == (signal.SIG_IGN, signal.SIG_DFL)
 
 
 @pytest.mark.usefixtures("saved_signals")
@@ -8827,11 +8832,11 @@ async def test_close_on_signals_chains_at_the_first_response_in_the_main_thread(
 
     async def elsewhere() -> None:
         async with open_streams(b, "a"):
-            assert signal.getsignal(signal.SIGTERM) is server
+            assert installed(signal.SIGTERM) is server
 
     await asyncio.to_thread(asyncio.run, elsewhere())
     async with open_streams(b, "b"):
-        assert signal.getsignal(signal.SIGTERM) is not server
+        assert installed(signal.SIGTERM) is not server
 
 
 @pytest.mark.usefixtures("saved_signals")
@@ -8853,7 +8858,7 @@ def test_close_on_signals_passes_a_signal_on_at_once_once_its_loop_is_closed() -
             pass
 
     asyncio.run(serve_one())
-    assert signal.getsignal(signal.SIGTERM) is not server
+    assert installed(signal.SIGTERM) is not server
     os.kill(os.getpid(), signal.SIGTERM)
     assert calls == [signal.SIGTERM]
     assert not b.metrics().streams and b.subscriber_count("a") == 0
@@ -8870,14 +8875,14 @@ async def test_close_on_signals_keeps_working_after_a_close_from_another_thread(
     server.install()
     b.close_on_signals()
     async with open_streams(b, "a") as (response,):
-        chained = signal.getsignal(signal.SIGTERM)
+        chained = installed(signal.SIGTERM)
         await asyncio.to_thread(b.close)
         await response.read()
-        assert signal.getsignal(signal.SIGTERM) is chained
+        assert installed(signal.SIGTERM) is chained
         os.kill(os.getpid(), signal.SIGTERM)
         await server.wait_calls()
     assert server.calls == [(signal.SIGTERM, 1)]
-    assert signal.getsignal(signal.SIGTERM) is server
+    assert installed(signal.SIGTERM) is server
 
 
 @pytest.mark.usefixtures("saved_signals")
@@ -8912,7 +8917,7 @@ async def test_close_on_signals_behind_another_handler_passes_later_signals_stra
     os.kill(os.getpid(), signal.SIGTERM)
     await server.wait_calls(1)  # the second, at once
     assert seen == [signal.SIGTERM, signal.SIGTERM]
-    assert signal.getsignal(signal.SIGTERM) is library
+    assert installed(signal.SIGTERM) is library
     app.cancel()  # the stuck response returns: the first goes on
     await server.wait_calls(2)
     assert server.calls == [(signal.SIGTERM, 0), (signal.SIGTERM, 0)]
@@ -8927,13 +8932,13 @@ async def test_shutdown_trigger_returns_once_a_signal_ended_every_response() -> 
     b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
     trigger = asyncio.ensure_future(b.shutdown_trigger())
     async with open_streams(b, "a", "b") as responses:
-        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "the trigger handles the signal"
+        assert installed(signal.SIGTERM) != signal.SIG_DFL, "the trigger handles the signal"
         os.kill(os.getpid(), signal.SIGTERM)
         await trigger
         assert [response.ended for response in responses] == [True, True]
         assert b.metrics().responses_ended["shutdown"] == 2
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert installed(signal.SIGTERM) == signal.SIG_DFL
+    assert installed(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.usefixtures("saved_signals")
@@ -8962,6 +8967,78 @@ async def test_shutdown_trigger_waits_only_for_the_responses_of_its_own_loop() -
     assert b.subscriber_count("k") == 0
     release.set()
     await elsewhere
+
+
+def only_shutdown(b: Broadcaster[Any, Any]) -> bool:
+    """Whether every response of ``b`` ended, one of them, by shutdown."""
+    ended = b.metrics().responses_ended
+    return ended["shutdown"] == 1 and sum(ended.values()) == 1
+
+
+def merged(messages: Broadcaster[str, Event], presence: Broadcaster[str, Event]) -> AsgiApp:
+    """A response of ``messages`` that also reads a stream of ``presence``
+    (what a page that follows both over one connection gets)."""
+    return messages.response(merge(messages.subscribe_many(["a"]), presence.subscribe_many(["a"])))
+
+
+@async_test()
+async def test_close_ends_a_response_that_also_reads_another_broadcasters_stream() -> None:
+    """close() ends the broadcaster's responses, each once it has written what
+    its source holds, though the other broadcaster's stream goes on."""
+    messages: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    presence: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    async with AsgiClient(merged(messages, presence)) as client, client.stream("GET", "/") as response:
+        messages.send("a", Event("hi"))
+        assert (await response.event()).data == "hi"
+        presence.send("a", Event("2 here"))
+        messages.close()
+        await response.read()
+        assert [event.data for event in await response.events(1)] == ["2 here"]
+    assert only_shutdown(messages)
+    assert presence.subscriber_count("a") == 0
+
+
+@async_test()
+async def test_close_from_another_thread_ends_such_a_response_on_its_loop() -> None:
+    messages: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    presence: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    async with AsgiClient(merged(messages, presence)) as client, client.stream("GET", "/") as response:
+        await asyncio.to_thread(messages.close)
+        await response.read()
+    assert only_shutdown(messages)
+
+
+@async_test()
+async def test_a_response_called_after_close_ends_at_once_over_another_broadcasters_stream() -> None:
+    """A response made before close() and called after it writes what its
+    source holds, then ends."""
+    messages: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    presence: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    app = merged(messages, presence)
+    presence.send("a", Event("1 here"))
+    messages.close()
+    async with AsgiClient(app) as client:
+        response = await client.request("GET", "/")
+    assert response.body.startswith(ASGI_EMPTY_COMMENT)
+    assert [(event.type, event.data) for event in broadcaster.SseParser().feed(response.body)] == [("a", "1 here")]
+    assert only_shutdown(messages)
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_ends_a_response_that_merges_two_broadcasters() -> None:
+    """The broadcaster whose response reads another's stream too: a signal
+    still ends it before the server hears of the signal."""
+    messages: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    presence: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(messages)
+    server.install()
+    messages.close_on_signals(timeout=60)
+    async with AsgiClient(merged(messages, presence)) as client, client.stream("GET", "/") as response:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await server.wait_calls()
+        assert response.ended
+    assert server.calls == [(signal.SIGTERM, 1)]
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("inf")])
