@@ -29,8 +29,10 @@ What it demonstrates, in a plain ASGI app (no framework):
   gets ``try_later()``'s answer, a 200 that sets ``retry`` to 10 s and ends
   (an ``EventSource`` gives up for good on any other status), and a message
   to one room too many a 503 with ``Retry-After``;
-* graceful shutdown under uvicorn: Ctrl-C or SIGTERM ends every open stream
-  with a clean end of body, so the server exits at once (see ``ChatServer``).
+* graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
+  end of body, so the server exits at once: ``messages.close_on_signals()``
+  at lifespan startup (closing ``messages`` also ends the responses that
+  merge ``presence`` in).
 
 Design
 ======
@@ -78,21 +80,25 @@ Loading a room
     ``n`` above the last one shown. So it shows nothing twice and misses
     nothing. On a ``reload`` (a fresh connection, or after a gap: the server
     restarted, the room's history expired, or the page missed more than 100
-    messages) it does the same again from a cleared log.
+    messages) it does the same again from a cleared log, and says in the room
+    that the stream could not resume and the room was reloaded.
 
 HTTP API (``{room}`` matches ``[a-z0-9_-]{1,32}``, else 400):
 
-* ``GET /``                        the page (inline CSS and JS, no build step)
+* ``GET /``                        the page (inline CSS and JS, no build step;
+  light and dark, laid out for desktop and phone widths)
 * ``GET /events?room=a&room=b``    the rooms (1-50, each once) as
   ``text/event-stream``: first a ``reload`` event (JSON list of the rooms to
   load) for every room on a connection without ``Last-Event-ID`` or the
   ``last_event_id`` query parameter, else for the rooms it could not resume;
-  then ``message`` events (JSON ``{"room", "n", "user", "text"}``, each with
-  the stream's id: ``a=<epoch>-<seq>,b=<epoch>-<seq>``) and ``presence``
-  events (JSON ``{"room", "count"}``, no id)
+  then ``message`` events (JSON ``{"room", "n", "user", "text", "at"}``,
+  ``at`` being when the server accepted the message, in Unix milliseconds,
+  each with the stream's id: ``a=<epoch>-<seq>,b=<epoch>-<seq>``) and
+  ``presence`` events (JSON ``{"room", "count"}``, no id)
 * ``GET /rooms/{room}/events``     the same for one room
 * ``GET /rooms/{room}/history``    JSON ``{"room", "messages": [...]}``: the last
-  100 messages, oldest first, as in the ``message`` events
+  100 messages, oldest first, as in the ``message`` events (with their
+  original ``at``: the page shows each message's time as sent)
 * ``POST /rooms/{room}/messages``  JSON ``{"user": str, "text": str}`` (user 1-32
   characters, text 1-2000, body at most 16 KiB) -> 204; 400 on bad input, 413
   on a larger body
@@ -117,6 +123,7 @@ import logging
 import re
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
@@ -247,11 +254,13 @@ class Chat:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # On SIGINT/SIGTERM: close `messages` (every response is one
+                # of its own, so each ends cleanly), then let the server go on.
+                self.messages.close_on_signals()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # uvicorn sends this only after every response has finished,
-                # so closing here alone would come too late to end the streams
-                # (see ChatServer); here it is a harmless second close.
+                # Sent only once every response has finished: too late to
+                # end the streams, but nothing subscribes from now on.
                 self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -345,7 +354,10 @@ class Chat:
         # Stored and sent with no await in between, so the history and the
         # streams see the messages in the same order (the page relies on it).
         state.count += 1
-        message: ChatMessage = {"room": room, "n": state.count, "user": user, "text": text}
+        # "at": when the server took the message (Unix time in milliseconds),
+        # so the history and a resumed stream show when it was really sent.
+        at = int(time.time() * 1000)
+        message: ChatMessage = {"room": room, "n": state.count, "user": user, "text": text, "at": at}
         state.recent.append(message)
         # The broadcaster retains it (if the room has a channel, live or
         # lingering) under a new id; each stream writes its own id, naming it.
@@ -429,39 +441,6 @@ async def respond(
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
 
-class ChatServer(uvicorn.Server):
-    """uvicorn's server, ending the chat's streams when it starts shutting down.
-
-    On SIGINT/SIGTERM uvicorn stops listening, asks every connection to close
-    once its response is complete, and then waits for the responses, forever
-    by default: an SSE response is never complete by itself. The ASGI
-    ``lifespan.shutdown`` event comes only after that wait, so it cannot help.
-    ``shutdown()`` is where uvicorn starts its shutdown (whatever set
-    ``should_exit``), on the event loop: closing the broadcaster there ends
-    every stream, each response writes its final empty chunk, the connections
-    close and uvicorn exits within a few hundred milliseconds. Overriding this
-    public method needs no patching and no watcher task, and unlike
-    ``handle_exit`` (a signal handler) it runs as ordinary loop code, where
-    taking the broadcaster's lock is safe. (``timeout_graceful_shutdown``
-    would instead cancel the responses, cutting the bodies off, with an error
-    in the log.)
-    """
-
-    def __init__(self, config: uvicorn.Config, chat: Chat) -> None:
-        super().__init__(config)
-        self.chat = chat
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"chat running on http://{host}:{port}/ - open it in two browser tabs", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.chat.close()
-        await super().shutdown(sockets)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Multi-room SSE chat (broadcaster.py demo).")
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
@@ -475,9 +454,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-rooms", type=int, default=MAX_KEYS, help="rooms at most")
     args = parser.parse_args(argv)
     chat = Chat(linger=args.linger, max_streams=args.max_streams, max_rooms=args.max_rooms)
-    config = uvicorn.Config(chat, host="127.0.0.1", port=args.port, log_level="info")
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        ChatServer(config, chat).run()
+    # The socket is bound here, so that the URL printed is the one listening
+    # (with --port 0, the port the system chose); uvicorn serves on it.
+    try:
+        sock = socket.create_server(("127.0.0.1", args.port))
+    except OSError as exc:
+        parser.exit(1, f"chat: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+    with sock, contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its shutdown
+        host, port = sock.getsockname()[:2]
+        print(f"chat running on http://{host}:{port}/ - open it in two browser tabs", flush=True)
+        uvicorn.Server(uvicorn.Config(chat, log_level="info")).run(sockets=[sock])
 
 
 # A speech bubble, as SVG (browsers take an SVG icon at any path).
@@ -495,58 +481,172 @@ PAGE: Final = b"""\
 <title>broadcaster.py chat</title>
 <link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>
-  :root { font: 15px/1.45 system-ui, sans-serif; color-scheme: light dark; --line: #8885; }
-  body { margin: 0; height: 100vh; display: grid;
-         grid-template: "head head" auto "nav main" 1fr / 15rem 1fr; }
-  header { grid-area: head; display: flex; gap: 1.5rem; align-items: center;
-           padding: .5rem 1rem; border-bottom: 1px solid var(--line); }
-  header h1 { font-size: 1rem; margin: 0; }
-  #status::before { content: "\\25cf  "; color: #c80; }
-  #status.ok::before { color: #2a2; }
-  #status.down::before { color: #d33; }
-  nav { grid-area: nav; padding: .5rem; border-right: 1px solid var(--line); overflow: auto; }
-  .room { display: flex; align-items: center; gap: .25rem; margin-bottom: .25rem; }
-  .room .open { flex: 1; display: flex; justify-content: space-between; text-align: left;
-                font: inherit; padding: .3rem .5rem; border: 0; border-radius: .3rem;
-                background: none; cursor: pointer; }
-  .room.active .open { background: var(--line); font-weight: 600; }
-  .room .count { opacity: .7; font-size: .85em; }
-  .room .unread { color: #d33; font-weight: 600; }
-  .room .leave { border: 0; background: none; cursor: pointer; opacity: .5; }
-  #join { display: flex; gap: .25rem; margin-top: .75rem; }
-  #join input { min-width: 0; flex: 1; }
-  main { grid-area: main; display: flex; flex-direction: column; min-height: 0; }
-  .log { flex: 1; margin: 0; padding: .5rem 1rem; list-style: none; overflow-y: auto; }
-  .log li { padding: .1rem 0; }
-  .log .user { font-weight: 600; margin-right: .5em; }
-  .log .text { white-space: pre-wrap; overflow-wrap: anywhere; }
-  .log .note { opacity: .6; font-style: italic; }
-  #send { display: flex; gap: .5rem; padding: .5rem 1rem; border-top: 1px solid var(--line); }
+  :root {
+    color-scheme: light dark;
+    --bg: #fff; --fg: #1d2025; --muted: #667080; --panel: #f5f6f8; --line: #e1e4e8;
+    --hover: #eaecef; --active: #dff1e8; --accent: #17784f; --on-accent: #fff;
+    --own: #d9f2e5; --other: #eef0f3; --ok: #1f9d55; --danger: #b42318; --danger-bg: #fdecea;
+    --warn: #7a4d00; --warn-bg: #fff3d1; --name-light: 38%;
+    font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+  }
+  @media (prefers-color-scheme: dark) {
+    :root {
+      --bg: #16181c; --fg: #e5e7eb; --muted: #9299a5; --panel: #1c1f24; --line: #2d3138;
+      --hover: #262a31; --active: #1b3a2c; --accent: #34b47c; --on-accent: #08170f;
+      --own: #1d4232; --other: #262a31; --ok: #34c77b; --danger: #ff8c82; --danger-bg: #3b1d1b;
+      --warn: #ffd27a; --warn-bg: #362b12; --name-light: 72%;
+    }
+  }
+  * { box-sizing: border-box; }
+  body { margin: 0; height: 100vh; height: 100dvh; background: var(--bg); color: var(--fg); display: grid;
+         grid-template: "head head" auto "nav main" minmax(0, 1fr) / 18rem minmax(0, 1fr); }
+  button, input { font: inherit; color: inherit; }
+  input { min-width: 0; padding: .45rem .7rem; border: 1px solid var(--line); border-radius: .5rem;
+          background: var(--bg); }
+  input:focus { outline: 2px solid var(--accent); outline-offset: -1px; }
+  button { cursor: pointer; }
+  .primary { padding: .45rem 1rem; border: 0; border-radius: .5rem; background: var(--accent);
+             color: var(--on-accent); font-weight: 600; }
+  .secondary { padding: .45rem .8rem; border: 1px solid var(--line); border-radius: .5rem; background: var(--bg); }
+  .secondary:hover { background: var(--hover); }
+
+  header { grid-area: head; display: flex; align-items: center; gap: 1rem; padding: .6rem 1rem;
+           border-bottom: 1px solid var(--line); }
+  header h1 { display: flex; align-items: center; gap: .5rem; margin: 0; font-size: 1rem; white-space: nowrap; }
+  header h1 svg { width: 1.3rem; height: 1.3rem; flex: none; color: var(--accent); }
+  header h1 span { color: var(--muted); font-weight: 400; }
+  #me { display: flex; align-items: center; gap: .5rem; margin-left: auto; color: var(--muted); font-size: .875rem; }
+  #user { width: 9rem; color: var(--fg); padding: .3rem .6rem; }
+  #status { display: inline-flex; align-items: center; gap: .4rem; padding: .2rem .65rem; white-space: nowrap;
+            border: 1px solid var(--line); border-radius: 999px; color: var(--muted); font-size: .8rem; }
+  #status::before { content: ""; width: .5rem; height: .5rem; border-radius: 50%; background: #d89b00; }
+  #status.ok::before { background: var(--ok); }
+  #status.down::before { background: var(--danger); }
+
+  nav { grid-area: nav; display: flex; flex-direction: column; gap: .75rem; min-height: 0; padding: .75rem;
+        overflow-y: auto; background: var(--panel); border-right: 1px solid var(--line); }
+  nav h2 { margin: .25rem .6rem 0; color: var(--muted); font-size: .75rem; letter-spacing: .06em;
+           text-transform: uppercase; }
+  #rooms { display: flex; flex-direction: column; gap: 2px; }
+  .room { display: flex; align-items: center; min-width: 0; border-radius: .5rem; }
+  .room:hover { background: var(--hover); }
+  .room.active { background: var(--active); }
+  .room .open { flex: 1; display: flex; align-items: center; gap: .5rem; min-width: 0;
+                padding: .45rem .3rem .45rem .65rem; border: 0; background: none; text-align: left; }
+  .room .name { flex: 1; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  .room.active .name { font-weight: 600; }
+  .room .count { flex: none; display: flex; align-items: center; gap: .4rem; white-space: nowrap;
+                 color: var(--muted); font-size: .78rem; }
+  .room .badge { padding: 0 .45rem; border-radius: 999px; background: var(--accent); color: var(--on-accent);
+                 font-weight: 700; line-height: 1.5; }
+  .room .badge:empty { display: none; }
+  .room .leave { flex: none; width: 1.75rem; height: 1.75rem; margin-right: .25rem; padding: 0; border: 0;
+                 border-radius: .375rem; background: none; color: var(--muted); font-size: 1.1rem; line-height: 1; }
+  .room .leave:hover { background: var(--hover); color: var(--fg); }
+  @media (hover: hover) {
+    .room .leave { opacity: 0; }
+    .room:hover .leave, .room.active .leave, .room .leave:focus-visible { opacity: 1; }
+  }
+  #join { display: flex; gap: .4rem; }
+  #join input { flex: 1; }
+  nav .hint { margin: auto .6rem .25rem; color: var(--muted); font-size: .8rem; }
+
+  main { grid-area: main; display: flex; flex-direction: column; min-width: 0; min-height: 0; }
+  #title { display: flex; align-items: baseline; gap: .75rem; min-width: 0; padding: .7rem 1.25rem;
+           border-bottom: 1px solid var(--line); }
+  #title h2 { margin: 0; overflow: hidden; font-size: 1.05rem; text-overflow: ellipsis; white-space: nowrap; }
+  #title span { flex: none; color: var(--muted); font-size: .85rem; }
+  #banner { margin: .75rem 1.25rem 0; padding: .5rem .8rem; border-radius: .5rem; background: var(--warn-bg);
+            color: var(--warn); font-size: .875rem; }
+  #banner.down { background: var(--danger-bg); color: var(--danger); }
+  .log { flex: 1; display: flex; flex-direction: column; gap: .5rem; min-height: 0; margin: 0;
+         padding: 1rem 1.25rem; overflow-y: auto; list-style: none; }
+  .log[hidden] { display: none; }
+  .log:empty::before { content: "No messages here yet. Say hello!"; margin: auto; color: var(--muted); }
+  .msg { align-self: flex-start; max-width: min(38rem, 80%); padding: .35rem .75rem .4rem;
+         border-radius: 1rem 1rem 1rem .3rem; background: var(--other); }
+  .msg.own { align-self: flex-end; border-radius: 1rem 1rem .3rem 1rem; background: var(--own); }
+  .msg.cont { margin-top: -.3rem; }  /* the same sender again: one group, named once */
+  .msg.cont .meta { display: none; }
+  .msg .meta { display: flex; gap: .5rem; font-size: .78rem; }
+  .msg .user { overflow: hidden; color: hsl(var(--hue) 55% var(--name-light)); font-weight: 700;
+               text-overflow: ellipsis; white-space: nowrap; }
+  .msg .you { color: var(--accent); font-weight: 700; }
+  .msg.own .user, .msg:not(.own) .you { display: none; }
+  .msg .time { float: right; margin: .3rem -.15rem -.15rem .75rem; color: var(--muted); font-size: .75rem;
+               font-variant-numeric: tabular-nums; }
+  .msg .text { white-space: pre-wrap; overflow-wrap: anywhere; }
+  .note, .day { align-self: center; max-width: 90%; color: var(--muted); font-size: .8rem; text-align: center; }
+  .day { margin-top: .25rem; font-weight: 600; }
+  .note.gap { padding: .45rem .8rem; border-radius: .5rem; background: var(--warn-bg); color: var(--warn); }
+  #error { margin: 0 1.25rem .5rem; padding: .5rem .8rem; border-radius: .5rem; background: var(--danger-bg);
+           color: var(--danger); font-size: .875rem; }
+  #error:empty { display: none; }
+  #send { display: flex; gap: .5rem; padding: .75rem 1.25rem 1rem; border-top: 1px solid var(--line); }
   #text { flex: 1; }
-  #error { color: #d33; padding: 0 1rem .5rem; min-height: 1.2em; }
+
+  @media (max-width: 700px) {
+    body { grid-template: "head" auto "nav" auto "main" minmax(0, 1fr) / minmax(0, 1fr); }
+    header { gap: .6rem; padding: .5rem .75rem; }
+    #status { width: 1.6rem; height: 1.6rem; padding: 0; justify-content: center; font-size: 0; }
+    #me > span { display: none; }
+    #user { width: 6.5rem; }
+    nav { flex-direction: row; align-items: center; gap: .5rem; padding: .5rem .75rem; overflow: visible;
+          border-right: 0; border-bottom: 1px solid var(--line); }
+    nav h2 { display: none; }
+    #rooms { flex: 1; flex-direction: row; gap: .35rem; min-width: 0; overflow-x: auto; scrollbar-width: none; }
+    #rooms.more-after { mask-image: linear-gradient(to right, #000 calc(100% - 2rem), transparent); }
+    #rooms.more-before { mask-image: linear-gradient(to left, #000 calc(100% - 2rem), transparent); }
+    #rooms.more-before.more-after {
+      mask-image: linear-gradient(to right, transparent, #000 2rem, #000 calc(100% - 2rem), transparent); }
+    .room { flex: none; max-width: 11rem; border: 1px solid var(--line); border-radius: 999px; }
+    .room.active { border-color: transparent; }
+    .room .open { padding: .25rem .15rem .25rem .7rem; }
+    .room .here { display: none; }
+    .room .leave { width: 1.5rem; height: 1.5rem; margin-right: .15rem; border-radius: 999px; }
+    .room:not(.active) .leave { display: none; }
+    .room:not(.active) .open { padding-right: .7rem; }
+    #join { flex: none; width: 7.5rem; }
+    #join input { padding: .3rem .6rem; font-size: .875rem; }
+    #join button, nav .hint { display: none; }  /* the keyboard's Go joins */
+    #title { display: none; }
+    #banner { margin: .5rem .75rem 0; }
+    .log { padding: .75rem; }
+    .msg { max-width: 88%; }
+    #error { margin: 0 .75rem .5rem; }
+    #send { padding: .6rem .75rem .75rem; }
+  }
 </style>
 </head>
 <body>
 <header>
-  <h1>broadcaster.py chat</h1>
-  <label>name <input id="user" maxlength="32" size="12"></label>
-  <span id="status">connecting</span>
+  <h1><svg viewBox="0 0 16 16" aria-hidden="true"><path d="M2 2h12v9H7l-3 3v-3H2z" fill="currentColor"/></svg>
+    broadcaster.py <span>chat</span></h1>
+  <span id="status">connecting&hellip;</span>
+  <label id="me"><span>You are</span> <input id="user" maxlength="32" autocomplete="nickname"
+         aria-label="your name"></label>
 </header>
 <nav>
+  <h2>Rooms</h2>
   <div id="rooms"></div>
   <form id="join">
     <input id="room" placeholder="join a room" maxlength="32" pattern="[A-Za-z0-9_\\-]{1,32}"
-           title="1-32 letters, digits, _ and - (in lower case)" required>
-    <button>join</button>
+           title="1-32 letters, digits, _ and - (in lower case)" aria-label="room to join"
+           enterkeyhint="go" required>
+    <button class="secondary">join</button>
   </form>
+  <p class="hint">Open this page in another tab or browser: messages and presence arrive live, over one
+    Server-Sent Events stream.</p>
 </nav>
 <main>
+  <div id="title"><h2 id="title-name"></h2><span id="title-here"></span></div>
+  <div id="banner" role="status" hidden></div>
   <div id="logs" style="display: contents"></div>
-  <form id="send">
-    <input id="text" maxlength="2000" autocomplete="off" placeholder="message" required>
-    <button>send</button>
-  </form>
   <div id="error" role="alert"></div>
+  <form id="send">
+    <input id="text" maxlength="2000" autocomplete="off" placeholder="message" aria-label="message" required>
+    <button class="primary">send</button>
+  </form>
 </main>
 <script>
 "use strict";
@@ -560,10 +660,23 @@ let source = null;
 // every room, so a new connection (after a join or a leave) resumes them all.
 let lastId = null;
 let live = false;
+// The connection failed and has not been open since (remaking it for a join
+// or a leave is no failure): the page says it is reconnecting.
+let dropped = false;
+// What the error shown is about ("send", "load", "join"): a reconnection
+// clears the errors it made stale.
+let errorKind = "";
 
+// The name: kept in localStorage once typed; a guest name lasts as long as the tab.
 const user = $("user");
-user.value = localStorage.getItem("chat.user") || "guest" + Math.floor(Math.random() * 1000);
-user.addEventListener("change", () => localStorage.setItem("chat.user", user.value.trim()));
+const guest = sessionStorage.getItem("chat.guest") || "guest" + Math.floor(Math.random() * 1000);
+sessionStorage.setItem("chat.guest", guest);
+user.value = localStorage.getItem("chat.user") || guest;
+const me = () => user.value.trim();
+user.addEventListener("change", () => {
+  localStorage.setItem("chat.user", me());
+  for (const li of document.querySelectorAll(".log .msg")) li.classList.toggle("own", li.dataset.user === me());
+});
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -572,22 +685,66 @@ function el(tag, className, text) {
   return node;
 }
 
+const pad = (n) => String(n).padStart(2, "0");
+const clock = (date) => pad(date.getHours()) + ":" + pad(date.getMinutes());  // local HH:MM
+const dayOf = (date) => date.toDateString();
+function dayLabel(date) {
+  const yesterday = new Date();
+  yesterday.setDate(yesterday.getDate() - 1);
+  if (dayOf(date) === dayOf(new Date())) return "Today";
+  if (dayOf(date) === dayOf(yesterday)) return "Yesterday";
+  return date.toLocaleDateString(undefined, { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+}
+// Each name gets a color of its own (one of ten hues), the same on every page.
+const HUES = [0, 25, 45, 140, 170, 195, 215, 255, 285, 320];
+function hue(name) {
+  let h = 2166136261;  // FNV-1a
+  for (const c of name) h = Math.imul(h ^ c.codePointAt(0), 16777619) >>> 0;
+  return HUES[h % HUES.length];
+}
+
+function showError(text, kind = "") { $("error").textContent = text; errorKind = text ? kind : ""; }
+function clearError(...kinds) { if (kinds.includes(errorKind)) showError(""); }
+
 function updateStatus() {
   const state = source ? source.readyState : EventSource.CLOSED;
   const status = $("status");
+  const banner = $("banner");
+  banner.hidden = true;
+  banner.className = "";
   if (state === EventSource.OPEN) {
     status.textContent = "connected"; status.className = "ok";
   } else if (state === EventSource.CONNECTING) {
-    status.textContent = "reconnecting\\u2026"; status.className = "";
+    status.textContent = dropped ? "reconnecting\\u2026" : "connecting\\u2026"; status.className = "";
+    if (dropped) {
+      banner.replaceChildren(el("strong", "", "Reconnecting\\u2026"), " The connection to the server was lost;"
+        + " messages will catch up as soon as it is back.");
+      banner.hidden = false;
+    }
   } else {
     status.textContent = rooms.size ? "disconnected" : "no room joined"; status.className = "down";
+    if (rooms.size) {
+      banner.replaceChildren(el("strong", "", "Disconnected."), " Reload the page to try again.");
+      banner.className = "down"; banner.hidden = false;
+    }
   }
+  status.title = "connection: " + status.textContent;
 }
 
+// The phone layout's room strip scrolls sideways: its edges fade where it has more.
+function edges() {
+  const strip = $("rooms");
+  strip.classList.toggle("more-before", strip.scrollLeft > 1);
+  strip.classList.toggle("more-after", strip.scrollLeft + strip.clientWidth < strip.scrollWidth - 1);
+}
+$("rooms").addEventListener("scroll", edges);
+window.addEventListener("resize", edges);
+
 function renderRoom(room) {
-  room.row.querySelector(".count").textContent =
-    (room.unread ? room.unread + " new \\u00b7 " : "") + room.count + " here";
-  room.row.querySelector(".count").classList.toggle("unread", room.unread > 0);
+  room.row.querySelector(".badge").textContent = room.unread ? room.unread + " new" : "";
+  room.row.querySelector(".here").textContent = room.count + " here";
+  if (room.name === current) $("title-here").textContent = room.count + " here";
+  edges();
 }
 
 function add(room, node) {
@@ -599,12 +756,35 @@ function add(room, node) {
 
 // Shows a message unless it was shown already: messages carry their number
 // in the room, n, and arrive in that order, from the history and live alike.
+// "at" is when the server took the message (Unix ms): shown as local time.
 function show(name, room, msg, live) {
   if (msg.n <= room.last) return;
   room.last = msg.n;
-  const li = el("li");
+  const at = typeof msg.at === "number" ? new Date(msg.at) : null;
+  if (at) {
+    const day = dayOf(at);  // a divider where the day changes (none before today's first message)
+    if (day !== room.day && (room.day !== null || day !== dayOf(new Date()))) add(room, el("li", "day", dayLabel(at)));
+    room.day = day;
+  }
+  const li = el("li", "msg");
   li.dataset.n = msg.n;
-  li.append(el("span", "user", msg.user + ":"), el("span", "text", msg.text));
+  li.dataset.user = msg.user;
+  li.dataset.at = at ? msg.at : "";
+  li.classList.toggle("own", msg.user === me());
+  // Grouped with the message before it: the same sender, within 5 minutes.
+  const before = room.log.lastElementChild;
+  li.classList.toggle("cont", Boolean(at && before && before.matches(".msg") && before.dataset.user === msg.user
+    && before.dataset.at && msg.at - before.dataset.at < 5 * 60 * 1000));
+  li.style.setProperty("--hue", hue(msg.user));
+  const meta = el("div", "meta");
+  meta.append(el("span", "user", msg.user), el("span", "you", "You"));
+  li.append(meta, el("span", "text", msg.text));
+  if (at) {
+    const time = el("time", "time", clock(at));
+    time.dateTime = at.toISOString();
+    time.title = at.toLocaleString();
+    li.append(time);
+  }
   add(room, li);
   if (live && name !== current) { room.unread += 1; renderRoom(room); }
 }
@@ -614,9 +794,10 @@ function show(name, room, msg, live) {
 // restarted, or the room's history expired, or it lacks what we missed). The
 // stream is already subscribed when it arrives, so loading the history now and
 // holding back the live messages until it is shown misses nothing, and
-// show() drops what both contain.
+// show() drops what both contain. A reload after a gap says so in the room.
 async function load(name, room) {
   const generation = ++room.generation;
+  const again = room.loaded;
   room.pending = [];
   for (;;) {
     try {
@@ -626,14 +807,24 @@ async function load(name, room) {
       if (generation !== room.generation) return;  // a newer reload took over
       room.log.replaceChildren();
       room.last = 0;
+      room.day = null;
+      room.dropNote = null;
+      room.unread = 0;  // what was counted is gone, or shown again from the history
       for (const msg of body.messages) show(name, room, msg, false);
+      if (again) {
+        add(room, el("li", "note gap", "Reconnected \\u2014 the stream could not resume here, so the"
+          + " room was reloaded: messages older than its recent history are not shown."));
+      }
       const pending = room.pending;
       room.pending = null;
       for (const msg of pending) show(name, room, msg, true);
+      room.loaded = true;
+      renderRoom(room);
+      clearError("load");
       return;
     } catch (err) {
       if (generation !== room.generation) return;
-      showError("could not load #" + name + ": " + err.message);
+      showError("Could not load #" + name + ": " + err.message, "load");
       await new Promise((resolve) => setTimeout(resolve, 2000));
       if (generation !== room.generation) return;
     }
@@ -651,11 +842,27 @@ function connect() {
   if (lastId) query.set("last_event_id", lastId);
   const es = source = new EventSource("/events?" + query);
   for (const room of rooms.values()) room.source = es;
-  es.addEventListener("open", () => { live = true; updateStatus(); });
+  es.addEventListener("open", () => {
+    live = true;
+    if (dropped) {
+      dropped = false;
+      const back = " \\u00b7 back at " + clock(new Date());
+      for (const room of rooms.values()) {
+        if (room.dropNote) room.dropNote.textContent = room.dropNote.textContent.replace(/, reconnecting.*/, back);
+        room.dropNote = null;
+      }
+    }
+    clearError("send", "load");  // stale now: the server is reachable again
+    updateStatus();
+  });
   es.addEventListener("error", () => {
     // Fired at the drop and at every failed retry: note the drop once.
-    if (live) for (const room of rooms.values()) add(room, el("li", "note", "connection lost, reconnecting\\u2026"));
+    if (live) {
+      const note = "Connection lost at " + clock(new Date()) + ", reconnecting\\u2026";
+      for (const room of rooms.values()) { room.dropNote = el("li", "note", note); add(room, room.dropNote); }
+    }
     live = false;
+    dropped = true;
     updateStatus();
   });
   es.addEventListener("reload", (e) => {
@@ -682,10 +889,14 @@ function join(name, reconnect = true) {
   if (rooms.has(name)) { select(name); return; }
   const row = el("div", "room");
   const open = el("button", "open");
-  open.append(el("span", "", "#" + name), el("span", "count", ""));
+  const count = el("span", "count");
+  count.append(el("span", "badge"), el("span", "here"));
+  open.append(el("span", "name", "#" + name), count);
+  open.title = "#" + name;
   open.addEventListener("click", () => select(name));
   const leave = el("button", "leave", "\\u00d7");
   leave.title = "leave #" + name;
+  leave.setAttribute("aria-label", leave.title);
   leave.addEventListener("click", () => part(name));
   row.append(open, leave);
   $("rooms").append(row);
@@ -694,8 +905,13 @@ function join(name, reconnect = true) {
   $("logs").append(log);
   // last: n of the last message shown; pending: live messages held back
   // while the history loads (null otherwise); generation: counts loads;
-  // source: the connection, shared by every room.
-  const room = { source, row, log, count: 0, unread: 0, last: 0, pending: null, generation: 0 };
+  // loaded: a load completed; day: of the last message shown; dropNote:
+  // the note of a drop, until the connection is back; source: the
+  // connection, shared by every room.
+  const room = {
+    name, source, row, log, count: 0, unread: 0, last: 0, pending: null, generation: 0, loaded: false,
+    day: null, dropNote: null,
+  };
   rooms.set(name, room);
   renderRoom(room);
   select(name);
@@ -708,6 +924,7 @@ function part(name) {
   room.row.remove(); room.log.remove();
   rooms.delete(name);
   if (current === name) select(rooms.size ? rooms.keys().next().value : null);
+  edges();
   connect();
 }
 
@@ -717,17 +934,21 @@ function select(name) {
     const active = n === name;
     room.row.classList.toggle("active", active);
     room.log.hidden = !active;
-    if (active) { room.unread = 0; renderRoom(room); room.log.scrollTop = room.log.scrollHeight; }
+    if (!active) continue;
+    room.unread = 0;
+    renderRoom(room);
+    room.log.scrollTop = room.log.scrollHeight;
+    room.row.scrollIntoView({ block: "nearest", inline: "center" });  // (in the phone layout's strip)
   }
-  $("text").placeholder = name ? "message #" + name : "join a room first";
+  $("title-name").textContent = name ? "#" + name : "No room joined";
+  if (!name) $("title-here").textContent = "join one to start chatting";
+  $("text").placeholder = name ? "Message #" + name : "Join a room first";
 }
-
-function showError(text) { $("error").textContent = text; }
 
 $("join").addEventListener("submit", (e) => {
   e.preventDefault();
   const name = $("room").value.trim().toLowerCase();
-  if (!ROOM.test(name)) { showError("room names are 1-32 of a-z, 0-9, _ and -"); return; }
+  if (!ROOM.test(name)) { showError("Room names are 1-32 characters: a-z, 0-9, _ and -", "join"); return; }
   $("room").value = "";
   showError("");
   join(name);
@@ -741,16 +962,18 @@ $("send").addEventListener("submit", async (e) => {
     const response = await fetch("/rooms/" + current + "/messages", {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ user: user.value.trim(), text }),
+      body: JSON.stringify({ user: me(), text }),
     });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
       throw new Error(body.error || response.status + " " + response.statusText);
     }
-    $("text").value = "";
+    if ($("text").value === text) $("text").value = "";  // (unless typed over meanwhile)
     showError("");
   } catch (err) {
-    showError("not sent: " + err.message);
+    // fetch() rejects with a TypeError when the server cannot be reached.
+    const why = err instanceof TypeError ? "the server cannot be reached (" + err.message + ")" : err.message;
+    showError("Not sent: " + why + ". Your message is still in the box.", "send");
   }
 });
 

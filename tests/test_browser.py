@@ -6,7 +6,10 @@ then checked for a prompt exit and a clean log) at the end of the module:
 * ``examples/chat.py``, driven in Chromium as a user would: two pages exchange
   messages typed into the page's form, see each other's presence, reload, and
   come back from an abrupt network reset (resumed from ``Last-Event-ID``) and
-  from a gap (more missed than the history keeps: the page reloads the room);
+  from a gap (more missed than the history keeps: the page reloads the room,
+  and says so); the page fits a desktop window and a phone's width, light and
+  dark, and says when it is reconnecting. Screenshots of it go to pytest's
+  ``tmp_path``, and to ``$SCREENSHOT_DIR`` too if set, for a human to look at;
 * ``tests/sse_app.py``, a small app that sends prepared events to a key on
   request: the browser's ``EventSource`` receives events with multi-line data,
   unicode, empty data, leading spaces, custom names and ids exactly as sent;
@@ -31,6 +34,7 @@ and polling with a deadline only for what another process does.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import importlib.util
 import itertools
@@ -289,15 +293,16 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def new_page(browser: Browser) -> Iterator[Callable[[], Page]]:
+def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
     """Opens pages, each in a browser context of its own (its own cookies,
-    storage and connections, as another user's browser), and closes them at
-    the end of the test; a JavaScript error in any of them fails the test."""
+    storage and connections, as another user's browser; keyword arguments
+    go to ``new_context``: ``viewport``, ``color_scheme``), and closes them
+    at the end of the test; a JavaScript error in any of them fails the test."""
     contexts = []
     errors: list[str] = []
 
-    def make() -> Page:
-        context = browser.new_context()
+    def make(**options: Any) -> Page:
+        context = browser.new_context(**options)
         context.set_default_timeout(WAIT_MS)
         contexts.append(context)
         page = context.new_page()
@@ -350,8 +355,8 @@ def join(page: Page, room: str) -> None:
     page.wait_for_function(READY, arg=[room, 1])
 
 
-def post(chat: Server, room: str, text: str) -> None:
-    assert call(f"{chat.url}/rooms/{room}/messages", "POST", {"user": "test", "text": text}) is None
+def post(chat: Server, room: str, text: str, user: str = "test") -> None:
+    assert call(f"{chat.url}/rooms/{room}/messages", "POST", {"user": user, "text": text}) is None
 
 
 def test_chat_room_names_typed_in_upper_case_join_the_lower_case_room(
@@ -400,7 +405,7 @@ def test_chat_two_pages_exchange_messages_and_see_presence(chat: Server, new_pag
         assert page.input_value("#text") == ""
     assert a.locator(".log b").count() == 0  # user text is never HTML
     users = "[...rooms.get('general').log.querySelectorAll('li .user')].map((e) => e.textContent)"
-    assert b.evaluate(users) == [a.input_value("#user") + ":", b.input_value("#user") + ":"]
+    assert b.evaluate(users) == [a.input_value("#user"), b.input_value("#user")]
 
     b.context.close()
     a.wait_for_function("rooms.get('general').count === 1 && rooms.get('random').count === 1")
@@ -462,7 +467,7 @@ def test_chat_page_resumes_after_a_network_reset(
     # Resumed, not reloaded: one load only, and the note of the drop is still
     # in the log (a reload clears it).
     assert page.evaluate("rooms.get('resets').generation") == 1
-    assert page.evaluate("rooms.get('resets').log.querySelector('.note').textContent").startswith("connection lost")
+    assert page.evaluate("rooms.get('resets').log.querySelector('.note').textContent").startswith("Connection lost")
 
 
 # Replaces the page's fetch() so that a request of the room's history waits
@@ -513,6 +518,235 @@ def test_chat_page_reloads_the_room_after_a_gap(
     # history endpoint gives the last 100, m11 to m110, which include the four
     # held back: each is shown once; then m111 live.
     wait_texts(page, "gaps", [f"m{n}" for n in range(11, 112)])
+
+
+# ---------------------------------------------------------------------------
+# The chat page as a user sees it: widths, color schemes, connection states
+# ---------------------------------------------------------------------------
+
+# (width, height, color scheme): a desktop window and a phone.
+LOOKS = [(1280, 800, "light"), (1280, 800, "dark"), (390, 844, "light"), (390, 844, "dark")]
+# Whether all the text in the element is on one line: the boxes of its
+# text overlap vertically (text wrapped onto a second line has a box below
+# the first line's).
+ONE_LINE = """(element) => {
+  const range = document.createRange();
+  range.selectNodeContents(element);
+  const boxes = [...range.getClientRects()];
+  return boxes.length > 0
+    && Math.max(...boxes.map((r) => r.top)) < Math.min(...boxes.map((r) => r.bottom));
+}"""
+# The font sizes under 11 px of the elements showing text (0: hidden on purpose).
+SMALL_TEXT = """() => [...document.querySelectorAll("body *")]
+  .filter((e) => e.checkVisibility() && [...e.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim()))
+  .map((e) => [e.tagName + "." + e.className, parseFloat(getComputedStyle(e).fontSize)])
+  .filter(([, size]) => size > 0 && size < 11)"""
+# Each message shown in a room: [user, own, the time shown, its ISO time, the
+# browser's local HH:MM of it, whether the time is visible].
+MESSAGES = """(room) => [...rooms.get(room).log.querySelectorAll(".msg")].map((li) => {
+  const time = li.querySelector(".time");
+  return [li.dataset.user, li.classList.contains("own"), time.textContent, time.dateTime,
+          new Date(time.dateTime).toTimeString().slice(0, 5), time.checkVisibility()];
+})"""
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """The width and height of a PNG file, from its IHDR chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def screenshot(page: Page, name: str, tmp_path: Path) -> Path:
+    """A PNG of the page's viewport, under ``tmp_path`` and, if the variable
+    ``SCREENSHOT_DIR`` is set, a copy there for a human to look at."""
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path))
+    viewport = page.viewport_size
+    assert viewport is not None
+    assert png_size(path) == (viewport["width"], viewport["height"])
+    if os.environ.get("SCREENSHOT_DIR"):
+        keep = Path(os.environ["SCREENSHOT_DIR"])
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / path.name).write_bytes(path.read_bytes())
+    return path
+
+
+def join_by_keyboard(page: Page, room: str, loads: int = 1) -> None:
+    """Join a room as on a phone (where the form has no button): Enter."""
+    page.fill("#room", room)
+    page.press("#room", "Enter")
+    page.wait_for_function(READY, arg=[room, loads])
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+@pytest.mark.parametrize(("width", "height", "scheme"), LOOKS, ids=[f"{w}-{s}" for w, _, s in LOOKS])
+def test_chat_page_fits_desktop_and_phone_widths_in_light_and_dark(
+    width: int, height: int, scheme: str, chat: Server, new_page: Callable[..., Page], tmp_path: Path
+) -> None:
+    """Two users chat in a room with a long name, at a desktop width and at a
+    phone's 390 px, light and dark: nothing is wider than the window, no text
+    is smaller than 11 px, each message shows its local time (HH:MM, from the
+    server's "at"), one's own messages are marked as such, and the room list's
+    unread badge stays on one line while the long name is cut with an ellipsis.
+    The screenshot is a PNG of the window's size."""
+    started = time.time()
+    room = f"{scheme}-{width}-design-review-notes"  # 26-30 characters: too long for the room list
+    side = f"side-{width}-{scheme}"
+    pages = {}
+    for name in ("ann", "bob"):
+        page = pages[name] = new_page(viewport={"width": width, "height": height}, color_scheme=scheme)
+        page.goto(chat.url)
+        page.wait_for_function(READY, arg=["general", 1])
+        page.fill("#user", name)
+        join_by_keyboard(page, side)
+        join_by_keyboard(page, room)
+    ann, bob = pages["ann"], pages["bob"]
+    post(chat, room, "Morning! Has anyone looked at the deploy logs yet?", user="carol")
+    wait_texts(ann, room, ["Morning! Has anyone looked at the deploy logs yet?"])
+    send(ann, "Yes, all green: the rollout finished an hour ago.")
+    wait_texts(
+        bob,
+        room,
+        ["Morning! Has anyone looked at the deploy logs yet?", "Yes, all green: the rollout finished an hour ago."],
+    )
+    send(bob, "Great, thanks! " + "A longer message, to see how it wraps on a narrow screen. " * 3)
+    for n in (1, 2):
+        post(chat, side, f"meanwhile in the side room {n}", user="carol")
+    for page in (ann, bob):
+        page.wait_for_function(f"rooms.get('{room}').log.querySelectorAll('.msg').length === 3")
+        page.wait_for_function(f"rooms.get('{side}').unread === 2")
+        page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+
+    shown: list[list[Any]] = ann.evaluate(MESSAGES, room)
+    assert [(user, own) for user, own, *_ in shown] == [("carol", False), ("ann", True), ("bob", False)]
+    for _, _, clock, iso, local, visible in shown:
+        assert started - 1 <= datetime.datetime.fromisoformat(iso).timestamp() <= time.time() + 1, iso
+        assert clock == local and visible, (clock, local, visible)
+    assert ann.locator(".msg.own .you").all_inner_texts() == ["You"]
+    assert bob.locator(".msg.own .you").count() == 1
+
+    for page in (ann, bob):
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "horizontal overflow"
+        log = f"rooms.get('{room}').log"
+        assert page.evaluate(f"{log}.scrollWidth <= {log}.clientWidth"), "the messages scroll sideways"
+        assert page.evaluate(SMALL_TEXT) == []
+        badge = page.locator(".room", has_text=side).locator(".count")
+        assert badge.inner_text().startswith("2 new")
+        assert badge.evaluate(ONE_LINE), "the unread badge wraps"
+        assert page.locator(".room .badge", has_text="2 new").evaluate("(e) => e.getClientRects().length") == 1
+        long_name = page.locator(".room.active .name")
+        cut = "(e) => getComputedStyle(e).textOverflow === 'ellipsis' && e.scrollWidth > e.clientWidth"
+        assert long_name.evaluate(cut), "the long room name is not cut with an ellipsis"
+        assert long_name.evaluate(ONE_LINE)
+    assert screenshot(ann, f"chat-{width}-{scheme}", tmp_path).stat().st_size > 0
+    assert screenshot(bob, f"chat-{width}-{scheme}-other-user", tmp_path).stat().st_size > 0
+
+
+def test_chat_page_says_it_is_reconnecting_and_clears_a_stale_send_error_once_back(
+    chat: Server, new_page: Callable[..., Page], proxy: Callable[[int], Proxy], tmp_path: Path
+) -> None:
+    """The connection drops and the server stays unreachable for a while: the
+    page shows a "Reconnecting…" note, and a message sent meanwhile fails
+    with an error (the text stays in the field). Once the connection is back
+    the note goes, and so does the error, which is no longer true; the
+    message can then be sent."""
+    through = proxy(chat.port)
+    page = new_page()
+    page.goto(through.url)
+    join(page, "comeback")
+    assert page.locator("#banner").is_hidden() and page.locator("#error").is_hidden()
+
+    through.refuse(True)
+    through.reset()
+    page.wait_for_selector("#banner:not([hidden])")
+    assert page.inner_text("#banner").startswith("Reconnecting…")
+    assert page.text_content("#status") == "reconnecting…"
+    send(page, "sent while down")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('Not sent')")
+    assert page.locator("#error").is_visible()
+    assert page.input_value("#text") == "sent while down"
+    screenshot(page, "chat-reconnecting", tmp_path)
+
+    through.refuse(False)
+    page.wait_for_selector("#banner", state="hidden")
+    page.wait_for_function("document.getElementById('status').textContent === 'connected'")
+    assert page.text_content("#error") == "" and page.locator("#error").is_hidden()
+    note = page.evaluate("rooms.get('comeback').log.querySelector('.note').textContent")
+    assert note.startswith("Connection lost at ") and " back at " in note, note
+
+    page.press("#text", "Enter")
+    wait_texts(page, "comeback", ["sent while down"])
+    assert page.input_value("#text") == "" and page.text_content("#error") == ""
+
+
+def test_chat_page_clears_a_send_error_once_a_later_send_succeeds(chat: Server, new_page: Callable[..., Page]) -> None:
+    """A message the server refuses (no name) shows why; the next one sent
+    with a name clears the error."""
+    page = new_page()
+    page.goto(chat.url)
+    join(page, "noname")
+    page.fill("#user", " ")
+    send(page, "from nobody")
+    page.wait_for_function("document.getElementById('error').textContent.startsWith('Not sent')")
+    assert '"user" must be 1-32 characters' in (page.text_content("#error") or "")
+    page.fill("#user", "somebody")
+    page.press("#text", "Enter")
+    wait_texts(page, "noname", ["from nobody"])
+    page.wait_for_function("document.getElementById('error').textContent === ''")
+    assert page.locator("#error").is_hidden()
+
+
+def test_chat_page_notes_a_room_it_could_not_resume_and_resets_its_unread_count(
+    chat: Server, new_page: Callable[..., Page], proxy: Callable[[int], Proxy], tmp_path: Path
+) -> None:
+    """A room in the background has an unread message when the page is cut
+    off while 105 more are posted (more than the history keeps): the page
+    reloads the room, says so in it ("earlier messages could not be
+    recovered"), and its "1 new" is gone; the open room, resumed exactly,
+    gets no such note. Unread counting goes on from there."""
+    through = proxy(chat.port)
+    page = new_page()
+    page.goto(through.url)
+    join(page, "lost")
+    page.click(".room:first-child .open")  # #general: #lost is in the background
+    post(chat, "lost", "m1")
+    page.wait_for_function("rooms.get('lost').unread === 1")
+    assert (page.text_content(".room:nth-child(3) .count") or "").startswith("1 new")
+
+    through.refuse(True)
+    through.reset()
+    for n in range(2, 107):
+        post(chat, "lost", f"m{n}")
+    page.wait_for_function("rooms.get('lost').source.readyState === 0")
+    through.refuse(False)
+    page.wait_for_function(READY, arg=["lost", 2])
+
+    gap = "rooms.get(room).log.querySelector('.note.gap')"
+    note = page.evaluate(f"(room) => {gap} && {gap}.textContent", "lost")
+    assert note == (
+        "Reconnected — the stream could not resume here, so the room was reloaded:"
+        " messages older than its recent history are not shown."
+    )
+    assert page.evaluate(f"(room) => {gap}", "general") is None
+    assert page.evaluate("rooms.get('lost').unread") == 0
+    assert not (page.text_content(".room:nth-child(3) .count") or "").startswith("1 new")
+    assert page.locator(".room:nth-child(3) .badge").is_hidden()
+
+    post(chat, "lost", "m107")
+    page.wait_for_function("rooms.get('lost').unread === 1")
+    page.click(".room:nth-child(3) .open")
+    wait_texts(page, "lost", [f"m{n}" for n in range(7, 108)])  # the history's last 100, then m107
+    assert page.locator(".note.gap").is_visible()
+    # The note is where the page came back: after the history, before m107.
+    after = "rooms.get('lost').log.querySelector('.note.gap').nextElementSibling.querySelector('.text').textContent"
+    assert page.evaluate(after) == "m107"
+    screenshot(page, "chat-gap-note", tmp_path)
 
 
 # ---------------------------------------------------------------------------

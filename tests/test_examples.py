@@ -10,7 +10,9 @@ and ``urllib.request`` for the plain requests.
 
 Message ids are the broadcaster's (``<epoch>-<n>``, the epoch random per room
 lifetime): a test learns the epoch from the first message frame it reads and
-then checks every frame byte for byte. The browser side of the page (loading
+then checks every frame byte for byte. So with a message's ``at``, the time the
+server accepted it (Unix milliseconds): it must be a time of this test run, and
+the rest of the frame is exact. The browser side of the page (loading
 the history, dropping what it got twice) is tested in ``test_browser.py``.
 
 Every socket read has a timeout, so a missing event fails a test in seconds
@@ -36,6 +38,7 @@ from _support import Connection, request, serve
 from broadcaster import SseParser, parse_positions
 
 CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat.py"
+STARTED = int(time.time() * 1000)  # no message of these tests is older (Unix ms, as "at")
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("uvicorn") is None,
@@ -119,11 +122,51 @@ class reload:  # noqa: N801  (read as the frame it matches: ``chunk == reload("a
         return f"<the reload frame {self.frame.pattern!r}>"
 
 
-def message(room: str, n: int, user: str, text: str, id: str) -> bytes:
-    """The exact frame of a chat message (compact JSON, UTF-8, LF line endings)
-    on a stream of ``room`` alone, ``id`` being the room's id of the message."""
-    data = json.dumps({"room": room, "n": n, "user": user, "text": text}, ensure_ascii=False, separators=(",", ":"))
-    return f"event: message\ndata: {data}\nid: {room}={id}\n\n".encode()
+class Recent:
+    """Equal to a time of this test run in Unix milliseconds: the ``at`` the
+    server gives a message when it accepts it."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is int and STARTED <= other <= time.time() * 1000
+
+    def __repr__(self) -> str:
+        return f"<a time in Unix ms since {STARTED}>"
+
+
+RECENT = Recent()
+AT = re.compile(rb',"at":([0-9]+)\}\n')
+
+
+class message:  # (lower case: read as the frame it matches, ``chunk == message(...)``)
+    """Equal to the exact frame of a chat message (compact JSON, UTF-8, LF line
+    endings) on a stream of ``room`` alone, ``id`` being the room's id of the
+    message: byte for byte, its ``at`` being a time of this test run."""
+
+    def __init__(self, room: str, n: int, user: str, text: str, id: str) -> None:
+        self.fields = {"room": room, "n": n, "user": user, "text": text}
+        self.id = f"{room}={id}"
+
+    def frame(self, at: int) -> bytes:
+        data = json.dumps({**self.fields, "at": at}, ensure_ascii=False, separators=(",", ":"))
+        return f"event: message\ndata: {data}\nid: {self.id}\n\n".encode()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, bytes) or (found := AT.search(other)) is None:
+            return False
+        at = int(found[1])
+        return at == RECENT and other == self.frame(at)
+
+    def __repr__(self) -> str:
+        return f"<the message frame {self.frame(0)!r}, with a recent time for 0>"
+
+
+def stamp(frame: bytes | None) -> int:
+    """The ``at`` of a message frame: when the server accepted the message."""
+    assert frame is not None
+    [event] = SseParser().feed(frame)
+    at: int = json.loads(event.data)["at"]
+    assert at == RECENT
+    return at
 
 
 def presence(room: str, count: int) -> bytes:
@@ -239,9 +282,10 @@ def test_message_reaches_two_streams_byte_exact(chat: Chat, clients: Clients) ->
 
     post(chat.port, "two", "ann", "héllo\nworld ✓")
     frame = a.chunk()
-    run = epoch(frame)
+    run, at = epoch(frame), stamp(frame)
     assert frame == (
-        f'event: message\ndata: {{"room":"two","n":1,"user":"ann","text":"héllo\\nworld ✓"}}\nid: two={run}-1\n\n'.encode()
+        f'event: message\ndata: {{"room":"two","n":1,"user":"ann","text":"héllo\\nworld ✓","at":{at}}}\n'
+        f"id: two={run}-1\n\n".encode()
     )
     assert b.chunk() == frame
 
@@ -249,7 +293,10 @@ def test_message_reaches_two_streams_byte_exact(chat: Chat, clients: Clients) ->
         post(chat.port, "two", "bob", f"message {n}")
     expected = [message("two", n, "bob", f"message {n}", f"{run}-{n}") for n in range(2, 6)]
     for conn in (a, b):
-        assert [conn.chunk() for _ in range(2, 6)] == expected
+        got = [conn.chunk() for _ in range(2, 6)]
+        assert got == expected
+        ats = [at, *map(stamp, got)]
+        assert ats == sorted(ats)  # stamped as they were accepted
 
 
 def test_rooms_are_independent(chat: Chat, clients: Clients) -> None:
@@ -347,18 +394,22 @@ def test_reconnect_with_last_event_id_resumes_exactly(chat: Chat, clients: Clien
         post(chat.port, "resume", "ann", f"m{n}")
 
     b = clients.stream("resume", headers={"Last-Event-ID": lei[3]})
-    assert frames(b, 3) == ([message("resume", n, "ann", f"m{n}", ids[n]) for n in (4, 5)], [presence("resume", 1)])
+    replayed, others = frames(b, 3)
+    assert replayed == [message("resume", n, "ann", f"m{n}", ids[n]) for n in (4, 5)]
+    assert others == [presence("resume", 1)]
     post(chat.port, "resume", "ann", "m6")
     assert b.chunk() == message("resume", 6, "ann", "m6", ids[6])
 
     # The query parameter, for a client that cannot set headers.
     c = clients.stream("resume", query=f"?last_event_id={lei[5]}")
-    assert frames(c, 2) == ([message("resume", 6, "ann", "m6", ids[6])], [presence("resume", 2)])
+    replayed, others = frames(c, 2)
+    assert replayed == [message("resume", 6, "ann", "m6", ids[6])] and others == [presence("resume", 2)]
     assert b.chunk() == presence("resume", 2)
 
     # A browser's reconnection sends the header, which wins over the query.
     d = clients.stream("resume", query=f"?last_event_id={lei[1]}", headers={"Last-Event-ID": lei[5]})
-    assert frames(d, 2) == ([message("resume", 6, "ann", "m6", ids[6])], [presence("resume", 3)])
+    replayed, others = frames(d, 2)
+    assert replayed == [message("resume", 6, "ann", "m6", ids[6])] and others == [presence("resume", 3)]
     assert b.chunk() == c.chunk() == presence("resume", 3)
 
     # An id that is not one of this room's lifetime: reload, nothing replayed.
@@ -398,7 +449,8 @@ def test_history_endpoint_is_what_a_fresh_page_loads(chat: Chat, clients: Client
     assert history(chat.port, "fresh") == []
     post(chat.port, "fresh", "ann", "before anyone came")
     assert stats(chat.port, "fresh")["resumable"] is False  # nobody: not retained for resuming
-    assert history(chat.port, "fresh") == [{"room": "fresh", "n": 1, "user": "ann", "text": "before anyone came"}]
+    first = {"room": "fresh", "n": 1, "user": "ann", "text": "before anyone came", "at": RECENT}
+    assert history(chat.port, "fresh") == [first]
 
     # The page's order: connect, then load; a message in between is in both,
     # with the same n, which is how the page drops the second copy.
@@ -407,13 +459,15 @@ def test_history_endpoint_is_what_a_fresh_page_loads(chat: Chat, clients: Client
     post(chat.port, "fresh", "bob", "while loading")
     live = conn.chunk()
     assert live == message("fresh", 2, "bob", "while loading", f"{epoch(live)}-1")
-    assert [m["n"] for m in history(chat.port, "fresh")] == [1, 2]
+    loaded = history(chat.port, "fresh")
+    assert [m["n"] for m in loaded] == [1, 2]
+    assert loaded[1]["at"] == stamp(live)  # its time, as the stream gave it
 
     for n in range(3, 106):
         post(chat.port, "fresh", "ann", f"m{n}")
     recent = history(chat.port, "fresh")
     assert [m["n"] for m in recent] == list(range(6, 106))
-    assert recent[-1] == {"room": "fresh", "n": 105, "user": "ann", "text": "m105"}
+    assert recent[-1] == {"room": "fresh", "n": 105, "user": "ann", "text": "m105", "at": RECENT}
 
 
 def test_history_expires_after_linger(tmp_path: Path) -> None:
@@ -515,7 +569,7 @@ def test_bad_posts_send_nothing_and_limits_are_inclusive(chat: Chat) -> None:
     """A 32-character user and a 2000-character text are accepted; the bad
     requests above stored nothing in their room."""
     post(chat.port, "bad", "u" * 32, "t" * 2000)
-    assert history(chat.port, "bad") == [{"room": "bad", "n": 1, "user": "u" * 32, "text": "t" * 2000}]
+    assert history(chat.port, "bad") == [{"room": "bad", "n": 1, "user": "u" * 32, "text": "t" * 2000, "at": RECENT}]
 
 
 def test_chunked_body_over_the_limit_is_413(chat: Chat, clients: Clients) -> None:
