@@ -16,14 +16,15 @@ What it demonstrates, in a plain ASGI app (no framework):
   the event loop woke up for the tick, CPU time, open dashboard streams and
   asyncio tasks. ``send`` waits while the client's queue (``buffer`` events)
   is full, so a slow client paces its own closure and nobody else's;
-* the closure runs until the client leaves: the response cancels it at once
-  when the client disconnects (not at its next send), which it logs at INFO
-  (``client #N left: metrics closure cancelled after K events``);
-* graceful shutdown: ``Broadcaster.close()`` ends subscribed streams, but a
-  ``channel()`` closure is not subscribed to anything, so the app tells its
-  closures to return instead (an ``asyncio.Event`` they wait on between
-  ticks). A closure that returns ends its response with a clean end of body;
-  uvicorn starts this on Ctrl-C or SIGTERM (see ``Server``) and exits at once.
+* the closure runs until the stream ends: the response cancels it at once
+  when the client disconnects (not at its next send), and so does
+  ``Broadcaster.close()``, which ends every running ``channel()`` response
+  cleanly after what its closure sent. The closure logs it at INFO
+  (``client #N: metrics closure cancelled after K events``);
+* graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
+  end of body: ``broadcaster.close_on_signals()`` (in ``Dashboard``), so
+  uvicorn exits at once instead of waiting for ever for streams that never
+  end by themselves.
 
 HTTP API: ``GET /`` the page (inline JS, no build step); ``GET /metrics``
 ``text/event-stream`` of ``metrics`` events, JSON ``{"client", "n",
@@ -66,14 +67,13 @@ class Dashboard:
         # Only channel() is used: each client gets its own closure, nothing is
         # subscribed. buffer=8: a client 8 updates behind pauses its closure.
         self.broadcaster: Broadcaster[str, Event] = Broadcaster(buffer=8)
-        self.stopping = asyncio.Event()  # set when the server shuts down
+        # SIGINT/SIGTERM close the broadcaster, which cancels every closure
+        # and ends its stream cleanly, before the server shuts down (it would
+        # wait for ever for the streams otherwise).
+        self.broadcaster.close_on_signals()
         self.started = time.monotonic()
         self.clients = 0  # open metrics streams
         self.last_client = 0
-
-    def close(self) -> None:
-        """Make every metrics closure return, which ends its stream cleanly."""
-        self.stopping.set()
 
     async def metrics(self, sender: Sender) -> None:
         """One client's closure: a metrics event every ``interval`` seconds."""
@@ -82,10 +82,6 @@ class Dashboard:
         client = self.last_client
         self.clients += 1
         log.info("client #%d connected (%d open)", client, self.clients)
-        # One task per client that waits for the shutdown; the ticks wait on it
-        # with a timeout. (Not asyncio.wait_for: on Python 3.10 and 3.11 it can
-        # swallow the cancellation that tells us the client left.)
-        stopping = asyncio.ensure_future(self.stopping.wait())
         sent = 0
         try:
             due = loop.time()
@@ -105,17 +101,15 @@ class Dashboard:
                 # The next tick on a fixed schedule (no drift); after a stall
                 # (a slow client), carry on from now rather than catch up.
                 due = max(due + self.interval, loop.time())
-                done, _ = await asyncio.wait((stopping,), timeout=due - loop.time())
-                if done:
-                    log.info("client #%d: server shutting down, ending its stream", client)
-                    return  # the response writes what was sent, then the end of body
+                await asyncio.sleep(due - loop.time())
         except asyncio.CancelledError:
-            # The client left (or the response otherwise ended): the response
-            # cancels this closure at once. Log it, and let the cancellation go.
-            log.info("client #%d left: metrics closure cancelled after %d events", client, sent)
+            # The client left, or the server is shutting down (the broadcaster
+            # was closed): the response cancels this closure at once, then
+            # writes what was sent and the end of body. Log it, and let the
+            # cancellation go.
+            log.info("client #%d: metrics closure cancelled after %d events", client, sent)
             raise
         finally:
-            stopping.cancel()
             self.clients -= 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,31 +141,6 @@ async def respond(
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, ending the metrics streams when it starts shutting down.
-
-    uvicorn waits for every response to finish before it exits, forever by
-    default, and a metrics stream never finishes by itself. ``shutdown()`` is
-    where uvicorn's shutdown starts, on the event loop, so telling the
-    closures to return there ends every stream cleanly and uvicorn exits at
-    once. (See ``ChatServer`` in chat.py for the full story.)
-    """
-
-    def __init__(self, config: uvicorn.Config, dashboard: Dashboard) -> None:
-        super().__init__(config)
-        self.dashboard = dashboard
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"dashboard running on http://{host}:{port}/ - open it in a browser", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.dashboard.close()
-        await super().shutdown(sockets)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Live metrics over SSE (broadcaster.py channel() demo).")
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
@@ -182,12 +151,20 @@ def main(argv: list[str] | None = None) -> None:
     # The closures' INFO lines (and broadcaster.py's, logger "broadcaster"),
     # next to uvicorn's.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    dashboard = Dashboard(args.interval)
-    config = uvicorn.Config(dashboard, host="127.0.0.1", port=args.port, log_level="info", lifespan="off")
+    # The socket is bound here, so that the URL printed is the one listening
+    # (with --port 0, the port the system chose); uvicorn serves on it.
     try:
-        Server(config, dashboard).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
+        sock = socket.create_server(("127.0.0.1", args.port))
+    except OSError as exc:
+        parser.exit(1, f"dashboard: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+    with sock:
+        host, port = sock.getsockname()[:2]
+        print(f"dashboard running on http://{host}:{port}/ - open it in a browser", flush=True)
+        config = uvicorn.Config(Dashboard(args.interval), log_level="info", lifespan="off")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
 
 
 PAGE: Final = """\

@@ -25,8 +25,10 @@ What it demonstrates:
   ``EventSource`` cannot set headers, from ``?token=...``;
 * ``b.response(...)`` (a raw ASGI app) returned from a path operation through
   ``SSEResponse``, a thin ``Response`` adapter: see its docstring for why;
-* graceful shutdown under uvicorn: Ctrl-C or SIGTERM ends every open stream
-  with a clean end of body (see ``Server``).
+* graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
+  end of body: ``rooms.close_on_signals()``, called in the app's ``lifespan``
+  (see ``lifespan``), so uvicorn exits at once instead of waiting for ever
+  for streams that never end by themselves.
 
 HTTP API: the same as examples/starlette_app.py (tokens ``alice-token``, rooms
 general and ops, and ``bob-token``, room general; a missing or unknown token
@@ -45,10 +47,12 @@ is 401, a room the token does not grant is 403; errors are FastAPI's JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Final
 
@@ -153,7 +157,21 @@ def room_user(room: str, user: Annotated[User, Depends(current_user)]) -> User:
 # Endpoints
 # ---------------------------------------------------------------------------
 
-app = FastAPI(title="broadcaster.py in FastAPI")
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Startup: on SIGINT/SIGTERM, end every open stream cleanly first, then
+    let the server shut down (an SSE response never ends by itself, and the
+    server would wait for it). Shutdown, which comes only once the responses
+    are gone: close the broadcaster, so nothing subscribes any more."""
+    rooms.close_on_signals()
+    try:
+        yield
+    finally:
+        rooms.close()
+
+
+app = FastAPI(title="broadcaster.py in FastAPI", lifespan=lifespan)
 
 
 # FastAPI adds no HEAD to a GET route (Starlette does), hence the second
@@ -218,30 +236,6 @@ async def stats(room: str) -> Stats:
 # ---------------------------------------------------------------------------
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, closing the broadcaster when it starts shutting down.
-
-    On SIGINT/SIGTERM uvicorn waits for every response to finish, forever by
-    default, and an SSE response never finishes by itself; the ASGI lifespan
-    shutdown comes only after that wait. ``shutdown()`` is where uvicorn's
-    shutdown starts, on the event loop: closing the broadcaster there ends
-    every stream with a clean end of body, and uvicorn exits at once. (The
-    same as ``ChatServer`` in chat.py, which explains it in full.)
-    """
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            url = f"http://{host}:{port}/"
-            print(f"fastapi_app running on {url}docs (the API docs) - try: "
-                  f"curl -N -H 'Authorization: Bearer alice-token' {url}rooms/general/events", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        rooms.close()
-        await super().shutdown(sockets)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="broadcaster.py in FastAPI, with authorised rooms.")
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
@@ -249,11 +243,22 @@ def main(argv: list[str] | None = None) -> None:
     # broadcaster.py logs through `logging` (logger "broadcaster"): show its
     # INFO and above next to uvicorn's lines.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="info")
+    # The socket is bound here, so that the URL printed is the one listening
+    # (with --port 0, the port the system chose); uvicorn serves on it.
     try:
-        Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
+        sock = socket.create_server(("127.0.0.1", args.port))
+    except OSError as exc:
+        parser.exit(1, f"fastapi_app: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+    with sock:
+        host, port = sock.getsockname()[:2]
+        url = f"http://{host}:{port}/"
+        print(f"fastapi_app running on {url}docs (the API docs) - try: "
+              f"curl -N -H 'Authorization: Bearer alice-token' {url}rooms/general/events", flush=True)
+        config = uvicorn.Config(app, log_level="info")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ by how they ended. Point Prometheus at ``/metrics``; useful alerts: a rising
 ``sse_dropped_total`` or ``sse_responses_ended_total{how="lag"}`` (clients
 too slow for the rate, or ``buffer`` too small), ``{how="send_timeout"}``
 (dead clients), ``{how="error"}``, and ``sse_streams`` near ``max_streams``.
+Ctrl-C or SIGTERM ends every open stream with a clean end of body:
+``b.close_on_signals()`` (in ``App``), so uvicorn exits at once instead of
+waiting for ever for streams that never end by themselves.
 
 HTTP API:
 
@@ -89,14 +92,17 @@ class App:
 
     def __init__(self, buffer: int) -> None:
         self.b: Broadcaster[str, Event] = Broadcaster(buffer)
+        # SIGINT/SIGTERM end every stream cleanly, then the server shuts down.
+        self.b.close_on_signals()
         registry = CollectorRegistry()
         registry.register(BroadcasterCollector(self.b))
         self.exporter = make_asgi_app(registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # lifespan: nothing to start; see Server for the shutdown
+        if scope["type"] != "http":  # lifespan: nothing to start; close at the shutdown
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
+            self.b.close()  # the responses are gone by now: refuses late subscriptions
             await send({"type": "lifespan.shutdown.complete"})
             return
         parts = scope["path"].strip("/").split("/")
@@ -130,25 +136,6 @@ async def respond(send: Send, status: int, value: object) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class Server(uvicorn.Server):
-    """uvicorn, printing its URL once it listens, and closing the broadcaster
-    when its shutdown starts (see ``ChatServer`` in chat.py)."""
-
-    def __init__(self, config: uvicorn.Config, app: App) -> None:
-        super().__init__(config)
-        self.app = app
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"metrics running on http://{host}:{port}/metrics", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.app.b.close()
-        await super().shutdown(sockets)
-
-
 DEFAULT_BUFFER: Final = 64
 
 
@@ -157,12 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--buffer", type=int, default=DEFAULT_BUFFER, help="items a stream buffers")
     args = parser.parse_args(argv)
-    app = App(args.buffer)
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="info")
+    # The socket is bound here, so that the URL printed is the one listening
+    # (with --port 0, the port the system chose); uvicorn serves on it.
     try:
-        Server(config, app).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
+        sock = socket.create_server(("127.0.0.1", args.port))
+    except OSError as exc:
+        parser.exit(1, f"metrics: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+    with sock:
+        host, port = sock.getsockname()[:2]
+        print(f"metrics running on http://{host}:{port}/metrics", flush=True)
+        config = uvicorn.Config(App(args.buffer), log_level="info")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ URL``, ``--workers N``, ``--history N`` (Redis stream length per key; 0: pub/sub
 only, no resume), ``--local-history N`` and ``--linger S`` (a per-worker
 history, for resuming on the same worker without asking Redis).
 
-Shutdown as with the ``uvicorn`` command (Ctrl-C or SIGTERM): open streams end
-cleanly at once, then the bridge closes.
+Ctrl-C or SIGTERM ends every open stream with a clean end of body:
+``bridge.broadcaster.close_on_signals()``, called at lifespan startup, so
+uvicorn does not wait for ever for streams that never end by themselves; the
+lifespan shutdown then closes the bridge. With ``--workers N`` every worker
+does so, and the supervisor stops them all on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -105,10 +108,6 @@ class RedisApp:
             backoff=(0.1, 2.0),
         )
 
-    def close(self) -> None:
-        """End every open stream (each writes its final chunk): for shutdown."""
-        self.bridge.broadcaster.close()
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -122,6 +121,10 @@ class RedisApp:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # SIGINT/SIGTERM end every local stream cleanly, then the
+                # server shuts down (it waits for the responses to finish
+                # before the lifespan shutdown).
+                self.bridge.broadcaster.close_on_signals()
                 await self.bridge.start()
                 # Serve even if Redis is not there yet: the bridge keeps trying.
                 await self.bridge.wait_available(5.0)
@@ -201,31 +204,16 @@ async def _json(send: Send, status: int, value: object) -> None:
     await _respond(send, status, json.dumps(value).encode(), b"application/json")
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, ending the streams when its shutdown starts (an SSE
-    response never completes by itself, and uvicorn waits for the responses
-    before the lifespan shutdown; see ``ChatServer`` in ``chat.py``)."""
-
-    def __init__(self, config: uvicorn.Config, app: RedisApp) -> None:
-        super().__init__(config)
-        self.app = app
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"redis_app running on http://{host}:{port}/ (pid {os.getpid()})", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.app.close()
-        await super().shutdown(sockets)
-
-
-def serve(args: argparse.Namespace, sock: socket.socket | None = None) -> None:
+def serve(args: argparse.Namespace, sock: socket.socket) -> None:
+    """One worker: the app on ``sock`` (bound already, here or by the
+    supervisor of ``--workers``) until Ctrl-C or SIGTERM."""
     app = RedisApp(args.redis, history=args.history, local_history=args.local_history, linger=args.linger)
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="info", lifespan="on")
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        Server(config, app).run(sockets=None if sock is None else [sock])
+    config = uvicorn.Config(app, log_level="info", lifespan="on")
+    with sock:
+        host, port = sock.getsockname()[:2]
+        print(f"redis_app running on http://{host}:{port}/ (pid {os.getpid()})", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            uvicorn.Server(config).run(sockets=[sock])
 
 
 def supervise(args: argparse.Namespace) -> None:
@@ -280,7 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.workers > 1:
         supervise(args)
     else:
-        serve(args)
+        # Bound here, so that the URL printed is the one listening (with
+        # --port 0, the port the system chose).
+        try:
+            sock = socket.create_server(("127.0.0.1", args.port))
+        except OSError as exc:
+            parser.exit(1, f"redis_app: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+        serve(args, sock)
 
 
 if __name__ == "__main__":

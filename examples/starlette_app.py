@@ -24,8 +24,10 @@ What it demonstrates:
   ``EventSource`` cannot set headers, from ``?token=...``;
 * ``b.response(...)`` (a raw ASGI app) served by a Starlette route with no
   adapter: see ``RoomEvents`` for why this is the cleanest way in Starlette;
-* graceful shutdown under uvicorn: Ctrl-C or SIGTERM ends every open stream
-  with a clean end of body (see ``Server``).
+* graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
+  end of body: ``rooms.close_on_signals()``, called in the app's ``lifespan``
+  (see ``lifespan``), so uvicorn exits at once instead of waiting for ever
+  for streams that never end by themselves.
 
 HTTP API (the tokens are ``alice-token``, rooms general and ops, and
 ``bob-token``, room general; a missing or unknown token is 401, a room the
@@ -44,11 +46,13 @@ token does not grant is 403):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
@@ -175,42 +179,32 @@ async def read_json(request: Request) -> object:
     return value
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Startup: on SIGINT/SIGTERM, end every open stream cleanly first, then
+    let the server shut down (an SSE response never ends by itself, and the
+    server would wait for it). Shutdown, which comes only once the responses
+    are gone: close the broadcaster, so nothing subscribes any more."""
+    rooms.close_on_signals()
+    try:
+        yield
+    finally:
+        rooms.close()
+
+
 app = Starlette(
     routes=[
         Route("/rooms/{room}/events", RoomEvents(), methods=["GET"]),  # GET implies HEAD
         Route("/rooms/{room}/messages", post_message, methods=["POST"]),
         Route("/rooms/{room}/stats", stats, methods=["GET"]),
-    ]
+    ],
+    lifespan=lifespan,
 )
 
 
 # ---------------------------------------------------------------------------
 # Running it
 # ---------------------------------------------------------------------------
-
-
-class Server(uvicorn.Server):
-    """uvicorn's server, closing the broadcaster when it starts shutting down.
-
-    On SIGINT/SIGTERM uvicorn waits for every response to finish, forever by
-    default, and an SSE response never finishes by itself; the ASGI lifespan
-    shutdown comes only after that wait. ``shutdown()`` is where uvicorn's
-    shutdown starts, on the event loop: closing the broadcaster there ends
-    every stream with a clean end of body, and uvicorn exits at once. (The
-    same as ``ChatServer`` in chat.py, which explains it in full.)
-    """
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            url = f"http://{host}:{port}/"
-            print(f"starlette_app running on {url}rooms/general/stats - try: "
-                  f"curl -N -H 'Authorization: Bearer alice-token' {url}rooms/general/events", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        rooms.close()
-        await super().shutdown(sockets)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,11 +214,22 @@ def main(argv: list[str] | None = None) -> None:
     # broadcaster.py logs through `logging` (logger "broadcaster"): show its
     # INFO and above next to uvicorn's lines.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="info")
+    # The socket is bound here, so that the URL printed is the one listening
+    # (with --port 0, the port the system chose); uvicorn serves on it.
     try:
-        Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
+        sock = socket.create_server(("127.0.0.1", args.port))
+    except OSError as exc:
+        parser.exit(1, f"starlette_app: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+    with sock:
+        host, port = sock.getsockname()[:2]
+        url = f"http://{host}:{port}/"
+        print(f"starlette_app running on {url}rooms/general/stats - try: "
+              f"curl -N -H 'Authorization: Bearer alice-token' {url}rooms/general/events", flush=True)
+        config = uvicorn.Config(app, log_level="info")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ What it demonstrates, in a plain ASGI app (no framework):
 * no queue: there is no ``queue.Queue`` or ``janus`` bridge and no asyncio
   task reading one, the broadcaster's per-subscriber buffers are the queue.
   With nobody subscribed, ``send`` returns 0 and keeps nothing;
-* a clean stop: the thread is started at ASGI lifespan startup, and on Ctrl-C
-  or SIGTERM a ``threading.Event`` tells it to stop while the broadcaster's
-  ``close()`` ends the open streams (see ``Server``); lifespan shutdown then
-  joins the thread (it finishes its current tick, at most one interval).
+* a clean stop: the thread is started at ASGI lifespan startup. Ctrl-C or
+  SIGTERM ends every open stream with a clean end of body:
+  ``broadcaster.close_on_signals()``, called at lifespan startup, so uvicorn
+  does not wait for ever for streams that never end by themselves; lifespan
+  shutdown then tells the thread to stop (a ``threading.Event``) and joins it
+  (it finishes its current tick, at most one interval).
 
 HTTP API: ``GET /ticks`` ``text/event-stream`` of ``tick`` events with id n
 and JSON ``{"n", "thread", "at"}`` (a counter, the producing thread's name, a
@@ -128,11 +130,14 @@ class Ticks:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # SIGINT/SIGTERM end every stream cleanly, then the server
+                # shuts down (it waits for the responses to finish first).
+                self.broadcaster.close_on_signals()
                 self.ticker.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                # Comes after every response has finished; Server.shutdown
-                # has already called close() (another server may not have).
+                # Comes after every response has finished (after a signal,
+                # the broadcaster is closed already; close() is idempotent).
                 self.close()
                 # Wait for the thread's last tick without blocking the loop.
                 await asyncio.get_running_loop().run_in_executor(None, self.ticker.thread.join)
@@ -149,32 +154,6 @@ async def respond(
     await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, stopping the ticker and ending the streams when it
-    starts shutting down.
-
-    uvicorn waits for every response to finish before it exits (and before
-    the lifespan shutdown), forever by default, and an SSE stream never
-    finishes by itself. ``shutdown()`` is where uvicorn's shutdown starts, on
-    the event loop: closing the broadcaster there ends every stream cleanly
-    and uvicorn exits at once. (See ``ChatServer`` in chat.py.)
-    """
-
-    def __init__(self, config: uvicorn.Config, app: Ticks) -> None:
-        super().__init__(config)
-        self.ticks_app = app
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"threads running on http://{host}:{port}/ticks - try: curl -N http://{host}:{port}/ticks", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.ticks_app.close()
-        await super().shutdown(sockets)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Publishing from a thread (broadcaster.py demo).")
     parser.add_argument("--port", type=int, default=8000, help="TCP port on 127.0.0.1 (0: any free port)")
@@ -185,12 +164,20 @@ def main(argv: list[str] | None = None) -> None:
     # broadcaster.py logs through `logging` (logger "broadcaster"): show its
     # INFO and above next to uvicorn's lines.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    app = Ticks(args.interval)
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="info")
+    # The socket is bound here, so that the URL printed is the one listening
+    # (with --port 0, the port the system chose); uvicorn serves on it.
     try:
-        Server(config, app).run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
+        sock = socket.create_server(("127.0.0.1", args.port))
+    except OSError as exc:
+        parser.exit(1, f"threads: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}\n")
+    with sock:
+        host, port = sock.getsockname()[:2]
+        print(f"threads running on http://{host}:{port}/ticks - try: curl -N http://{host}:{port}/ticks", flush=True)
+        config = uvicorn.Config(Ticks(args.interval), log_level="info")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+            pass
 
 
 if __name__ == "__main__":

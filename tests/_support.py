@@ -70,9 +70,10 @@ class Process:
     prints ``<banner> http://127.0.0.1:PORT/`` once it listens, which is waited
     for unless ``ready_within`` is None (then ``wait_ready()`` is up to the caller).
 
-    ``terminate()`` checks what each caller expects of a SIGTERM: an exit within
-    ``exit_within`` s, with ``exit_code`` (None: any), and none of ``errors`` on
-    stderr. As a context manager it is killed, if still running, at the end."""
+    ``terminate()`` checks what each caller expects of a SIGTERM (or of the
+    signal it is given): an exit within ``exit_within`` s, with ``exit_code``
+    (None: any), and none of ``errors`` on stderr. As a context manager it is
+    killed, if still running, at the end."""
 
     def __init__(
         self,
@@ -155,17 +156,17 @@ class Process:
             time.sleep(0.01)
         return time.monotonic() - start
 
-    def terminate(self) -> float:
-        """SIGTERM; the seconds until it exited."""
+    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> float:
+        """SIGTERM (or ``sig``: SIGINT is a Ctrl-C); the seconds until it exited."""
         if self.proc.poll() is not None:
             pytest.fail(f"{self.name} died early ({self.proc.returncode}); stderr: {self.stderr}")
         start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=self.exit_within)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"{self.name} did not exit within {self.exit_within:g} s of SIGTERM; stderr:\n{self.stderr}")
+            pytest.fail(f"{self.name} did not exit within {self.exit_within:g} s of {sig.name}; stderr:\n{self.stderr}")
         elapsed = time.monotonic() - start
         for thread in self._threads:
             thread.join(timeout=5)

@@ -46,8 +46,8 @@ Routes (``{mode}`` is ``plain`` or ``history``, ``{key}`` any path segment):
   "last_event_id"`` (the ``Last-Event-ID`` header, or null), ``"resumed",
   "at"}`` (``at``: the server's monotonic clock, in seconds)
 
-SIGTERM or Ctrl-C closes both broadcasters first, so open streams end cleanly
-and the process exits at once (the same ``shutdown()`` override as the chat).
+SIGTERM or Ctrl-C closes every broadcaster first (``close_on_signals()``), so
+open streams end cleanly and the process exits at once.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ class App:
         self.pumped: dict[tuple[str, str], list[int]] = {}
         self.pumps: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.streams: dict[tuple[str, str], set[BroadcastStream[Event]]] = {}
+        for broadcaster in self.broadcasters.values():
+            broadcaster.close_on_signals()
 
     def close(self) -> None:
         for broadcaster in self.broadcasters.values():
@@ -222,34 +224,15 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
-class Server(uvicorn.Server):
-    """uvicorn, printing its URL once it listens and closing the app's
-    broadcasters when it starts shutting down (else open streams would keep it
-    waiting forever)."""
-
-    def __init__(self, config: uvicorn.Config, app: App) -> None:
-        super().__init__(config)
-        self.app = app
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"sse_app running on http://{host}:{port}/", flush=True)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.app.close()
-        await super().shutdown(sockets)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="The test app of tests/test_browser.py.")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     app = App()
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")
-    with contextlib.suppress(KeyboardInterrupt):
-        Server(config, app).run()
+    with socket.create_server(("127.0.0.1", args.port)) as sock, contextlib.suppress(KeyboardInterrupt):
+        host, port = sock.getsockname()[:2]
+        print(f"sse_app running on http://{host}:{port}/", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ without one of them these tests are skipped with the reason, except under
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -223,9 +224,14 @@ async def test_fastapi_events_arrive_one_by_one_through_middleware_and_gzip(
 
 
 async def publish_and_receive() -> None:
-    """The example FastAPI app (examples/fastapi_app.py), in process: 403 for
-    a room the token does not grant, then a message published and received,
-    then nothing left subscribed."""
+    """The example FastAPI app (examples/fastapi_app.py), in process, with its
+    lifespan: 403 for a room the token does not grant, then a message
+    published and received, then nothing left subscribed; the lifespan's
+    shutdown closes the broadcaster (a subscription after it is born closed).
+
+    That close is for good, as at the end of a server process, so each run
+    imports the example afresh: a new module-level broadcaster and app."""
+    importlib.reload(fastapi_app)
     async with AsgiClient(fastapi_app.app, lifespan=True) as client:
         bob = await client.request("GET", "/rooms/ops/events", query={"token": "bob-token"})
         assert (bob.status, bob.json()) == (403, {"detail": "bob may not use this room"})
@@ -236,6 +242,8 @@ async def publish_and_receive() -> None:
         assert (event.type, event.data) == ("message", '{"room":"ops","user":"alice","text":"deploy done"}')
         stats = await client.request("GET", "/rooms/ops/stats")
         assert stats.json()["subscribers"] == 0
+        assert not fastapi_app.rooms.subscribe("ops").closed
+    assert fastapi_app.rooms.subscribe("ops").closed, "the lifespan's shutdown did not close the broadcaster"
 
 
 def test_under_asyncio_run() -> None:

@@ -1,6 +1,6 @@
 """End-to-end tests of ``examples/starlette_app.py``, ``examples/fastapi_app.py``,
-``examples/dashboard.py`` and ``examples/threads.py``: real processes, over
-loopback TCP.
+``examples/dashboard.py``, ``examples/threads.py`` and ``examples/metrics.py``:
+real processes, over loopback TCP.
 
 Each example runs as its own process (``sys.executable examples/NAME.py --port
 0``, from another working directory, so its ``sys.path`` line is exercised);
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -253,19 +254,29 @@ def test_head_returns_at_once_and_subscribes_nothing(authapp: Example, auth_clie
     assert conn.head()[0] == 403
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("name", ["starlette_app", "fastapi_app"])
-def test_sigterm_ends_authorised_streams_cleanly(tmp_path: Path, name: str) -> None:
-    """SIGTERM with open streams: every stream gets the end of its chunked
-    body, the connection closes, the process exits within 3 s having logged
-    no error."""
+def test_signal_ends_authorised_streams_cleanly(tmp_path: Path, name: str, sig: signal.Signals) -> None:
+    """SIGTERM or Ctrl-C (SIGINT) with open streams: every stream gets what
+    was sent before, then the end of its chunked body, the connection closes,
+    and the process exits within 3 s having logged no error: killed by the
+    SIGTERM that uvicorn re-raises, or with status 0 after a Ctrl-C (the
+    KeyboardInterrupt uvicorn re-raises is caught)."""
     require("uvicorn", name.removesuffix("_app"))
     with Example(name, tmp_path) as server:
         streams = Clients(server.port)
         streams.stream("/rooms/ops/events", ALICE)
-        streams.stream("/rooms/general/events?token=bob-token")
-        streams.stream("/rooms/general/events", ALICE)
+        general = [
+            streams.stream("/rooms/general/events?token=bob-token"),
+            streams.stream("/rooms/general/events", ALICE),
+        ]
         assert stats(server.port, "general")["subscribers"] == 2
-        elapsed = server.terminate()
+        assert publish(server.port, "general", "last", BOB) == (200, b'{"delivered":2}')
+        if sig == signal.SIGINT:
+            server.exit_code = 0
+        elapsed = server.terminate(sig)
+        for conn in general:
+            assert conn.chunk() == message("general", "bob", "last")
         for conn in streams.open:
             assert conn.chunk() is None  # 0\r\n\r\n: the end of the body
             assert conn.at_eof()
@@ -330,7 +341,7 @@ def test_closure_is_cancelled_when_the_client_leaves(
     client = metrics(conn.chunk())["client"]
     metrics(conn.chunk())
     conn.close("reset" if reset else "close")
-    dashboard.wait_for_log(f"INFO:     dashboard: client #{client} left: metrics closure cancelled", within=1.0)
+    dashboard.wait_for_log(f"INFO:     dashboard: client #{client}: metrics closure cancelled", within=1.0)
 
 
 def test_dashboard_head_and_page(dashboard: Example, dashboard_clients: Clients) -> None:
@@ -372,11 +383,11 @@ def sigterm_ends_streams(tmp_path: Path, name: str, path: str, frame: Callable[[
 
 
 def test_sigterm_ends_metrics_streams_cleanly(tmp_path: Path) -> None:
-    """SIGTERM: every closure returns, so every stream ends with the end of its
-    chunked body (after whatever was in flight); exit within 3 s, no error."""
+    """SIGTERM: closing the broadcaster cancels every closure, and every
+    stream ends with the end of its chunked body (after whatever was in
+    flight); exit within 3 s, no error."""
     stderr = sigterm_ends_streams(tmp_path, "dashboard", "/metrics", metrics)
-    assert stderr.count("server shutting down, ending its stream") == 3
-    assert "metrics closure cancelled" not in stderr
+    assert stderr.count("metrics closure cancelled") == 3
 
 
 # ---------------------------------------------------------------------------
@@ -460,7 +471,8 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_example_exports_what_a_scripted_scenario_did(tmp_path: Path) -> None:
     """Two clients connect, one message reaches both, one leaves, then a
     burst of 10 overflows the other's 4-item buffer (6 dropped, the stream
-    ends with Lagged): Prometheus reads exactly that."""
+    ends with Lagged): Prometheus reads exactly that. Then SIGTERM with a
+    new stream open ends it cleanly, and the process within 3 s."""
     require("uvicorn", "prometheus_client")
     with Example("metrics", tmp_path, "--buffer", "4") as app:
         clients = Clients(app.port)
@@ -476,8 +488,11 @@ def test_metrics_example_exports_what_a_scripted_scenario_did(tmp_path: Path) ->
         assert slow.chunk() is None  # the stream lagged: its response ended cleanly
         wait_until("the lagging response ended", lambda: scrape(app.port)["sse_responses_open"] == 0)
         samples = scrape(app.port)
+        # SIGTERM with a stream open: it ends cleanly, and the process at once.
+        last = clients.stream("/events/news")
+        assert app.terminate() < 3.0
+        assert last.chunk() is None and last.at_eof()
         clients.close_all()
-        app.terminate()
     ended = {how: samples[f'sse_responses_ended_total{{how="{how}"}}'] for how in ("client_gone", "lag", "error")}
     assert ended == {"client_gone": 1, "lag": 1, "error": 0}
     assert {name: samples[name] for name in ("sse_streams", "sse_channels", "sse_lingering")} == dict.fromkeys(

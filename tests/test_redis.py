@@ -744,6 +744,34 @@ def test_redis_stops_and_comes_back(outage: tuple[RedisServer, list[Worker]]) ->
     assert "Redis unavailable" in log and "Redis is back" in log, log
 
 
+def test_sigterm_ends_open_streams_cleanly_and_the_worker_exits_within_3s(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """SIGTERM to a worker with open streams of two keys (one of which got a
+    message): each stream ends with the clean end of its body, nothing before
+    it; the worker exits within 3 s, killed by the SIGTERM that uvicorn
+    re-raises, with no traceback in its log."""
+    [worker] = start_workers(tmp_path, redis_server.url, ())
+    with worker:
+
+        async def main() -> None:
+            streams = [await SseClient.open(worker.port, f"/events/sigterm-{n % 2}") for n in range(4)]
+            try:
+                # Through Redis and back: read before the signal.
+                last = publish(worker.port, "sigterm-0", "last")
+                for stream in streams[::2]:
+                    assert await stream.messages(1) == [(last, "last")]
+                elapsed = await asyncio.to_thread(worker.terminate)
+                for stream in streams:
+                    assert await stream.event() is None  # the clean end of the body
+                assert elapsed < 3.0, elapsed
+            finally:
+                for stream in streams:
+                    stream.close()
+
+        run(main())
+
+
 # ---------------------------------------------------------------------------
 # The bridge in-process
 # ---------------------------------------------------------------------------
