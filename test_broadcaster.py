@@ -8777,12 +8777,17 @@ async def test_close_on_signals_chains_once_however_often_it_is_called() -> None
     assert server.calls == [(signal.SIGTERM, 2)]
 
 
-@pytest.mark.usefixtures("saved_signals")
-@async_test()
-async def test_close_on_signals_sends_a_second_signal_straight_to_the_server() -> None:
-    """While the shutdown waits for a response that cannot finish (its
-    client takes nothing), a second Ctrl-C reaches the server at once; the
-    first reaches it when the wait is over (``timeout``)."""
+class StuckResponse(NamedTuple):
+    server: ServerHandlers
+    peer: AsgiPeer
+    app: asyncio.Future[None]
+    removed: asyncio.Event  # set once the broadcaster is closed
+
+
+async def stuck_response(timeout: float) -> StuckResponse:
+    """A broadcaster with close_on_signals(timeout=...) in front of the
+    server's handlers, and one response of it whose client will take
+    nothing more once ``peer.send_hangs`` is set."""
     removed = asyncio.Event()
     b: Broadcaster[str, Event] = Broadcaster(
         config=SseConfig(keep_alive=None, send_timeout=None),
@@ -8790,10 +8795,20 @@ async def test_close_on_signals_sends_a_second_signal_straight_to_the_server() -
     )
     server = ServerHandlers(b)
     server.install()
-    b.close_on_signals(timeout=0.2)
+    b.close_on_signals(timeout=timeout)
     peer = AsgiPeer()
     app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, peer.send))
     await peer.wait_for_bodies(1)
+    return StuckResponse(server, peer, app, removed)
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_sends_a_second_signal_straight_to_the_server() -> None:
+    """While the shutdown waits for a response that cannot finish (its
+    client takes nothing), a second Ctrl-C reaches the server at once; the
+    first reaches it when the wait is over (``timeout``)."""
+    server, peer, app, removed = await stuck_response(timeout=0.2)
     peer.send_hangs = True  # the final body message never completes
     os.kill(os.getpid(), signal.SIGINT)
     await removed.wait()  # the shutdown has closed the broadcaster
@@ -8891,17 +8906,7 @@ async def test_close_on_signals_behind_another_handler_passes_later_signals_stra
     """Chained behind another library's handler (which close() cannot
     remove), the first signal starts the shutdown and each later one goes
     straight on to the server's handler."""
-    removed = asyncio.Event()
-    b: Broadcaster[str, Event] = Broadcaster(
-        config=SseConfig(keep_alive=None, send_timeout=None),
-        on_change=lambda key: None if key in b else removed.set(),
-    )
-    server = ServerHandlers(b)
-    server.install()
-    b.close_on_signals(timeout=60)
-    peer = AsgiPeer()
-    app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, peer.send))
-    await peer.wait_for_bodies(1)
+    server, peer, app, removed = await stuck_response(timeout=60)
     ours = signal.getsignal(signal.SIGTERM)
     assert callable(ours)
     seen: list[int] = []
