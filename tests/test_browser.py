@@ -626,7 +626,9 @@ def test_chat_page_fits_desktop_and_phone_widths_in_light_and_dark(
     shown: list[list[Any]] = ann.evaluate(MESSAGES, room)
     assert [(user, own) for user, own, *_ in shown] == [("carol", False), ("ann", True), ("bob", False)]
     for _, _, clock, iso, local, visible in shown:
-        assert started - 1 <= datetime.datetime.fromisoformat(iso).timestamp() <= time.time() + 1, iso
+        # (JavaScript's toISOString() ends in "Z", which fromisoformat() reads from Python 3.11 on.)
+        at = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+        assert started - 1 <= at <= time.time() + 1, iso
         assert clock == local and visible, (clock, local, visible)
     assert ann.locator(".msg.own .you").all_inner_texts() == ["You"]
     assert bob.locator(".msg.own .you").count() == 1
