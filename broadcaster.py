@@ -55,11 +55,12 @@ Limits and numbers
 
 Shutdown
     An SSE response never finishes by itself, so a server shutting down
-    gracefully would wait for ever. ``close_on_signals()`` chains a handler in
-    front of the server's own for SIGINT and SIGTERM that closes the
-    broadcaster on the event loop, waits for the responses to end, then
-    passes the signal on; ``shutdown_trigger()`` does the same for a server
-    that takes a trigger (hypercorn).
+    gracefully would wait for ever. ``close_on_signals()`` arms the
+    broadcaster: the process's one handler of SIGINT and SIGTERM, chained in
+    front of the server's own, closes the armed broadcasters on the event
+    loop, waits for their responses to end, then passes the signal on;
+    ``shutdown_trigger()`` does the same for a server that takes a trigger
+    (hypercorn). ``close()`` ends the broadcaster's running responses too.
 
 Threads and loops
     Every ``Broadcaster`` method is thread-safe. A stream is bound to the event
@@ -123,7 +124,7 @@ helpers); encoding (Event, the ids of keyed streams); configuration
 holds, and delivering); the event-source contract; the registry lock and the
 concurrency model; streams (BroadcastStream, KeyedStream, merge()); the
 registry (Broadcaster); the ASGI layer (_SseResponse); shutdown on a signal
-(_SignalChain); other event sources (channel()'s Sender, _FedSource,
+(_SignalChain, _CHAIN); other event sources (channel()'s Sender, _FedSource,
 replay(), last_event_id()); reading an event stream as a client (SseParser);
 testing an app in process (AsgiClient).
 """
@@ -1255,11 +1256,13 @@ class _EventSource(Protocol):
 #   responses of its own loop. A response that starts after close() set
 #   _closed stops itself; one that started before is in close()'s copy. A set's add, discard and copy are atomic (under
 #   the GIL, and by the set's own lock in free-threaded builds).
-# - _signals: set once, under the lock; read by each response as a plain
-#   attribute. Its handlers are installed and removed in the main thread
-#   only. A handler runs in the main thread between two bytecodes, possibly
-#   while that thread holds the lock, so it takes no lock: it only schedules
-#   the shutdown on the loop (call_soon_threadsafe).
+# - _signals_pending: a flag, set by close_on_signals() and cleared by the
+#   response that chains the handlers (or by close()). The process's signal
+#   chain (_CHAIN) guards its armed broadcasters with a lock of its own,
+#   never taken in a signal handler; its handlers are installed and removed
+#   in the main thread only. A handler runs in the main thread between two
+#   bytecodes, possibly while that thread holds a lock, so it takes none: it
+#   only schedules the shutdown on the loop (call_soon_threadsafe).
 # With history, send() takes the lock: retaining an item, numbering it and
 # choosing its recipients must be one step for resume to be exact.
 #
@@ -1928,10 +1931,11 @@ class Broadcaster(Generic[K, T]):
         # The running channel() responses, for close() to end.
         self._sources: set[_FedSource] = set()
         # Not guarded by the lock (see the concurrency model): the running SSE
-        # responses, for a shutdown to wait for, and the signal handling
-        # close_on_signals() set up.
+        # responses, for close() to stop and a shutdown to wait for; and
+        # whether close_on_signals() armed it and no response in the main
+        # thread has chained the signal handlers since.
         self._responses: set[_SseResponse] = set()
-        self._signals: _SignalChain | None = None
+        self._signals_pending = False
         # Keys whose channel appeared or went, for on_change (appended with
         # the lock held, handed to on_change after it is released).
         self._changed: deque[Any] = deque()  # of K
@@ -2178,9 +2182,10 @@ class Broadcaster(Generic[K, T]):
             assert source.loop is not None, "a tracked source has started on a loop"
             _run_on(source.loop, running, False, source.end)
         for response in list(self._responses):
-            _run_on(response._loop, running, False, response._stop)  # pyright: ignore[reportPrivateUsage]
-        if self._signals is not None:
-            self._signals.unchain()
+            # Behind what is queued on its loop: deliveries and ends made just before.
+            _run_on(response._loop, running, True, response._stop)  # pyright: ignore[reportPrivateUsage]
+        self._signals_pending = False
+        _CHAIN.disarm(self)
 
     # -- shutdown on a signal -------------------------------------------------
 
@@ -2190,34 +2195,39 @@ class Broadcaster(Generic[K, T]):
         so that the server's graceful shutdown ends at once instead of waiting
         for ever for streams that never finish.
 
-        Call it once, anywhere: at module level or at lifespan startup. The
-        first of this broadcaster's responses that runs in the main thread
-        puts a handler in front of the server's own handler of each signal
-        (the server installed its handlers before serving anything, and until
-        a response runs there is nothing to end). On a signal that handler
-        has the event loop close this broadcaster (every stream ends; each
-        response writes what it was sent and its end of body), waits until
-        those responses have returned, at most ``timeout`` seconds, then
-        passes the signal on to the server's handler. ``close()`` gives the
-        signals back to the server's handlers, so a second Ctrl-C during the
-        wait goes straight to the server.
+        Call it once, anywhere, best at module level next to the broadcaster
+        (a lifespan does not run under every server: daphne has none). It
+        only arms: the first response of an armed broadcaster that runs in
+        the main thread puts a handler in front of the server's own handler of
+        each signal (the server installed its handlers before serving
+        anything, and until a response runs there is nothing to end). On a
+        signal that handler has the event loop close every armed broadcaster
+        (every stream ends; each response writes what it was sent and its end
+        of body), wait until their responses on that loop have returned (at
+        most the largest ``timeout`` of them, plus 50 ms for the server to
+        write what they sent), then pass the signal on to the server's
+        handler, once. Closing the last armed broadcaster gives the signals
+        back to the server's handlers, so a second Ctrl-C during the wait
+        goes straight to the server.
 
-        For servers that handle the signals in Python: uvicorn, granian and
-        daphne from their command lines (daphne needs the wait: its handler
-        cancels every running response). hypercorn handles them in asyncio:
-        give ``serve()`` :meth:`shutdown_trigger` instead. A signal whose
-        handler is not a Python function (its default action, or a handler
-        set in C) is left alone, as chaining would change what it does; so is
-        everything outside the main thread, where Python runs no handler.
+        Held back this way: servers that handle the signals with Python
+        handlers, as uvicorn and daphne do (daphne needs the wait: its
+        handler cancels every running response). A server that handles them
+        in asyncio (granian's workers, hypercorn's command line) gets them
+        at once, but the close runs first, so its graceful shutdown finds the
+        streams ending. ``hypercorn.asyncio.serve()`` installs no handler:
+        give it :meth:`shutdown_trigger`. Left alone, as chaining would
+        change what the signal does: a signal whose handler is not a Python
+        function (its default action, or a handler set in C) or is Python's
+        own (``KeyboardInterrupt``, or ``asyncio.run``'s); and everything
+        outside the main thread, where Python runs no handler.
 
         Raises:
             TypeError, ValueError: ``timeout`` is not a positive, finite
                 number of seconds.
         """
-        timeout = cast("float", _check_seconds("timeout", timeout))
-        with self._lock:
-            if self._signals is None:
-                self._signals = _SignalChain(self, timeout)
+        _CHAIN.arm(self, cast("float", _check_seconds("timeout", timeout)))
+        self._signals_pending = True
 
     async def shutdown_trigger(self, timeout: float = 1.0) -> None:
         """Return once SIGINT or SIGTERM has arrived, this broadcaster is
@@ -2245,7 +2255,7 @@ class Broadcaster(Generic[K, T]):
             for sig in _SIGNALS:
                 loop.remove_signal_handler(sig)
         self.close()
-        await _responses_ended(self, timeout)
+        await _responses_ended((self,), timeout)
 
     # -- SSE responses --------------------------------------------------------
 
@@ -2743,12 +2753,12 @@ class _SseResponse:
             self._counts = owner._counts()  # pyright: ignore[reportPrivateUsage]
             self._counts.opened += 1
             owner._responses.add(self)  # pyright: ignore[reportPrivateUsage]
-            if owner._closed:  # pyright: ignore[reportPrivateUsage]
-                self._stop()
-            signals = owner._signals  # pyright: ignore[reportPrivateUsage]
-            if signals is not None and signals.pending:
-                signals.chain(self._loop)
             try:
+                if owner._closed:  # pyright: ignore[reportPrivateUsage]
+                    self._stop()
+                elif owner._signals_pending and threading.current_thread() is threading.main_thread():  # pyright: ignore[reportPrivateUsage]
+                    owner._signals_pending = False  # pyright: ignore[reportPrivateUsage]
+                    _CHAIN.chain(self._loop)
                 await self._respond(scope, receive)
             except asyncio.CancelledError:
                 self._end_as("cancelled")
@@ -2790,10 +2800,14 @@ class _SseResponse:
     def _stop(self) -> None:
         """Its broadcaster is closed: finish once what the source holds now
         is written, even if the source would go on (a stream of another
-        broadcaster, merged in). close() has ended the broadcaster's own
-        streams and fed sources first, so what they were sent is held."""
-        self._stopping = True
-        _complete(self._wake)
+        broadcaster, merged in); close() ended the broadcaster's own streams
+        just before, on this loop. A fed source (a ``channel()`` closure, any
+        other async iterable) is left to end by itself: close() ends a
+        closure, and an iterable over the broadcaster's streams ends when
+        they do, once all they were sent is written."""
+        if not isinstance(self._source, _FedSource):
+            self._stopping = True
+            _complete(self._wake)
 
     def _end_as(self, how: str) -> None:
         """Note how the response ends (the first reason stands)."""
@@ -3076,11 +3090,12 @@ class _SseResponse:
 # A server that shuts down gracefully waits for its responses to finish, and
 # an SSE response never finishes by itself: the server would wait for ever.
 # The cure is Broadcaster.close() when the signal arrives, which ends every
-# response cleanly. _SignalChain puts a handler in front of the server's own
-# (Python) handler of SIGINT and SIGTERM: it closes the broadcaster on the
-# event loop, waits (bounded) for the responses to end, then passes the
-# signal on. The ASGI lifespan shutdown is no use: servers send it only after
-# the responses are gone.
+# response cleanly. The process has one _SignalChain: for the broadcasters
+# that close_on_signals() armed, it puts a handler in front of the server's
+# own (Python) handler of SIGINT and SIGTERM, which has the event loop close
+# them all, wait (bounded) for their responses to return, then pass the
+# signal on once. The ASGI lifespan shutdown is no use: servers send it only
+# after the responses are gone.
 # ---------------------------------------------------------------------------
 
 _SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
@@ -3093,77 +3108,110 @@ _FLUSH: Final = 0.05
 _Handler: TypeAlias = Callable[[int, FrameType | None], object]
 
 
-async def _responses_ended(owner: Broadcaster[Any, Any], timeout: float) -> None:
-    """Wait until every response of ``owner`` running on this loop has
+def _server_handles(handler: object) -> bool:
+    """Whether ``handler``, a signal's current handler, is a server's: a
+    Python function other than Python's own (``default_int_handler``, which
+    raises KeyboardInterrupt, and asyncio.run's, which cancels the main task).
+    ``SIG_DFL``, ``SIG_IGN`` and handlers set in C are not Python functions."""
+    if not callable(handler) or handler is signal.default_int_handler:
+        return False
+    while isinstance(handler, functools.partial):  # asyncio.run's is a partial of a method
+        handler = cast("functools.partial[object]", handler).func
+    runner: type | None = getattr(asyncio, "Runner", None)  # Python 3.11+
+    return runner is None or not isinstance(getattr(handler, "__self__", None), runner)
+
+
+async def _responses_ended(owners: Iterable[Broadcaster[Any, Any]], timeout: float) -> None:
+    """Wait until every response of ``owners`` running on this loop has
     returned (its server task done), for at most ``timeout`` seconds; then give
-    the server a moment to write what they sent."""
+    the server a moment (``_FLUSH``) to write what they sent."""
     loop = asyncio.get_running_loop()
-    tasks = {response._task for response in list(owner._responses) if response._loop is loop}  # pyright: ignore[reportPrivateUsage]
+    tasks = {
+        response._task  # pyright: ignore[reportPrivateUsage]
+        for owner in owners
+        for response in list(owner._responses)  # pyright: ignore[reportPrivateUsage]
+        if response._loop is loop  # pyright: ignore[reportPrivateUsage]
+    }
     if tasks:
         await asyncio.wait(tasks, timeout=timeout)
         await asyncio.sleep(_FLUSH)
 
 
 class _SignalChain:
-    """What ``Broadcaster.close_on_signals()`` set up: chained handlers of
-    SIGINT and SIGTERM, installed by the first response that runs in the main
-    thread (the server installed its own handlers before serving anything;
-    and before any response runs there is nothing to end), then the shutdown
-    they start."""
+    """The process's handling of SIGINT and SIGTERM for the broadcasters that
+    ``close_on_signals()`` armed (``_CHAIN``).
 
-    __slots__ = ("_owner", "_timeout", "pending", "_chained", "_task")
+    Its handlers are chained by the first response of an armed broadcaster
+    that runs in the main thread (the server installed its own handlers
+    before serving anything; until a response runs there is nothing to
+    end), one per signal, whose loop is that of the latest such response. A
+    signal starts one shutdown: every armed broadcaster is closed, and once
+    their responses have returned, the signal goes on to the handler chained
+    behind. Closing the last armed broadcaster gives the signals back to the
+    server's handlers, so a later signal goes straight to the server."""
 
-    def __init__(self, owner: Broadcaster[Any, Any], timeout: float) -> None:
-        self._owner = owner
-        self._timeout = timeout
-        # True until a response in the main thread has chained the handlers.
-        self.pending = True
-        self._chained: dict[int, _Chained] = {}
-        # The shutdown, once a signal started it (owned here, so it cannot be
-        # garbage-collected while it runs).
+    __slots__ = ("_lock", "_armed", "_task")
+
+    def __init__(self) -> None:
+        # Guards _armed; never taken in a signal handler.
+        self._lock = threading.Lock()
+        # The armed broadcasters, each with its timeout (weakly: an armed
+        # broadcaster dropped unclosed is simply gone).
+        self._armed: weakref.WeakKeyDictionary[Broadcaster[Any, Any], float] = weakref.WeakKeyDictionary()
+        # The shutdown a signal started (owned here while it runs).
         self._task: asyncio.Task[None] | None = None
 
-    def chain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Chain the handlers, from a response running on ``loop``: only in
-        the main thread (Python runs signal handlers there only), and only in
-        front of a Python handler (``SIG_DFL``, ``SIG_IGN`` or one set in C
-        mean this process does not handle the signal in Python; chaining would
-        change what it does)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        self.pending = False
-        for sig in _SIGNALS:
-            previous = signal.getsignal(sig)
-            if callable(previous):
-                handler = self._chained[sig] = _Chained(self, loop, previous)
-                signal.signal(sig, handler)
+    def arm(self, owner: Broadcaster[Any, Any], timeout: float) -> None:
+        with self._lock:
+            self._armed[owner] = timeout
 
-    def unchain(self) -> None:
-        """Give each signal back to the handler chained behind, if ours is
-        still the one installed (from the main thread only; elsewhere ours
-        stays, and passes each signal straight on)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig, handler in self._chained.items():
-            previous = handler.previous
-            if signal.getsignal(sig) is handler:
-                signal.signal(sig, previous)
-        self._chained.clear()
+    def chain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the main thread, from a response running on ``loop``: chain a
+        handler in front of each signal's, if the server handles it in Python
+        and ours is not there already (then it takes ``loop``)."""
+        for sig in _SIGNALS:
+            current = signal.getsignal(sig)
+            if isinstance(current, _Chained):
+                current.loop = loop
+            elif _server_handles(current):
+                signal.signal(sig, _Chained(self, loop, cast("_Handler", current)))
+
+    def disarm(self, owner: Broadcaster[Any, Any]) -> None:
+        """``owner`` is closed. Once no broadcaster is armed, give each signal
+        back to the handler behind ours, if ours is still the one installed
+        (from the main thread only; elsewhere ours stays, passing each signal
+        straight on)."""
+        with self._lock:
+            self._armed.pop(owner, None)
+            if self._armed:
+                return
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                current = signal.getsignal(sig)
+                if isinstance(current, _Chained):
+                    signal.signal(sig, current.previous)
 
     def begin(self, handler: _Chained, signum: int, frame: FrameType | None) -> None:
-        """On the loop: the first signal starts the shutdown; any later one
-        goes straight on."""
-        if self._task is None:
-            self._task = handler.loop.create_task(self._shut_down(handler.previous, signum, frame))
-        else:
+        """On the loop: a signal starts the shutdown, unless nothing is armed
+        (a shutdown closed them all already); then it goes straight on."""
+        with self._lock:
+            armed = list(self._armed.items())
+        if not armed:
             handler.previous(signum, frame)
+            return
+        self._task = handler.loop.create_task(self._shut_down(handler, signum, frame, armed))
 
-    async def _shut_down(self, previous: _Handler, signum: int, frame: FrameType | None) -> None:
+    async def _shut_down(
+        self, handler: _Chained, signum: int, frame: FrameType | None, armed: list[tuple[Broadcaster[Any, Any], float]]
+    ) -> None:
         try:
-            self._owner.close()  # also unchains: a second Ctrl-C reaches the server at once
-            await _responses_ended(self._owner, self._timeout)
+            for owner, _ in armed:
+                owner.close()  # the last one gives the signals back: a second Ctrl-C reaches the server
+            await _responses_ended([owner for owner, _ in armed], max(timeout for _, timeout in armed))
         finally:
-            previous(signum, frame)
+            # From a callback of its own: what the server's handler raises
+            # (KeyboardInterrupt, SystemExit) leaves the loop as a signal's would.
+            handler.loop.call_soon(handler.previous, signum, frame)
 
 
 class _Chained:
@@ -3177,13 +3225,20 @@ class _Chained:
         self.previous = previous
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        # Runs between two bytecodes of the main thread, which may hold the
-        # registry lock: nothing here takes a lock. call_soon_threadsafe only
-        # appends to the loop's queue and wakes it.
-        try:
+        # Runs between two bytecodes of the main thread, which may hold a
+        # lock of this module: nothing here takes one. call_soon_threadsafe
+        # only appends to the loop's queue and wakes it. The loop is the main
+        # thread's, which is here: it can neither stop nor close meanwhile.
+        # One that is not running (stopped, or closed) could not shut
+        # anything down: the signal goes on at once, as if nothing were
+        # chained.
+        if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.chain.begin, self, signum, frame)
-        except RuntimeError:  # the loop is closed: no response of ours runs
+        else:
             self.previous(signum, frame)
+
+
+_CHAIN: Final = _SignalChain()
 
 
 # ---------------------------------------------------------------------------

@@ -8682,17 +8682,23 @@ def test_fault_probe_fails_a_test_that_crashes_the_loop_or_leaves_a_mess(misdeed
 
 class ServerHandlers:
     """A server's Python handler of SIGINT and SIGTERM: records each call,
-    with how many responses the broadcaster had ended by shutdown then."""
+    with how many responses the broadcaster had ended by shutdown then
+    (read on the loop: a signal handler must not take the registry lock)."""
 
     def __init__(self, b: Broadcaster[Any, Any]) -> None:
         self.b = b
         self.loop = asyncio.get_running_loop()
         self.calls: list[tuple[int, int]] = []
+        self.log: list[str] = []  # "server" at each call, for tests that log other steps too
         self._called = asyncio.Event()
 
     def __call__(self, signum: int, frame: object) -> None:
+        self.log.append("server")
+        self.loop.call_soon_threadsafe(self._record, signum)  # safe in a signal handler
+
+    def _record(self, signum: int) -> None:
         self.calls.append((signum, self.b.metrics().responses_ended["shutdown"]))
-        self.loop.call_soon_threadsafe(self._called.set)  # safe in a signal handler
+        self._called.set()
 
     def install(self) -> None:
         for sig in SIGNALS:
@@ -8714,11 +8720,15 @@ def installed(sig: signal.Signals) -> object:
 
 @pytest.fixture
 def saved_signals() -> Iterator[None]:
-    """Restore the handlers of SIGINT and SIGTERM the process had."""
+    """Restore the handlers of SIGINT and SIGTERM the process had, and start
+    and end with no broadcaster armed (the process has one signal chain:
+    an armed broadcaster another test left unclosed would be closed too)."""
     saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    broadcaster._CHAIN._armed.clear()
     try:
         yield
     finally:
+        broadcaster._CHAIN._armed.clear()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
@@ -8836,6 +8846,33 @@ async def test_close_on_signals_leaves_a_signal_without_a_python_handler_alone()
 
 
 @pytest.mark.usefixtures("saved_signals")
+def test_close_on_signals_leaves_pythons_own_ctrl_c_alone() -> None:
+    """KeyboardInterrupt (``default_int_handler``) and asyncio.run's handler
+    (Python 3.11+) are Python's, not a server's: Ctrl-C keeps interrupting
+    at once, even a loop stuck in blocking code."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    b.close_on_signals()
+    seen: list[object] = []
+
+    async def serve_one() -> None:
+        seen.append(installed(signal.SIGINT))  # asyncio.run's, on Python 3.11+
+        async with open_streams(b, "a"):
+            assert installed(signal.SIGINT) is seen[0]
+
+    asyncio.run(serve_one())
+    assert installed(signal.SIGINT) is signal.default_int_handler
+    loop = asyncio.new_event_loop()  # a loop of one's own: SIGINT stays Python's
+    try:
+        b.close_on_signals()
+        seen.clear()
+        loop.run_until_complete(serve_one())
+        assert seen == [signal.default_int_handler]
+    finally:
+        loop.close()
+
+
+@pytest.mark.usefixtures("saved_signals")
 @async_test()
 async def test_close_on_signals_chains_at_the_first_response_in_the_main_thread() -> None:
     """A response on another thread's loop chains nothing (Python runs signal
@@ -8855,9 +8892,9 @@ async def test_close_on_signals_chains_at_the_first_response_in_the_main_thread(
 
 
 @pytest.mark.usefixtures("saved_signals")
-def test_close_on_signals_passes_a_signal_on_at_once_once_its_loop_is_closed() -> None:
-    """After the loop that chained the handlers is gone, a signal goes
-    straight to the server's handler."""
+def test_close_on_signals_passes_a_signal_on_at_once_when_its_loop_does_not_run() -> None:
+    """Once the loop that chained the handlers is closed, or while it is
+    stopped, a signal goes straight to the server's handler."""
     calls: list[int] = []
 
     def server(signum: int, frame: Any) -> None:
@@ -8876,6 +8913,14 @@ def test_close_on_signals_passes_a_signal_on_at_once_once_its_loop_is_closed() -
     assert installed(signal.SIGTERM) is not server
     os.kill(os.getpid(), signal.SIGTERM)
     assert calls == [signal.SIGTERM]
+    stopped = asyncio.new_event_loop()  # not running, not closed
+    try:
+        b.close_on_signals()  # armed again: its next response chains on this loop
+        stopped.run_until_complete(serve_one())
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        stopped.close()
     assert not b.metrics().streams and b.subscriber_count("a") == 0
 
 
@@ -8897,7 +8942,7 @@ async def test_close_on_signals_keeps_working_after_a_close_from_another_thread(
         os.kill(os.getpid(), signal.SIGTERM)
         await server.wait_calls()
     assert server.calls == [(signal.SIGTERM, 1)]
-    assert installed(signal.SIGTERM) is server
+    assert installed(signal.SIGTERM) is chained  # still there, passing signals straight on
 
 
 @pytest.mark.usefixtures("saved_signals")
@@ -8961,12 +9006,12 @@ async def test_shutdown_trigger_waits_only_for_the_responses_of_its_own_loop() -
         await peer.wait_for_bodies(1)
         peer.send_hangs = True
         started.set()
-        await asyncio.to_thread(release.wait, 5)
+        assert await asyncio.to_thread(release.wait, 5)
         app.cancel()
         await asyncio.wait((app,))
 
     elsewhere = asyncio.ensure_future(asyncio.to_thread(asyncio.run, stuck()))
-    await asyncio.to_thread(started.wait, 5)
+    assert await asyncio.to_thread(started.wait, 5), "no response got stuck"
     os.kill(os.getpid(), signal.SIGINT)
     await trigger
     assert b.subscriber_count("k") == 0
@@ -9044,6 +9089,122 @@ async def test_close_on_signals_ends_a_response_that_merges_two_broadcasters() -
         await server.wait_calls()
         assert response.ended
     assert server.calls == [(signal.SIGTERM, 1)]
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_closes_every_armed_broadcaster_and_tells_the_server_once() -> None:
+    """Two armed broadcasters: one signal closes both and reaches the server
+    once, after both responses ended; a second Ctrl-C then goes straight to
+    the server."""
+    a: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(a)
+    server.install()
+    a.close_on_signals()
+    b.close_on_signals(timeout=60)
+    async with open_streams(a, "x") as (first,), open_streams(b, "y") as (second,):
+        os.kill(os.getpid(), signal.SIGINT)
+        await server.wait_calls()
+        assert first.ended and second.ended
+        assert b.metrics().responses_ended["shutdown"] == 1
+        os.kill(os.getpid(), signal.SIGINT)
+        await server.wait_calls(2)
+    assert server.calls == [(signal.SIGINT, 1), (signal.SIGINT, 1)]
+    assert installed(signal.SIGINT) is server
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_waits_for_a_response_still_writing_its_end() -> None:
+    """The server hears of the signal only once every response has returned:
+    here the client takes 0.2 s to take the last message."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+    peer = AsgiPeer()
+
+    async def slow_send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            await asyncio.sleep(0.2)  # a slow client, not a wait for anything
+        await peer.send(message)
+
+    app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, slow_send))
+    app.add_done_callback(lambda _: server.log.append("response returned"))
+    await peer.wait_for_bodies(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await server.wait_calls()
+    assert server.log == ["response returned", "server"]
+    assert peer.ended
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_while_the_main_thread_holds_the_registry_lock() -> None:
+    """The handler runs between two bytecodes of the main thread, here while
+    it holds the broadcaster's lock: it takes no lock itself, so nothing
+    deadlocks, and the shutdown runs once the loop gets control back."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+    async with open_streams(b, "k") as (response,):
+        with b._lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert not server.calls
+        await server.wait_calls()
+        assert response.ended
+    assert server.calls == [(signal.SIGTERM, 1)]
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_close_on_signals_chains_nothing_for_a_broadcaster_closed_before_its_first_response() -> None:
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    server = ServerHandlers(b)
+    server.install()
+    b.close_on_signals()
+    b.close()
+    async with AsgiClient(b.response(b.subscribe("k"))) as client:
+        assert (await client.request("GET", "/")).body == ASGI_EMPTY_COMMENT
+    assert installed(signal.SIGTERM) is server
+
+
+@async_test()
+async def test_close_writes_what_was_sent_just_before_it_with_history() -> None:
+    """With history, deliveries go through the loop: close() right after a
+    send on the same loop still lets the response write it."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None), history=10)
+    async with AsgiClient(b.response(b.subscribe("k"))) as client, client.stream("GET", "/") as response:
+        b.send("k", Event("0"))
+        await response.event()
+        b.send("k", Event("1"))
+        await asyncio.sleep(0)  # the response is woken by "1" and queued to run
+        b.send("k", Event("last words"))
+        b.close()
+        await response.read()
+        assert [event.data for event in await response.events(2)] == ["1", "last words"]
+
+
+@async_test()
+async def test_close_lets_a_response_over_an_iterable_of_its_streams_write_everything() -> None:
+    """An async iterable over the broadcaster's own stream is read ahead by a
+    feeder: close() does not stop the response before the feeder has handed
+    on everything the stream was sent."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None), buffer=256)
+
+    async def wrapped(stream: BroadcastStream[Event]) -> AsyncIterator[Event]:
+        async for event in stream:
+            await asyncio.sleep(0)
+            yield event
+
+    async with AsgiClient(b.response(wrapped(b.subscribe("k")))) as client, client.stream("GET", "/") as response:
+        for n in range(200):
+            b.send("k", Event(str(n)))
+        b.close()
+        await response.read()
+        assert [event.data for event in await response.events(200)] == [str(n) for n in range(200)]
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("inf")])
