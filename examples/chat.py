@@ -31,8 +31,7 @@ What it demonstrates, in a plain ASGI app (no framework):
   to one room too many a 503 with ``Retry-After``;
 * graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
   end of body, so the server exits at once: ``messages.close_on_signals()``
-  at lifespan startup (closing ``messages`` also ends the responses that
-  merge ``presence`` in).
+  (closing ``messages`` also ends the responses that merge ``presence`` in).
 
 Design
 ======
@@ -224,6 +223,10 @@ class Chat:
         )
         self.max_rooms = max_rooms
         self.presence: Broadcaster[str, Event] = Broadcaster(buffer=64, config=config)
+        # On SIGINT/SIGTERM: close `messages` (every response is one of its
+        # own, and closing it ends them, presence merged in or not), then let
+        # the server stop.
+        self.messages.close_on_signals()
         # Rooms live as long as the process; a real app would expire idle ones.
         self.rooms: dict[str, Room] = {}
 
@@ -254,9 +257,6 @@ class Chat:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                # On SIGINT/SIGTERM: close `messages` (every response is one
-                # of its own, so each ends cleanly), then let the server go on.
-                self.messages.close_on_signals()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # Sent only once every response has finished: too late to

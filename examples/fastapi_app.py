@@ -26,9 +26,9 @@ What it demonstrates:
 * ``b.response(...)`` (a raw ASGI app) returned from a path operation through
   ``SSEResponse``, a thin ``Response`` adapter: see its docstring for why;
 * graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
-  end of body: ``rooms.close_on_signals()``, called in the app's ``lifespan``
-  (see ``lifespan``), so uvicorn exits at once instead of waiting for ever
-  for streams that never end by themselves.
+  end of body: ``rooms.close_on_signals()``, at module level (a lifespan
+  does not run under every server: daphne has none), so the server exits at
+  once instead of waiting for ever for streams that never end by themselves.
 
 HTTP API: the same as examples/starlette_app.py (tokens ``alice-token``, rooms
 general and ops, and ``bob-token``, room general; a missing or unknown token
@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broadcaster import Broadcaster, Event, replay  # noqa: E402
 
 rooms: Broadcaster[str, Event] = Broadcaster(buffer=64)
+rooms.close_on_signals()  # SIGINT/SIGTERM: every stream ends cleanly, then the server stops
 
 
 class SSEResponse(Response):
@@ -160,11 +161,8 @@ def room_user(room: str, user: Annotated[User, Depends(current_user)]) -> User:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Startup: on SIGINT/SIGTERM, end every open stream cleanly first, then
-    let the server shut down (an SSE response never ends by itself, and the
-    server would wait for it). Shutdown, which comes only once the responses
-    are gone: close the broadcaster, so nothing subscribes any more."""
-    rooms.close_on_signals()
+    """Shutdown, which comes only once the responses are gone: close the
+    broadcaster, so nothing subscribes any more."""
     try:
         yield
     finally:

@@ -25,9 +25,9 @@ What it demonstrates:
 * ``b.response(...)`` (a raw ASGI app) served by a Starlette route with no
   adapter: see ``RoomEvents`` for why this is the cleanest way in Starlette;
 * graceful shutdown: Ctrl-C or SIGTERM ends every open stream with a clean
-  end of body: ``rooms.close_on_signals()``, called in the app's ``lifespan``
-  (see ``lifespan``), so uvicorn exits at once instead of waiting for ever
-  for streams that never end by themselves.
+  end of body: ``rooms.close_on_signals()``, at module level (a lifespan
+  does not run under every server: daphne has none), so the server exits at
+  once instead of waiting for ever for streams that never end by themselves.
 
 HTTP API (the tokens are ``alice-token``, rooms general and ops, and
 ``bob-token``, room general; a missing or unknown token is 401, a room the
@@ -73,6 +73,7 @@ MAX_TEXT: Final = 2000
 MAX_BODY: Final = 16 * 1024
 
 rooms: Broadcaster[str, Event] = Broadcaster(buffer=64)
+rooms.close_on_signals()  # SIGINT/SIGTERM: every stream ends cleanly, then the server stops
 
 
 # ---------------------------------------------------------------------------
@@ -181,11 +182,8 @@ async def read_json(request: Request) -> object:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    """Startup: on SIGINT/SIGTERM, end every open stream cleanly first, then
-    let the server shut down (an SSE response never ends by itself, and the
-    server would wait for it). Shutdown, which comes only once the responses
-    are gone: close the broadcaster, so nothing subscribes any more."""
-    rooms.close_on_signals()
+    """Shutdown, which comes only once the responses are gone: close the
+    broadcaster, so nothing subscribes any more."""
     try:
         yield
     finally:

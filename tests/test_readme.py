@@ -9,9 +9,10 @@ broadcaster.py, as a user would save them, and
   app (``starlette_app.py``) do what the README says, driven in process by
   ``AsgiClient``; the FastAPI app's own tests (``test_main.py``,
   ``test_resume.py``) pass in a pytest process of their own;
-* the Quickstart, started with each command line the README gives
-  (``uvicorn app:app``, ``granian --interface asgi app:app``, ``daphne
-  app:app``), ends every open stream cleanly and exits within 1 s of SIGTERM.
+* the Quickstart, the FastAPI app and the Starlette app, each started with
+  each command line the README gives (``uvicorn app:app``, ``granian
+  --interface asgi app:app``, ``daphne app:app``), end every open stream
+  cleanly and exit within 1 s of SIGTERM (and of SIGINT, once).
 
 They need fastapi and the servers (``pip install --group test``); without them
 they are skipped with the reason, except under ``CI=true``, where a skip fails.
@@ -19,6 +20,7 @@ they are skipped with the reason, except under ``CI=true``, where a skip fails.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -32,7 +34,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import _support
 import pytest
@@ -63,7 +64,9 @@ PRELUDE = {
 
 def with_prelude(code: str) -> str:
     """A fragment, after the lines of PRELUDE it needs."""
-    defined = set(re.findall(r"^(?:from \S+ import (.+)|(\w+)\s*[:=]|(?:async )?def (\w+)|class (\w+))", code, re.MULTILINE))
+    defined = set(
+        re.findall(r"^(?:from \S+ import (.+)|(\w+)\s*[:=]|(?:async )?def (\w+)|class (\w+))", code, re.MULTILINE)
+    )
     names = {name.strip() for groups in defined for part in groups for name in part.split(",") if name.strip()}
     used = {name for name in PRELUDE if re.search(rf"\b{name}\b", code) and name not in names}
     if used & {"rooms", "Scope", "scope", "history"}:
@@ -99,6 +102,18 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
+@pytest.fixture(autouse=True)
+def saved_signals() -> Iterator[None]:
+    """The apps arm close_on_signals(): whatever they chained in this
+    process is undone after each test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def load(project: Path, name: str) -> ModuleType:
     """Import one of the README's files (under a name of its own)."""
     spec = importlib.util.spec_from_file_location(f"readme_{name}", project / f"{name}.py")
@@ -109,9 +124,7 @@ def load(project: Path, name: str) -> ModuleType:
 
 
 def run(where: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], cwd=where, capture_output=True, text=True, timeout=300, check=False
-    )
+    return subprocess.run([sys.executable, *args], cwd=where, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_every_python_block_of_the_readme_passes_mypy_strict(project: Path) -> None:
@@ -132,7 +145,7 @@ async def test_the_quickstart_streams_a_room_publishes_and_resumes(project: Path
     async with AsgiClient(quickstart.app, lifespan=True) as client:
         async with client.stream("GET", "/rooms/lobby") as stream:
             assert stream.status == 200
-            posted = await client.request("POST", "/rooms/lobby", body="hello\nworld".encode())
+            posted = await client.request("POST", "/rooms/lobby", body=b"hello\nworld")
             assert (posted.status, posted.text) == (200, "delivered to 1\n")
             first = await stream.event()
             assert (first.type, first.data) == ("message", "hello\nworld")
@@ -182,23 +195,54 @@ async def test_the_starlette_app_authorises_before_subscribing_and_streams(proje
     assert rooms.metrics().channels == 0 and rooms.subscribe("x").closed  # the lifespan closed it
 
 
-# -- the Quickstart under each command line ---------------------------------
+# -- the README's apps under each command line --------------------------------
 
 COMMAND_LINES: dict[str, tuple[str, list[str]]] = {
-    "uvicorn": ("uvicorn", ["-m", "uvicorn", "app:app", "--host", HOST, "--port", "{port}"]),
-    "granian": ("granian", ["-m", "granian", "--interface", "asgi", "--host", HOST, "--port", "{port}", "app:app"]),
-    "daphne": ("daphne", ["-m", "daphne", "-b", HOST, "-p", "{port}", "app:app"]),
+    "uvicorn": ("uvicorn", ["-m", "uvicorn", "{app}", "--host", HOST, "--port", "{port}"]),
+    "granian": ("granian", ["-m", "granian", "--interface", "asgi", "--host", HOST, "--port", "{port}", "{app}"]),
+    "daphne": ("daphne", ["-m", "daphne", "-b", HOST, "-p", "{port}", "{app}"]),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadmeApp:
+    """One of the README's apps, as a client uses it."""
+
+    target: str  # what the command line names
+    events: str  # the path of a room's stream
+    publish: str  # where a message is posted
+    headers: dict[str, str]  # on every request
+    body: bytes  # the message "last words", as this app takes it
+    content_type: str
+    data: bytes  # the event's data line, as written
+
+
+APPS: dict[str, ReadmeApp] = {
+    "quickstart": ReadmeApp("app:app", "/rooms/lobby", "/rooms/lobby", {}, b"last words", "text/plain", b"last words"),
+    "fastapi": ReadmeApp(
+        "main:app",
+        "/rooms/lobby/events",
+        "/rooms/lobby/messages",
+        ANN,
+        b'{"text": "last words"}',
+        "application/json",
+        b'{"user":"ann","text":"last words"}',
+    ),
+}
+APPS["starlette"] = dataclasses.replace(APPS["fastapi"], target="starlette_app:app")
+RUNS = [(app, server, signal.SIGTERM) for app in APPS for server in COMMAND_LINES]
+RUNS.append(("quickstart", "uvicorn", signal.SIGINT))  # Ctrl-C
 
 
 @pytest.fixture
 def server(request: pytest.FixtureRequest, project: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """The Quickstart under one command line, its own process group, on a free port."""
-    module, argv = COMMAND_LINES[request.param]
-    _support.require_modules((module,), "the Quickstart under {}: pip install --group test")
+    """A README app under one command line, its own process group, on a free port."""
+    app, name = request.param
+    module, argv = COMMAND_LINES[name]
+    _support.require_modules((module,), "the README's apps under {}: pip install --group test")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, *(arg.format(port=port) for arg in argv)],
+        [sys.executable, *(arg.format(port=port, app=APPS[app].target) for arg in argv)],
         cwd=project,
         env={**os.environ, "PYTHONWARNINGS": "error", "PYTHONUNBUFFERED": "1"},
         stdin=subprocess.DEVNULL,
@@ -210,12 +254,12 @@ def server(request: pytest.FixtureRequest, project: Path) -> Iterator[tuple[subp
     try:
         deadline = time.monotonic() + 20
         while True:  # another process: polled, with a deadline
-            assert proc.poll() is None, f"{request.param} exited early"
+            assert proc.poll() is None, f"{name} exited early"
             try:
                 socket.create_connection((HOST, port), timeout=1).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, f"{request.param} never listened on {port}"
+                assert time.monotonic() < deadline, f"{name} never listened on {port}"
                 time.sleep(0.05)
         yield proc, port
     finally:
@@ -233,29 +277,32 @@ def group_alive(group: int) -> bool:
     return True
 
 
-def post(port: int, room: str, text: str) -> str:
-    status, _, body = _support.request(port, "POST", f"/rooms/{room}", text.encode(), content_type="text/plain")
-    assert status == 200, body
-    return body.decode()
-
-
-@pytest.mark.parametrize("server", list(COMMAND_LINES), indirect=True)
-def test_the_quickstart_ends_every_stream_and_exits_within_1s_of_sigterm(
-    server: tuple[subprocess.Popen[str], int], request: pytest.FixtureRequest
+@pytest.mark.parametrize(
+    ("server", "sig"),
+    [((app, name), sig) for app, name, sig in RUNS],
+    ids=[f"{app}-{name}-{sig.name}" for app, name, sig in RUNS],
+    indirect=["server"],
+)
+def test_a_readme_app_ends_every_stream_and_exits_within_1s_of_a_signal(
+    server: tuple[subprocess.Popen[str], int], sig: signal.Signals, request: pytest.FixtureRequest
 ) -> None:
     proc, port = server
+    app = APPS[request.node.callspec.params["server"][0]]
     streams: list[Connection] = []
     try:
         for _ in range(STREAMS):
             conn = Connection(port)
-            conn.request("GET", "/rooms/lobby", {"Accept": "text/event-stream"})
+            conn.request("GET", app.events, {"Accept": "text/event-stream", **app.headers})
             status, head = conn.head()
             assert (status, head["content-type"]) == (200, "text/event-stream; charset=utf-8")
             assert conn.chunk() == b":\n\n"  # the first chunk: the stream is open
             streams.append(conn)
-        assert post(port, "lobby", "last words") == f"delivered to {STREAMS}\n"
+        status, _, body = _support.request(
+            port, "POST", app.publish, app.body, app.headers, content_type=app.content_type
+        )
+        assert status == 200, body
         start = time.monotonic()
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, sig)
         output, _ = proc.communicate(timeout=10)
         while group_alive(proc.pid) and time.monotonic() - start < 10:  # its workers too (granian's)
             time.sleep(0.005)
@@ -265,13 +312,14 @@ def test_the_quickstart_ends_every_stream_and_exits_within_1s_of_sigterm(
             body = b""
             while (chunk := conn.chunk()) is not None:  # raises if the body was cut off
                 body += chunk
-            assert re.fullmatch(rb"event: message\nid: [0-9a-f]{12}-1\ndata: last words\n\n", body), body
+            assert re.fullmatch(
+                rb"event: message\nid: [0-9a-f]{12}-1\ndata: " + re.escape(app.data) + rb"\n\n", body
+            ), body
             ends["clean"] = ends.get("clean", 0) + 1
     finally:
         for conn in streams:
             conn.close()
-    print(f"\n{request.node.callspec.id}: exited {exited:.3f} s after SIGTERM, streams {ends}")
+    print(f"\n{request.node.callspec.id}: exited {exited:.3f} s after {sig.name}, streams {ends}")
     assert ends == {"clean": STREAMS}
-    assert exited < EXIT_WITHIN, f"exited {exited:.3f} s after SIGTERM:\n{output}"
+    assert exited < EXIT_WITHIN, f"exited {exited:.3f} s after {sig.name}:\n{output}"
     assert "Traceback" not in output and "ERROR" not in output, output
-
