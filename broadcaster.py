@@ -3115,10 +3115,9 @@ def _server_handles(handler: object) -> bool:
     ``SIG_DFL``, ``SIG_IGN`` and handlers set in C are not Python functions."""
     if not callable(handler) or handler is signal.default_int_handler:
         return False
-    while isinstance(handler, functools.partial):  # asyncio.run's is a partial of a method
-        handler = cast("functools.partial[object]", handler).func
-    runner: type | None = getattr(asyncio, "Runner", None)  # Python 3.11+
-    return runner is None or not isinstance(getattr(handler, "__self__", None), runner)
+    # asyncio.run's (Python 3.11+) is a partial of a method of its Runner.
+    owner = getattr(getattr(handler, "func", handler), "__self__", None)
+    return not isinstance(owner, getattr(asyncio, "Runner", ()))
 
 
 async def _responses_ended(owners: Iterable[Broadcaster[Any, Any]], timeout: float) -> None:
