@@ -1254,8 +1254,9 @@ class _EventSource(Protocol):
 #   discards itself, in its own thread; close() reads a copy and has each
 #   one stopped on its own loop (_run_on), and a shutdown's wait keeps the
 #   responses of its own loop. A response that starts after close() set
-#   _closed stops itself; one that started before is in close()'s copy. A set's add, discard and copy are atomic (under
-#   the GIL, and by the set's own lock in free-threaded builds).
+#   _closed stops itself; one that started before is in close()'s copy. A
+#   set's add, discard and copy are atomic (under the GIL, and by the set's
+#   own lock in free-threaded builds).
 # - _signals_pending: a flag, set by close_on_signals() and cleared by the
 #   response that chains the handlers (or by close()). The process's signal
 #   chain (_CHAIN) guards its armed broadcasters with a lock of its own,
