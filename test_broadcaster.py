@@ -8690,10 +8690,12 @@ class ServerHandlers:
         self.loop = asyncio.get_running_loop()
         self.calls: list[tuple[int, int]] = []
         self.log: list[str] = []  # "server" at each call, for tests that log other steps too
+        self.frames: list[object] = []  # the frame each call got (Python passes the interrupted one)
         self._called = asyncio.Event()
 
     def __call__(self, signum: int, frame: object) -> None:
         self.log.append("server")
+        self.frames.append(frame)
         self.loop.call_soon_threadsafe(self._record, signum)  # safe in a signal handler
 
     def _record(self, signum: int) -> None:
@@ -8762,6 +8764,7 @@ async def test_close_on_signals_ends_every_response_before_passing_the_signal_on
         os.kill(os.getpid(), sig)
         await server.wait_calls()
         assert server.calls == [(sig, 2)]
+        assert all(frame is not None for frame in server.frames), "the signal's frame is passed on"
         assert [response.ended for response in responses] == [True, True]
         assert [event.data for event in await responses[0].events(1)] == ["last"]
         assert installed(sig) is server
@@ -9205,6 +9208,66 @@ async def test_close_lets_a_response_over_an_iterable_of_its_streams_write_every
         b.close()
         await response.read()
         assert [event.data for event in await response.events(200)] == [str(n) for n in range(200)]
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_the_signal_and_its_frame_go_on_whichever_way_they_take() -> None:
+    """The server's handler gets the interrupted frame, as from Python: after
+    a shutdown, straight on when nothing is armed, and when the loop does
+    not run."""
+    server, peer, app, _ = await stuck_response(timeout=0.05)
+    chained = signal.getsignal(signal.SIGTERM)
+    assert callable(chained) and chained is not server
+    peer.send_hangs = True
+    os.kill(os.getpid(), signal.SIGTERM)  # a shutdown, which gives up waiting
+    await server.wait_calls()
+    signal.signal(signal.SIGTERM, chained)  # as if close() could not give it back
+    os.kill(os.getpid(), signal.SIGTERM)  # nothing armed: straight on
+    await server.wait_calls(2)
+    assert len(server.frames) == 2 and all(frame is not None for frame in server.frames)
+    app.cancel()
+    await asyncio.wait((app,))
+
+
+@pytest.mark.usefixtures("saved_signals")
+def test_the_signal_and_its_frame_go_on_at_once_when_the_loop_does_not_run() -> None:
+    frames: list[object] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: frames.append(frame))
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None))
+    b.close_on_signals()
+
+    async def serve_one() -> None:
+        async with open_streams(b, "a"):
+            pass
+
+    asyncio.run(serve_one())
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert len(frames) == 1 and frames[0] is not None
+
+
+def test_close_on_signals_and_shutdown_trigger_wait_1_s_by_default() -> None:
+    """The documented default bound of the wait."""
+    for method in (Broadcaster.close_on_signals, Broadcaster.shutdown_trigger):
+        assert inspect.signature(method).parameters["timeout"].default == 1.0
+
+
+@pytest.mark.usefixtures("saved_signals")
+@async_test()
+async def test_shutdown_trigger_gives_up_waiting_after_its_timeout() -> None:
+    """A response that cannot finish (its client takes nothing) holds the
+    trigger back no longer than ``timeout``."""
+    b: Broadcaster[str, Event] = Broadcaster(config=SseConfig(keep_alive=None, send_timeout=None))
+    trigger = asyncio.ensure_future(b.shutdown_trigger(timeout=0.05))
+    peer = AsgiPeer()
+    app = asyncio.ensure_future(b.response(b.subscribe("k"))(peer.scope, peer.receive, peer.send))
+    await peer.wait_for_bodies(1)
+    peer.send_hangs = True
+    os.kill(os.getpid(), signal.SIGTERM)
+    await trigger
+    assert not app.done()
+    app.cancel()
+    await asyncio.wait((app,))
 
 
 @pytest.mark.parametrize("timeout", [0, -1, float("inf")])
