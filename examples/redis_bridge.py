@@ -1044,6 +1044,12 @@ class RedisBridge:
                 if not setup.done():
                     setup.cancel()
                     await asyncio.wait((setup,))
+                if not setup.cancelled():
+                    # Retrieved here, whichever way this goes on: when this is
+                    # cancelled (the bridge closing) just as the setup failed,
+                    # its error is not read below, and asyncio would report
+                    # it as never retrieved.
+                    setup.exception()
             if setup.cancelled():
                 raise ConnectionError("Redis accepted the connection but did not answer")
             setup.result()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import json
 import re
@@ -1145,6 +1146,36 @@ def test_options_are_checked() -> None:
         RedisBridge(redis.asyncio.Redis(decode_responses=True))
     with pytest.raises(TypeError, match="redis must be"):
         RedisBridge(42)  # type: ignore[arg-type]
+
+
+def test_a_setup_that_fails_as_the_bridge_closes_is_not_reported_as_never_retrieved() -> None:
+    """The listener's connection setup fails in the very loop iteration in
+    which the bridge's listener is cancelled (the bridge closing while Redis
+    is down, as at a worker's shutdown): its error is retrieved, so asyncio
+    reports no "Task exception was never retrieved"."""
+    require()
+
+    async def main() -> list[dict[str, Any]]:
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        bridge = RedisBridge("redis://127.0.0.1:1/0")
+        failing = asyncio.Event()
+
+        async def setup(conn: object) -> None:
+            failing.set()
+            raise redis.exceptions.ConnectionError("refused")
+
+        bridge._setup = setup  # type: ignore[method-assign]
+        session = asyncio.ensure_future(bridge._session())
+        await failing.wait()  # the setup has raised in the same step
+        session.cancel()  # before the session resumes to read it
+        await asyncio.wait((session,))
+        assert session.cancelled()
+        del session
+        gc.collect()
+        return reported
+
+    assert asyncio.run(main()) == []
 
 
 def test_a_burst_from_redis_does_not_overflow_the_local_buffers(redis_server: RedisServer) -> None:
